@@ -1,0 +1,131 @@
+//! The backend extension trait: one method per form of the op, each with the plain-tensor
+//! reference as its default body. Kernel backends override what they accelerate.
+
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend, ops::FloatTensor};
+
+use crate::{RetentionOptions, reference};
+
+/// A backend that can run power retention.
+///
+/// Every method has a default body, the plain-tensor [`reference`], so any Burn backend gets a
+/// correct implementation by an empty `impl`; `Autodiff<B>` differentiates through those
+/// default bodies. Inputs reach these methods already validated by the public functions
+/// ([`power_retention`](crate::power_retention), …); implementations may rely on the shapes
+/// documented here.
+///
+/// Shapes (`b` batch, `t` sequence, `hq` query heads, `h` key/value heads, `d` head dim,
+/// `e` value dim, `D` = [`expanded_dim`](crate::expanded_dim)`(d, degree)`):
+/// `q [b, t, hq, d]`, `k [b, t, h, d]`, `v [b, t, h, e]`, `log_g [b, t, h]`,
+/// state `[b, h, D, e]`, key-sum `[b, h, D]`, output `[b, t, hq, e]`.
+pub trait RetentionBackend: Backend {
+    /// Attention (quadratic) form, no state.
+    fn retention_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        let q = float::<Self, 4>(q);
+        let scale = options.scale_for(q.dims()[3]);
+        reference::attention_form(q, float(k), float(v), log_g.map(float), options.degree, scale)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Chunked (linear) form with chunk length `chunk_size`, optional initial
+    /// `(state, key_sum)`; returns `(output, state, key_sum)` after the last token.
+    fn retention_chunked(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let q = float::<Self, 4>(q);
+        let scale = options.scale_for(q.dims()[3]);
+        let (y, s, z) = reference::chunked_form(
+            q,
+            float(k),
+            float(v),
+            log_g.map(float),
+            initial.map(|(s, z)| (float(s), float(z))),
+            chunk_size,
+            options.degree,
+            scale,
+        );
+        (prim(y), prim(s), prim(z))
+    }
+
+    /// One recurrent step (`t = 1`) from `(state, key_sum)`; returns `(output, state, key_sum)`.
+    fn retention_step(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let q = float::<Self, 4>(q);
+        let scale = options.scale_for(q.dims()[3]);
+        let (y, s, z) = reference::step(
+            q,
+            float(k),
+            float(v),
+            log_g.map(float),
+            float(state),
+            float(key_sum),
+            options.degree,
+            scale,
+        );
+        (prim(y), prim(s), prim(z))
+    }
+}
+
+fn float<B: Backend, const N: usize>(t: FloatTensor<B>) -> Tensor<B, N> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const N: usize>(t: Tensor<B, N>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+#[cfg(feature = "ndarray")]
+mod ndarray_impl {
+    use burn::backend::ndarray::{
+        FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
+    };
+
+    impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> super::RetentionBackend
+        for NdArray<E, I, Q>
+    where
+        NdArrayTensor: From<SharedArray<E>>,
+        NdArrayTensor: From<SharedArray<I>>,
+    {
+    }
+}
+
+#[cfg(feature = "tch")]
+impl<E: burn::backend::libtorch::TchElement> RetentionBackend for burn::backend::LibTorch<E> {}
+
+/// Gradients flow through the default (reference) bodies on the inner backend's tensors.
+impl<B: RetentionBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
+    RetentionBackend for burn::backend::Autodiff<B, C>
+{
+}
+
+#[cfg(feature = "cube")]
+mod cube_impl {
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use burn_fusion::{Fusion, FusionBackend};
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> super::RetentionBackend
+        for CubeBackend<R, F, I, BT>
+    {
+    }
+
+    impl<B: FusionBackend> super::RetentionBackend for Fusion<B> {}
+}

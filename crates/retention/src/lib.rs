@@ -1,0 +1,38 @@
+//! # retention
+//!
+//! Power retention for [Burn](https://burn.dev): the attention replacement whose per-token cost
+//! and memory stay constant as the context grows.
+//!
+//! - [`power_retention`]: the op, `[batch, seq, heads, head_dim]` in and out, generic over
+//!   [`RetentionBackend`] (every Burn backend; kernel backends override its methods).
+//! - Three equivalent forms: attention (quadratic, `chunk_size: None`), chunked (linear), and the
+//!   recurrent step ([`power_retention_step`] on a [`RetentionState`]).
+//! - [`PowerRetention`]: a Burn module with `query`/`key`/`value`/`output`/`gate` projections,
+//!   and [`SequenceMixer`] to swap it for attention with one config line.
+//!
+//! The math: for query `i`, `y_i = Σ_{j≤i} w_ij v_j / Σ_{j≤i} w_ij` with
+//! `w_ij = (σ q_i·k_j)^p · e^{G_i − G_j}`, `G` the cumulative log-gate. Equivalently
+//! `S_i = g_i S_{i−1} + φ(k_i) v_iᵀ`, `z_i = g_i z_{i−1} + φ(k_i)`, `y_i = Sᵀφ(q_i) / zᵀφ(q_i)`
+//! with φ the symmetric power feature map ([`SympowLayout`]).
+#![warn(missing_docs)]
+
+mod backend;
+mod error;
+mod feature_map;
+mod mixer;
+mod module;
+mod op;
+mod options;
+pub mod reference;
+mod shapes;
+mod state;
+
+pub use backend::RetentionBackend;
+pub use error::RetentionError;
+pub use feature_map::{SympowLayout, expanded_dim};
+pub use mixer::{SequenceMixer, SequenceMixerConfig};
+pub use module::{PowerRetention, PowerRetentionConfig};
+pub use op::{power_retention, power_retention_step, power_retention_with_state};
+pub use options::RetentionOptions;
+pub use shapes::{RetentionDims, check_shapes, check_state_shapes};
+pub use state::RetentionState;

@@ -1,0 +1,78 @@
+//! One-line swap between softmax attention and power retention inside a model.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, generate_autoregressive_mask};
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::{PowerRetention, PowerRetentionConfig, RetentionBackend, RetentionError};
+
+/// Which sequence mixer a block uses. Changing this one value swaps causal softmax attention
+/// for power retention (or back) without touching the rest of the model.
+///
+/// ```
+/// use burn::nn::attention::MultiHeadAttentionConfig;
+/// use retention::{PowerRetentionConfig, SequenceMixerConfig};
+/// let attention = SequenceMixerConfig::Attention(MultiHeadAttentionConfig::new(256, 4));
+/// let retention = SequenceMixerConfig::PowerRetention(PowerRetentionConfig::new(256, 4));
+/// # let _ = (attention, retention);
+/// ```
+#[derive(Config, Debug)]
+pub enum SequenceMixerConfig {
+    /// Causal multi-head softmax attention (Burn's `MultiHeadAttention`).
+    Attention(MultiHeadAttentionConfig),
+    /// Power retention.
+    PowerRetention(PowerRetentionConfig),
+}
+
+impl SequenceMixerConfig {
+    /// Builds the mixer.
+    ///
+    /// # Errors
+    /// The errors of [`PowerRetentionConfig::init`].
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<SequenceMixer<B>, RetentionError> {
+        Ok(match self {
+            Self::Attention(c) => SequenceMixer::Attention(c.init(device)),
+            Self::PowerRetention(c) => SequenceMixer::PowerRetention(c.init(device)?),
+        })
+    }
+}
+
+/// A causal sequence mixer: softmax attention or power retention.
+#[derive(Module, Debug)]
+pub enum SequenceMixer<B: Backend> {
+    /// Causal multi-head softmax attention.
+    Attention(MultiHeadAttention<B>),
+    /// Power retention.
+    PowerRetention(PowerRetention<B>),
+}
+
+impl<B: RetentionBackend> SequenceMixer<B> {
+    /// Mixes a sequence causally.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// The errors of [`PowerRetention::forward`]; attention reports a width mismatch the same way.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        match self {
+            Self::Attention(mha) => {
+                let [b, t, width] = x.dims();
+                if width != mha.d_model {
+                    return Err(RetentionError::Mismatch {
+                        arg: "x",
+                        reference: "d_model of the layer",
+                        dim: "width",
+                        expected: mha.d_model,
+                        got: width,
+                        shape: vec![b, t, width],
+                    });
+                }
+                let mask = generate_autoregressive_mask::<B>(b, t, &x.device());
+                Ok(mha.forward(MhaInput::self_attn(x).mask_attn(mask)).context)
+            }
+            Self::PowerRetention(pr) => pr.forward(x),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The power retention layer as a Burn module.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
+
+use crate::{
+    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention, power_retention_step,
+    power_retention_with_state,
+};
+
+/// Configuration of a [`PowerRetention`] layer.
+///
+/// ```
+/// use retention::PowerRetentionConfig;
+/// // Brumby-14B's heads: 40 query heads, 8 key/value heads, head_dim 128, no biases
+/// let cfg = PowerRetentionConfig::new(5120, 40)
+///     .with_n_kv_heads(Some(8))
+///     .with_gate_bias(None)
+///     .with_chunk_size(Some(1024));
+/// assert_eq!(cfg.head_dim(), 128);
+/// ```
+#[derive(Config, Debug)]
+pub struct PowerRetentionConfig {
+    /// Width of the input and output, `d_model`.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query retention); `None` = `n_heads`.
+    #[config(default = "None")]
+    pub n_kv_heads: Option<usize>,
+    /// Head dimension; `None` = `d_model / n_heads`.
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
+    /// The power `p` (even).
+    #[config(default = 2)]
+    pub degree: usize,
+    /// Chunk size of the linear-time form; `None` = quadratic attention form.
+    #[config(default = "Some(128)")]
+    pub chunk_size: Option<usize>,
+    /// Scale σ of the scores; `None` = `1/√head_dim`.
+    #[config(default = "None")]
+    pub scale: Option<f64>,
+    /// Data-dependent gating: `log_g = logsigmoid(gate(x))`, one gate per key/value head.
+    #[config(default = true)]
+    pub gating: bool,
+    /// Initial bias of the gate projection (`6.906768` gives gates ≈ 0.999 at start);
+    /// `None` = a gate projection without bias (as in Brumby-14B).
+    #[config(default = "Some(6.906768)")]
+    pub gate_bias: Option<f64>,
+    /// Biases on the query, key, value and output projections.
+    #[config(default = false)]
+    pub bias: bool,
+    /// Initializer of the projection weights (same default as Burn's `MultiHeadAttention`).
+    #[config(default = "Initializer::KaimingUniform{gain:0.577_350_269_189_625_8, fan_out_only:false}")]
+    pub initializer: Initializer,
+}
+
+impl PowerRetentionConfig {
+    /// Key/value heads actually used.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Head dimension actually used.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Options passed to the op.
+    pub fn options(&self) -> RetentionOptions {
+        RetentionOptions::new()
+            .with_degree(self.degree)
+            .with_scale(self.scale)
+            .with_chunk_size(self.chunk_size)
+    }
+
+    fn check(&self) -> Result<(), RetentionError> {
+        let bad = |m: String| Err(RetentionError::Config(m));
+        if self.d_model == 0 || self.n_heads == 0 {
+            return bad(format!("d_model ({}) and n_heads ({}) must be positive", self.d_model, self.n_heads));
+        }
+        let (h, d) = (self.kv_heads(), self.head_dim());
+        if h == 0 || self.n_heads % h != 0 {
+            return Err(RetentionError::HeadRatio { query_heads: self.n_heads, kv_heads: h });
+        }
+        if d == 0 {
+            return bad(format!(
+                "head_dim is 0 (d_model {} / n_heads {}); set head_dim",
+                self.d_model, self.n_heads
+            ));
+        }
+        self.options().validate()
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// [`RetentionError::HeadRatio`] when `n_heads` is not a multiple of `n_kv_heads`,
+    /// [`RetentionError::Degree`] / [`RetentionError::ChunkSize`] / [`RetentionError::Scale`]
+    /// for bad options, [`RetentionError::Config`] for zero sizes.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PowerRetention<B>, RetentionError> {
+        self.check()?;
+        let (hq, h, d) = (self.n_heads, self.kv_heads(), self.head_dim());
+        let linear = |d_in: usize, d_out: usize, bias: bool| {
+            LinearConfig::new(d_in, d_out)
+                .with_bias(bias)
+                .with_initializer(self.initializer.clone())
+                .init(device)
+        };
+        let gate = self.gating.then(|| {
+            let mut gate = LinearConfig::new(self.d_model, h)
+                .with_bias(self.gate_bias.is_some())
+                .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device);
+            if let (Some(b), Some(bias)) = (self.gate_bias, gate.bias.take()) {
+                gate.bias = Some(bias.map(|t| t.ones_like().mul_scalar(b)));
+            }
+            gate
+        });
+        Ok(PowerRetention {
+            query: linear(self.d_model, hq * d, self.bias),
+            key: linear(self.d_model, h * d, self.bias),
+            value: linear(self.d_model, h * d, self.bias),
+            output: linear(hq * d, self.d_model, self.bias),
+            gate,
+            d_model: self.d_model,
+            n_heads: hq,
+            n_kv_heads: h,
+            head_dim: d,
+            options: self.options(),
+        })
+    }
+}
+
+/// Power retention layer: projections to queries, keys, values and per-head log-gates, the
+/// retention op, and an output projection. A drop-in for Burn's `MultiHeadAttention` (same
+/// projection names) with constant per-token cost when decoding.
+///
+/// Created with [`PowerRetentionConfig::init`].
+#[derive(Module, Debug)]
+pub struct PowerRetention<B: Backend> {
+    /// `d_model → n_heads · head_dim`.
+    pub query: Linear<B>,
+    /// `d_model → n_kv_heads · head_dim`.
+    pub key: Linear<B>,
+    /// `d_model → n_kv_heads · head_dim`.
+    pub value: Linear<B>,
+    /// `n_heads · head_dim → d_model`.
+    pub output: Linear<B>,
+    /// `d_model → n_kv_heads`; `log_g = logsigmoid(gate(x))`. `None` without gating.
+    pub gate: Option<Linear<B>>,
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Options of the op.
+    #[module(skip)]
+    pub options: RetentionOptions,
+}
+
+type Projected<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 3>>);
+
+impl<B: RetentionBackend> PowerRetention<B> {
+    fn project(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
+        let [b, t, width] = x.dims();
+        if width != self.d_model {
+            return Err(RetentionError::Mismatch {
+                arg: "x",
+                reference: "d_model of the layer",
+                dim: "width",
+                expected: self.d_model,
+                got: width,
+                shape: vec![b, t, width],
+            });
+        }
+        let (hq, h, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self.query.forward(x.clone()).reshape([b, t, hq, d]);
+        let k = self.key.forward(x.clone()).reshape([b, t, h, d]);
+        let v = self.value.forward(x.clone()).reshape([b, t, h, d]);
+        let log_g = self.gate.as_ref().map(|g| log_sigmoid(g.forward(x)));
+        Ok((q, k, v, log_g))
+    }
+
+    fn merge(&self, y: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, t, hq, d] = y.dims();
+        self.output.forward(y.reshape([b, t, hq * d]))
+    }
+
+    /// Mixes a whole sequence (training, scoring).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// [`RetentionError::Mismatch`] when the width of `x` is not `d_model`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        let (q, k, v, log_g) = self.project(x)?;
+        Ok(self.merge(power_retention(q, k, v, log_g, &self.options)?))
+    }
+
+    /// Mixes a prompt, continuing from `state` if given, and returns the state after it
+    /// (prefill before decoding with [`forward_step`](Self::forward_step)).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), plus [`RetentionError::StateShape`].
+    pub fn prefill(
+        &self,
+        x: Tensor<B, 3>,
+        state: Option<RetentionState<B>>,
+    ) -> Result<(Tensor<B, 3>, RetentionState<B>), RetentionError> {
+        let (q, k, v, log_g) = self.project(x)?;
+        let (y, state) = power_retention_with_state(q, k, v, log_g, state, &self.options)?;
+        Ok((self.merge(y), state))
+    }
+
+    /// Mixes one new token, updating `state` in place; O(1) in the context length.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 1, d_model]` → `[batch, 1, d_model]`
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), plus [`RetentionError::StepLength`] and
+    /// [`RetentionError::StateShape`]. On error `state` is left unchanged.
+    pub fn forward_step(&self, x: Tensor<B, 3>, state: &mut RetentionState<B>) -> Result<Tensor<B, 3>, RetentionError> {
+        let [_, t, _] = x.dims();
+        if t != 1 {
+            return Err(RetentionError::StepLength { arg: "x", got: t });
+        }
+        let (q, k, v, log_g) = self.project(x)?;
+        let (y, next) = power_retention_step(q, k, v, log_g, state.clone(), &self.options)?;
+        *state = next;
+        Ok(self.merge(y))
+    }
+
+    /// The empty state for `batch` sequences, in `f32`.
+    pub fn init_state(&self, batch: usize, device: &B::Device) -> RetentionState<B> {
+        RetentionState::zeros(
+            batch,
+            self.n_kv_heads,
+            self.head_dim,
+            self.head_dim,
+            self.options.degree,
+            DType::F32,
+            device,
+        )
+    }
+}

@@ -1,0 +1,176 @@
+//! The public functional op: validation, then dispatch to the backend's form.
+
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::{RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes};
+
+fn dims_of<B: RetentionBackend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    log_g: Option<&Tensor<B, 3>>,
+    options: &RetentionOptions,
+) -> Result<RetentionDims, RetentionError> {
+    let g = log_g.map(|g| g.dims());
+    check_shapes(&q.dims(), &k.dims(), &v.dims(), g.as_ref().map(|g| g.as_slice()), options)
+}
+
+fn float<B: RetentionBackend, const N: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, N> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn empty_output<B: RetentionBackend>(dims: &RetentionDims, q: &Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::zeros([dims.batch, dims.seq, dims.q_heads, dims.value_dim], (&q.device(), q.dtype()))
+}
+
+/// Power retention: causal attention with weights `(σ q_i·k_j)^p · e^{G_i − G_j}`, normalised
+/// by their row sum, computed in linear time when `options.chunk_size` is set.
+///
+/// Same semantics as Manifest's `power_retention(Q, K, V, log_G, deg=p, scale=σ,
+/// chunk_size=c)`: `y_i = Σ_{j≤i} w_ij v_j / Σ_{j≤i} w_ij`, `G` the inclusive cumulative sum
+/// of `log_g`, query head `j` reading key/value head `⌊j / (q_heads / kv_heads)⌋`. A row with no
+/// positive weight (e.g. `q_i = 0`) gives 0.
+///
+/// # Arguments
+/// - `q`, `k`, `v`: queries, keys, values (any float dtype; f16/bf16 accumulate in f32)
+/// - `log_g`: per-token log-gates `ln g ≤ 0` per key/value head; `None` = no gating
+/// - `options`: degree `p` (even), scale `σ` (default `1/√head_dim`), chunk size
+///   (`None` = quadratic attention form; sequences no longer than one chunk use it too)
+///
+/// # Shapes
+/// - `q`: `[batch, seq, q_heads, head_dim]`
+/// - `k`: `[batch, seq, kv_heads, head_dim]`
+/// - `v`: `[batch, seq, kv_heads, value_dim]`
+/// - `log_g`: `[batch, seq, kv_heads]`
+/// - output: `[batch, seq, q_heads, value_dim]`, dtype of `q`
+///
+/// # Errors
+/// A [`RetentionError`] naming the argument for wrong ranks, mismatched batch/seq/heads, a head
+/// count that is not a multiple, mismatched head dims, an odd degree, a zero chunk size, a bad
+/// scale or a gate of the wrong shape.
+///
+/// # Example
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use retention::{RetentionOptions, power_retention};
+///
+/// let dev = Default::default();
+/// let q = Tensor::<NdArray, 4>::random([1, 10, 4, 8], Distribution::Normal(0.0, 1.0), &dev);
+/// let k = Tensor::<NdArray, 4>::random([1, 10, 2, 8], Distribution::Normal(0.0, 1.0), &dev);
+/// let v = Tensor::<NdArray, 4>::random([1, 10, 2, 8], Distribution::Normal(0.0, 1.0), &dev);
+/// let opts = RetentionOptions::new().with_chunk_size(Some(4));
+/// let y = power_retention(q, k, v, None, &opts)?;
+/// assert_eq!(y.dims(), [1, 10, 4, 8]);
+/// # Ok::<(), retention::RetentionError>(())
+/// ```
+pub fn power_retention<B: RetentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_g: Option<Tensor<B, 3>>,
+    options: &RetentionOptions,
+) -> Result<Tensor<B, 4>, RetentionError> {
+    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
+    if dims.batch == 0 || dims.seq == 0 {
+        return Ok(empty_output(&dims, &q));
+    }
+    let g = log_g.map(|g| g.into_primitive().tensor());
+    let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let y = match options.chunk_size {
+        Some(c) if dims.seq > c => B::retention_chunked(q, k, v, g, None, c, options).0,
+        _ => B::retention_attention(q, k, v, g, options),
+    };
+    Ok(float(y))
+}
+
+/// Power retention that starts from `initial_state` (or from nothing) and also returns the
+/// state after the last token: the prefill of a decoder.
+///
+/// The output equals [`power_retention`] on the concatenation of the tokens behind
+/// `initial_state` and these. With `options.chunk_size = None` the whole sequence is one
+/// chunk (quadratic in `seq`).
+///
+/// # Shapes
+/// As [`power_retention`]; `initial_state` as [`RetentionState`] (`[batch, kv_heads, D,
+/// value_dim]` and `[batch, kv_heads, D]`).
+///
+/// # Errors
+/// As [`power_retention`], plus [`RetentionError::StateShape`] for a state that does not match.
+pub fn power_retention_with_state<B: RetentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_g: Option<Tensor<B, 3>>,
+    initial_state: Option<RetentionState<B>>,
+    options: &RetentionOptions,
+) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
+    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
+    if let Some(s) = &initial_state {
+        s.check(&dims, options.degree)?;
+    }
+    if dims.batch == 0 || dims.seq == 0 {
+        let state = initial_state.unwrap_or_else(|| {
+            RetentionState::zeros(
+                dims.batch,
+                dims.kv_heads,
+                dims.head_dim,
+                dims.value_dim,
+                options.degree,
+                crate::reference::compute_dtype(q.dtype()),
+                &q.device(),
+            )
+        });
+        return Ok((empty_output(&dims, &q), state));
+    }
+    let chunk = options.chunk_size.unwrap_or(dims.seq);
+    let g = log_g.map(|g| g.into_primitive().tensor());
+    let init = initial_state.map(|s| (s.state.into_primitive().tensor(), s.key_sum.into_primitive().tensor()));
+    let (y, s, z) = B::retention_chunked(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        g,
+        init,
+        chunk,
+        options,
+    );
+    Ok((float(y), RetentionState { state: float(s), key_sum: float(z) }))
+}
+
+/// One recurrent step: advances `state` by one token and returns that token's output. Costs
+/// O(1) in the number of tokens behind the state.
+///
+/// # Shapes
+/// - `q`: `[batch, 1, q_heads, head_dim]`, `k`: `[batch, 1, kv_heads, head_dim]`,
+///   `v`: `[batch, 1, kv_heads, value_dim]`, `log_g`: `[batch, 1, kv_heads]`
+/// - output: `[batch, 1, q_heads, value_dim]`
+///
+/// # Errors
+/// As [`power_retention`], plus [`RetentionError::StepLength`] when `seq ≠ 1` and
+/// [`RetentionError::StateShape`] for a state that does not match.
+pub fn power_retention_step<B: RetentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_g: Option<Tensor<B, 3>>,
+    state: RetentionState<B>,
+    options: &RetentionOptions,
+) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
+    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
+    if dims.seq != 1 {
+        return Err(RetentionError::StepLength { arg: "q", got: dims.seq });
+    }
+    state.check(&dims, options.degree)?;
+    let g = log_g.map(|g| g.into_primitive().tensor());
+    let (y, s, z) = B::retention_step(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        g,
+        state.state.into_primitive().tensor(),
+        state.key_sum.into_primitive().tensor(),
+        options,
+    );
+    Ok((float(y), RetentionState { state: float(s), key_sum: float(z) }))
+}

@@ -1,0 +1,53 @@
+//! Options of the retention op.
+
+use burn::config::Config;
+
+use crate::RetentionError;
+
+/// Options of [`power_retention`](crate::power_retention), mirroring the keyword arguments of
+/// Manifest's `power_retention(Q, K, V, log_G, deg=.., scale=.., chunk_size=..)`.
+///
+/// ```
+/// use retention::RetentionOptions;
+/// let opts = RetentionOptions::new().with_degree(2).with_chunk_size(Some(128));
+/// assert_eq!(opts.degree, 2);
+/// ```
+#[derive(Config, Debug, PartialEq)]
+pub struct RetentionOptions {
+    /// The power `p` of the scores `(σ·q·k)^p`; even, at least 2.
+    #[config(default = 2)]
+    pub degree: usize,
+    /// The scale `σ`; `None` means `1/√head_dim`. It cancels in the normalised output and only
+    /// keeps intermediate values in range.
+    #[config(default = "None")]
+    pub scale: Option<f64>,
+    /// Chunk size of the linear-cost chunked form; `None` selects the quadratic attention form.
+    #[config(default = "None")]
+    pub chunk_size: Option<usize>,
+}
+
+impl RetentionOptions {
+    /// The scale actually used for head dimension `head_dim`.
+    pub fn scale_for(&self, head_dim: usize) -> f64 {
+        self.scale.unwrap_or(1.0 / (head_dim.max(1) as f64).sqrt())
+    }
+
+    /// Checks degree, scale and chunk size.
+    ///
+    /// # Errors
+    /// [`RetentionError::Degree`], [`RetentionError::Scale`] or [`RetentionError::ChunkSize`].
+    pub fn validate(&self) -> Result<(), RetentionError> {
+        if self.degree == 0 || self.degree % 2 == 1 {
+            return Err(RetentionError::Degree(self.degree));
+        }
+        if let Some(s) = self.scale
+            && !(s.is_finite() && s > 0.0)
+        {
+            return Err(RetentionError::Scale(s));
+        }
+        if self.chunk_size == Some(0) {
+            return Err(RetentionError::ChunkSize);
+        }
+        Ok(())
+    }
+}

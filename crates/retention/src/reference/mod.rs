@@ -1,0 +1,57 @@
+//! The plain-tensor reference: power retention written with Burn tensor ops only.
+//!
+//! It runs on every backend, is the default body of every
+//! [`RetentionBackend`](crate::RetentionBackend) method, gets gradients through `Autodiff`, and
+//! is the oracle the kernels are tested against. Half-precision inputs are computed in `f32`
+//! (outputs are cast back; states stay in `f32`); `f32` and `f64` inputs are computed as given.
+//!
+//! All three forms compute, for query head `j` with key/value head `⌊j/r⌋`,
+//! `y_i = Σ_{j≤i} w_ij v_j / Σ_{j≤i} w_ij` with `w_ij = (σ q_i·k_j)^p · exp(G_i − G_j)`,
+//! `G` the inclusive cumulative sum of the log-gates. A row whose weights are all zero (for
+//! example `q_i = 0`) gives `y_i = 0`.
+
+mod attention;
+mod chunked;
+mod step;
+
+pub use attention::attention_form;
+pub use chunked::chunked_form;
+pub use step::step;
+
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+/// Stand-in for `−∞` that stays finite in `f32`; used to clamp row maxima so that a row with no
+/// positive weight yields `0 / 0 → 0` instead of NaN.
+pub(crate) const NEG_LARGE: f64 = -1.0e30;
+
+/// The dtype the reference computes in for inputs of dtype `dtype`.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Appends `pad` zero rows along dimension 1 (the sequence).
+pub(crate) fn pad_seq<B: Backend, const N: usize>(x: Tensor<B, N>, pad: usize) -> Tensor<B, N> {
+    if pad == 0 {
+        return x;
+    }
+    let mut shape = x.dims();
+    shape[1] = pad;
+    let zeros = Tensor::<B, N>::zeros(shape, (&x.device(), x.dtype()));
+    Tensor::cat(vec![x, zeros], 1)
+}
+
+/// Inclusive cumulative log-gates per key/value head, `[b, t, h]` → `[b, h, t]`, or zeros.
+pub(crate) fn gate_or_zeros<B: Backend>(
+    log_g: Option<Tensor<B, 3>>,
+    shape: [usize; 3],
+    dtype: DType,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    match log_g {
+        Some(a) => a.cast(dtype),
+        None => Tensor::zeros(shape, (device, dtype)),
+    }
+}

@@ -1,0 +1,66 @@
+//! The recurrent state of power retention: what a decoder keeps between tokens.
+
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+use crate::{RetentionDims, RetentionError, expanded_dim};
+
+/// State of power retention after some tokens: `S = Σ_j e^{G_T − G_j} φ_K(k_j) v_jᵀ` and
+/// `z = Σ_j e^{G_T − G_j} φ_K(k_j)`, per batch element and key/value head.
+///
+/// Its size does not depend on how many tokens it summarises; a decode step reads and updates
+/// it in O(1) of the context. φ uses the exact layout of [`SympowLayout`](crate::SympowLayout)
+/// (`D = C(d+p−1, p)`).
+///
+/// # Shapes
+/// - `state`: `[batch, kv_heads, D, value_dim]`
+/// - `key_sum`: `[batch, kv_heads, D]`
+#[derive(Debug, Clone)]
+pub struct RetentionState<B: Backend> {
+    /// `S`, `[batch, kv_heads, D, value_dim]`.
+    pub state: Tensor<B, 4>,
+    /// `z`, `[batch, kv_heads, D]`.
+    pub key_sum: Tensor<B, 3>,
+}
+
+impl<B: Backend> RetentionState<B> {
+    /// The empty state (no token seen yet).
+    ///
+    /// # Arguments
+    /// - `batch`, `kv_heads`, `head_dim`, `value_dim`: problem sizes
+    /// - `degree`: the power `p` (sets `D`)
+    /// - `dtype`: element type of the state (`F32` is a good choice for decoding half-precision models)
+    pub fn zeros(
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        value_dim: usize,
+        degree: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let big_d = expanded_dim(head_dim, degree);
+        Self {
+            state: Tensor::zeros([batch, kv_heads, big_d, value_dim], (device, dtype)),
+            key_sum: Tensor::zeros([batch, kv_heads, big_d], (device, dtype)),
+        }
+    }
+
+    /// Checks this state against the sizes of a problem.
+    ///
+    /// # Errors
+    /// [`RetentionError::StateShape`] naming `state` or `key_sum`.
+    pub fn check(&self, dims: &RetentionDims, degree: usize) -> Result<(), RetentionError> {
+        crate::shapes::check_state_shapes(dims, degree, &self.state.dims(), &self.key_sum.dims())
+    }
+
+    /// Batch size.
+    pub fn batch(&self) -> usize {
+        self.state.dims()[0]
+    }
+
+    /// Bytes held (state plus key-sum).
+    pub fn size_bytes(&self) -> usize {
+        self.state.shape().num_elements() * self.state.dtype().size()
+            + self.key_sum.shape().num_elements() * self.key_sum.dtype().size()
+    }
+}
