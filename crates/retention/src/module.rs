@@ -1,7 +1,7 @@
 //! The power retention layer as a Burn module.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 
@@ -114,8 +114,8 @@ impl PowerRetentionConfig {
                 .with_bias(self.gate_bias.is_some())
                 .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
                 .init(device);
-            if let (Some(b), Some(bias)) = (self.gate_bias, gate.bias.take()) {
-                gate.bias = Some(bias.map(|t| t.ones_like().mul_scalar(b)));
+            if let Some(b) = self.gate_bias {
+                gate.bias = Some(Param::from_tensor(Tensor::full([h], b, device)));
             }
             gate
         });

@@ -253,3 +253,35 @@ backend_suite!(ndarray, burn::backend::NdArray, [F64 => 1e-10, F32 => 1e-4]);
 
 #[cfg(feature = "tch")]
 backend_suite!(tch, burn::backend::LibTorch, [F64 => 1e-10, F32 => 1e-4]);
+
+/// Gradients (dq, dk, dv, dlog_g) of the chunked form equal those of the attention form.
+#[cfg(feature = "ndarray")]
+#[test]
+fn chunked_gradients_match_attention_gradients() {
+    use burn::backend::{Autodiff, NdArray};
+    type AD = Autodiff<NdArray>;
+    let dev = Default::default();
+    for (seed, gates) in [(400, Gates::Typical), (401, Gates::None), (402, Gates::Strong)] {
+        let p = Problem::random(seed, 2, 23, 4, 2, 8, 6, gates);
+        let grads_of = |chunk: Option<usize>| {
+            let (q, k, v, g) = p.tensors::<AD>(&dev, DType::F64);
+            let g = g.unwrap_or_else(|| Tensor::zeros([2, 23, 2], (&dev, DType::F64)));
+            let (q, k, v, g) = (q.require_grad(), k.require_grad(), v.require_grad(), g.require_grad());
+            let w = Tensor::<AD, 4>::from_data(
+                burn::tensor::TensorData::new(common::randn(&mut StdRng::seed_from_u64(seed), 2 * 23 * 4 * 6), [2, 23, 4, 6]),
+                (&dev, DType::F64),
+            );
+            let opts = RetentionOptions::new().with_chunk_size(chunk);
+            let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts).expect("valid");
+            let grads = (y * w).sum().backward();
+            let read = |x: &Tensor<AD, 4>| to_vec(x.grad(&grads).expect("gradient"));
+            (read(&q), read(&k), read(&v), to_vec(g.grad(&grads).expect("gate gradient")))
+        };
+        let a = grads_of(None);
+        let c = grads_of(Some(5));
+        for (name, x, y) in [("dq", &c.0, &a.0), ("dk", &c.1, &a.1), ("dv", &c.2, &a.2), ("dlog_g", &c.3, &a.3)] {
+            let err = max_rel(x, y);
+            assert!(err <= 1e-9, "{name} ({gates:?}): chunked vs attention {err:e}");
+        }
+    }
+}

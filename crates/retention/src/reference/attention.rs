@@ -2,7 +2,7 @@
 
 use burn::tensor::{Bool, Tensor, backend::Backend};
 
-use super::{NEG_LARGE, compute_dtype};
+use super::{NEG_LARGE, compute_dtype, log_power};
 
 /// Power retention in its attention form: materialises the `[t, t]` score matrix per head.
 ///
@@ -44,16 +44,16 @@ pub fn attention_form<B: Backend>(
     let v = v.cast(dt).swap_dims(1, 2); // [b, h, t, e]
 
     let scores = q.matmul(k).reshape([b, h, r, t, t]);
-    let mut logits = scores.abs().log().mul_scalar(degree as f64);
+    let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
+        .reshape([1, 1, 1, t, t])
+        .expand([b, h, r, t, t]);
+    let mut logits = log_power(scores, future, degree);
     if let Some(a) = log_g {
         let g = a.cast(dt).swap_dims(1, 2).cumsum(2); // [b, h, t]
         logits = logits + g.clone().reshape([b, h, 1, t, 1]) - g.reshape([b, h, 1, 1, t]);
     }
-    let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
-        .reshape([1, 1, 1, t, t])
-        .expand([b, h, r, t, t]);
-    let logits = logits.mask_fill(future, f64::NEG_INFINITY);
-    let row_max = logits.clone().max_dim(4).clamp_min(NEG_LARGE);
+    // the stabiliser cancels analytically: no gradient through it
+    let row_max = logits.clone().max_dim(4).clamp_min(NEG_LARGE).detach();
     let weights = (logits - row_max).exp();
     // every non-empty row holds a weight of exactly 1, so the sum is 0 or >= 1
     let denom = weights.clone().sum_dim(4).clamp_min(1.0).reshape([b, h, r * t, 1]);

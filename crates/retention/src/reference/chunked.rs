@@ -3,7 +3,7 @@
 
 use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
 
-use super::{NEG_LARGE, compute_dtype, gate_or_zeros, pad_seq};
+use super::{NEG_LARGE, compute_dtype, gate_or_zeros, log_nonneg, log_power, pad_seq};
 use crate::feature_map::SympowLayout;
 
 /// Power retention in its chunked form, with an optional initial state; returns the output
@@ -109,23 +109,24 @@ pub fn chunked_form<B: Backend>(
     // 4b. intra-chunk causal gated power scores, in log space
     let qc = q.permute([0, 1, 3, 2, 4, 5]).reshape([b, h, n, r * c, d]);
     let scores = qc.matmul(k.swap_dims(3, 4)).reshape([b, h, n, r, c, c]);
-    let logits = scores.abs().log().mul_scalar(p) + a_in.clone().reshape([b, h, n, 1, c, 1])
-        - a_in.reshape([b, h, n, 1, 1, c]);
     let future = Tensor::<B, 2, Bool>::tril_mask([c, c], 0, &device)
         .reshape([1, 1, 1, 1, c, c])
         .expand([b, h, n, r, c, c]);
-    let logits = logits.mask_fill(future, f64::NEG_INFINITY);
+    let logits = log_power(scores, future, degree) + a_in.clone().reshape([b, h, n, 1, c, 1])
+        - a_in.reshape([b, h, n, 1, 1, c]);
 
     // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
     let empty = l_state.clone().lower_equal_elem(0.0);
     let y_state = (y_state / l_state.clone().mask_fill(empty.clone(), 1.0))
         .mask_fill(empty.expand([b, h, n, r, c, e]), 0.0);
-    let log_l_state = l_state.log();
+    let log_l_state = log_nonneg(l_state);
+    // the stabiliser cancels analytically: no gradient through it
     let row_max = logits
         .clone()
         .max_dim(5)
         .max_pair(log_l_state.clone())
-        .clamp_min(NEG_LARGE);
+        .clamp_min(NEG_LARGE)
+        .detach();
     let weights = (logits - row_max.clone()).exp();
     let beta = (log_l_state - row_max).exp();
     let num = weights

@@ -18,11 +18,34 @@ pub use attention::attention_form;
 pub use chunked::chunked_form;
 pub use step::step;
 
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Tensor, backend::Backend};
 
 /// Stand-in for `−∞` that stays finite in `f32`; used to clamp row maxima so that a row with no
 /// positive weight yields `0 / 0 → 0` instead of NaN.
 pub(crate) const NEG_LARGE: f64 = -1.0e30;
+
+/// `degree · ln|scores|`, with `−∞` where `hidden` is set or the score is exactly 0. Zero scores
+/// are replaced by 1 before the logarithm, so the backward pass sees finite derivatives (and
+/// zero gradient) there instead of `0 · ∞`.
+pub(crate) fn log_power<B: Backend, const N: usize>(
+    scores: Tensor<B, N>,
+    hidden: Tensor<B, N, Bool>,
+    degree: usize,
+) -> Tensor<B, N> {
+    let magnitude = scores.abs();
+    let hidden = hidden.bool_or(magnitude.clone().equal_elem(0.0));
+    magnitude
+        .mask_fill(hidden.clone(), 1.0)
+        .log()
+        .mul_scalar(degree as f64)
+        .mask_fill(hidden, f64::NEG_INFINITY)
+}
+
+/// `ln x` for `x ≥ 0`, `−∞` where `x ≤ 0`, with finite derivatives everywhere.
+pub(crate) fn log_nonneg<B: Backend, const N: usize>(x: Tensor<B, N>) -> Tensor<B, N> {
+    let empty = x.clone().lower_equal_elem(0.0);
+    x.mask_fill(empty.clone(), 1.0).log().mask_fill(empty, f64::NEG_INFINITY)
+}
 
 /// The dtype the reference computes in for inputs of dtype `dtype`.
 pub fn compute_dtype(dtype: DType) -> DType {
