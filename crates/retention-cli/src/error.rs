@@ -1,0 +1,50 @@
+//! Errors of the command-line tool.
+
+use thiserror::Error;
+
+/// Why a command failed.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// The op rejected its inputs.
+    #[error(transparent)]
+    Retention(#[from] retention::RetentionError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed.
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Format {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A required tensor is absent.
+    #[error("{path}: missing tensor `{name}` (found: {found})")]
+    MissingTensor {
+        /// The file.
+        path: String,
+        /// The missing name.
+        name: String,
+        /// Names present.
+        found: String,
+    },
+    /// A tensor has an element type the tool cannot read.
+    #[error("{path}: tensor `{name}` has dtype {dtype}; expected F32, F16 or BF16")]
+    Dtype {
+        /// The file.
+        path: String,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// The requested backend is not compiled into this binary.
+    #[error("backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)")]
+    BackendMissing(String),
+}
