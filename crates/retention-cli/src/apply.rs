@@ -38,14 +38,21 @@ fn tensor<B: RetentionBackend, const N: usize>(t: HostTensor, dev: &B::Device) -
     Tensor::from_data(TensorData::new(t.values, t.shape), (dev, DType::F32))
 }
 
-fn host<B: RetentionBackend, const N: usize>(t: Tensor<B, N>, dtype: FileDtype) -> Result<HostTensor, CliError> {
+fn host<B: RetentionBackend, const N: usize>(
+    t: Tensor<B, N>,
+    dtype: FileDtype,
+) -> Result<HostTensor, CliError> {
     let shape = t.dims().to_vec();
     let values = t
         .cast(DType::F32)
         .into_data()
         .into_vec::<f32>()
-        .map_err(|e| CliError::Format { path: "<device>".into(), message: format!("{e:?}") })?;
-    Ok(HostTensor { values, shape, dtype })
+        .map_err(|e| CliError::Device(format!("{e:?}")))?;
+    Ok(HostTensor {
+        values,
+        shape,
+        dtype,
+    })
 }
 
 /// Reads `q`, `k`, `v` (`[b, t, h, d]`) and optional `log_g` (`[b, t, h]`) from
@@ -58,7 +65,10 @@ fn host<B: RetentionBackend, const N: usize>(t: Tensor<B, N>, dtype: FileDtype) 
 /// # Errors
 /// Unreadable or malformed files, missing tensors, unsupported dtypes, and every shape error
 /// of the op (as [`CliError::Retention`]).
-pub fn apply<B: RetentionBackend>(dev: &B::Device, args: &ApplyArgs) -> Result<ApplySummary, CliError> {
+pub fn apply<B: RetentionBackend>(
+    dev: &B::Device,
+    args: &ApplyArgs,
+) -> Result<ApplySummary, CliError> {
     let file = TensorFile::open(&args.input)?;
     let (q, k, v) = (file.require("q")?, file.require("k")?, file.require("v")?);
     let log_g = file.get("log_g")?;
@@ -66,9 +76,19 @@ pub fn apply<B: RetentionBackend>(dev: &B::Device, args: &ApplyArgs) -> Result<A
         .with_degree(args.degree)
         .with_chunk_size(args.chunk)
         .with_scale(args.scale.filter(|s| *s != 0.0));
-    check_shapes(&q.shape, &k.shape, &v.shape, log_g.as_ref().map(|g| g.shape.as_slice()), &options)?;
+    check_shapes(
+        &q.shape,
+        &k.shape,
+        &v.shape,
+        log_g.as_ref().map(|g| g.shape.as_slice()),
+        &options,
+    )?;
     let out_dtype = q.dtype;
-    let (q, k, v) = (tensor::<B, 4>(q, dev), tensor::<B, 4>(k, dev), tensor::<B, 4>(v, dev));
+    let (q, k, v) = (
+        tensor::<B, 4>(q, dev),
+        tensor::<B, 4>(k, dev),
+        tensor::<B, 4>(v, dev),
+    );
     let log_g = log_g.map(|g| tensor::<B, 3>(g, dev));
     let mut written = vec!["out".to_string()];
     let (out, state) = if args.final_state {
@@ -82,8 +102,14 @@ pub fn apply<B: RetentionBackend>(dev: &B::Device, args: &ApplyArgs) -> Result<A
     let out_shape = out.shape.clone();
     match state {
         Some(s) => {
-            let (st, ks) = (host(s.state, FileDtype::F32)?, host(s.key_sum, FileDtype::F32)?);
-            write(&args.output, &[("out", &out), ("state", &st), ("key_sum", &ks)])?;
+            let (st, ks) = (
+                host(s.state, FileDtype::F32)?,
+                host(s.key_sum, FileDtype::F32)?,
+            );
+            write(
+                &args.output,
+                &[("out", &out), ("state", &st), ("key_sum", &ks)],
+            )?;
         }
         None => write(&args.output, &[("out", &out)])?,
     }

@@ -39,8 +39,17 @@ impl<Bk: Backend> Inputs<Bk> {
     fn random(t: usize, dev: &Bk::Device) -> Self {
         let n = |shape: [usize; 4]| Tensor::random(shape, Distribution::Normal(0.0, 1.0), dev);
         // gates logsigmoid(4 + N(0,1)) ≈ 0.98
-        let g = burn::tensor::activation::log_sigmoid(Tensor::random([B, t, HK], Distribution::Normal(4.0, 1.0), dev));
-        Self { q: n([B, t, HQ, D]), k: n([B, t, HK, D]), v: n([B, t, HK, D]), g }
+        let g = burn::tensor::activation::log_sigmoid(Tensor::random(
+            [B, t, HK],
+            Distribution::Normal(4.0, 1.0),
+            dev,
+        ));
+        Self {
+            q: n([B, t, HQ, D]),
+            k: n([B, t, HK, D]),
+            v: n([B, t, HK, D]),
+            g,
+        }
     }
 
     fn narrow(&self, from: usize, len: usize) -> Self {
@@ -54,16 +63,29 @@ impl<Bk: Backend> Inputs<Bk> {
 }
 
 fn host<Bk: Backend, const N: usize>(t: Tensor<Bk, N>) -> Vec<f64> {
-    t.cast(DType::F64).into_data().into_vec::<f64>().unwrap_or_default()
+    t.cast(DType::F64)
+        .into_data()
+        .into_vec::<f64>()
+        .unwrap_or_default()
 }
 
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(f64::MIN_POSITIVE);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    let scale = b
+        .iter()
+        .fold(0.0f64, |m, x| m.max(x.abs()))
+        .max(f64::MIN_POSITIVE);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
-fn median_us<Bk: Backend>(dev: &Bk::Device, reps: usize, mut f: impl FnMut()) -> Result<f64, CliError> {
-    let sync = |dev| Bk::sync(dev).map_err(|e| CliError::Format { path: "<device>".into(), message: format!("{e:?}") });
+fn median_us<Bk: Backend>(
+    dev: &Bk::Device,
+    reps: usize,
+    mut f: impl FnMut(),
+) -> Result<f64, CliError> {
+    let sync = |dev| Bk::sync(dev).map_err(|e| CliError::Device(format!("{e:?}")));
     f(); // warm-up
     sync(dev)?;
     let mut times = Vec::with_capacity(reps);
@@ -78,7 +100,12 @@ fn median_us<Bk: Backend>(dev: &Bk::Device, reps: usize, mut f: impl FnMut()) ->
 }
 
 /// Attention decode with a KV cache: the newest query against every cached key, cost ∝ context.
-fn attention_decode<Bk: Backend>(q: Tensor<Bk, 4>, k: Tensor<Bk, 4>, v: Tensor<Bk, 4>, g: Tensor<Bk, 3>) -> Tensor<Bk, 4> {
+fn attention_decode<Bk: Backend>(
+    q: Tensor<Bk, 4>,
+    k: Tensor<Bk, 4>,
+    v: Tensor<Bk, 4>,
+    g: Tensor<Bk, 3>,
+) -> Tensor<Bk, 4> {
     let [b, t, h, d] = k.dims();
     let r = HQ / h;
     let q = q.reshape([b, h, r, d]).mul_scalar(1.0 / (d as f64).sqrt());
@@ -97,8 +124,14 @@ fn attention_decode<Bk: Backend>(q: Tensor<Bk, 4>, k: Tensor<Bk, 4>, v: Tensor<B
 ///
 /// # Errors
 /// Only device failures; the inputs are generated valid.
-pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoArgs) -> Result<(), CliError> {
-    println!("power retention demo: backend {backend}, batch {B}, {HQ} query heads over {HK} key/value heads, head_dim {D}, degree 2, gates on\n");
+pub fn demo<Bk: RetentionBackend>(
+    dev: &Bk::Device,
+    backend: &str,
+    args: &DemoArgs,
+) -> Result<(), CliError> {
+    println!(
+        "power retention demo: backend {backend}, batch {B}, {HQ} query heads over {HK} key/value heads, head_dim {D}, degree 2, gates on\n"
+    );
 
     // 1. agreement of the three forms
     let t = args.seq.max(1);
@@ -106,11 +139,25 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
     let attention = RetentionOptions::new();
     let chunk = 64.min(t.max(2) / 2).max(1);
     let chunked = RetentionOptions::new().with_chunk_size(Some(chunk));
-    let y_att = host(power_retention(x.q.clone(), x.k.clone(), x.v.clone(), Some(x.g.clone()), &attention)?);
-    let (y_chk, _) = power_retention_with_state(x.q.clone(), x.k.clone(), x.v.clone(), Some(x.g.clone()), None, &chunked)?;
+    let y_att = host(power_retention(
+        x.q.clone(),
+        x.k.clone(),
+        x.v.clone(),
+        Some(x.g.clone()),
+        &attention,
+    )?);
+    let (y_chk, _) = power_retention_with_state(
+        x.q.clone(),
+        x.k.clone(),
+        x.v.clone(),
+        Some(x.g.clone()),
+        None,
+        &chunked,
+    )?;
     let y_chk = host(y_chk);
     let bar = ProgressBar::new(t as u64).with_style(
-        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} tokens").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} tokens")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("recurrent form");
     let mut state = RetentionState::<Bk>::zeros(B, HK, D, D, 2, DType::F32, dev);
@@ -124,8 +171,14 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
     }
     bar.finish_and_clear();
     println!("agreement over {t} tokens (max |a − b| / max |b|, b = attention form):");
-    println!("  chunked form (chunk {chunk})   {:.2e}", max_rel(&y_chk, &y_att));
-    println!("  recurrent form (token steps) {:.2e}\n", max_rel(&y_rec, &y_att));
+    println!(
+        "  chunked form (chunk {chunk})   {:.2e}",
+        max_rel(&y_chk, &y_att)
+    );
+    println!(
+        "  recurrent form (token steps) {:.2e}\n",
+        max_rel(&y_rec, &y_att)
+    );
 
     // 2. cost per generated token as the context grows
     let mut contexts = vec![];
@@ -137,7 +190,8 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
     let longest = *contexts.last().unwrap_or(&256);
     let x = Inputs::<Bk>::random(longest + 1, dev);
     let bar = ProgressBar::new(contexts.len() as u64).with_style(
-        ProgressStyle::with_template("timing {bar:40} {pos}/{len} contexts").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("timing {bar:40} {pos}/{len} contexts")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let prefill = RetentionOptions::new().with_chunk_size(Some(256));
     let mut state: Option<RetentionState<Bk>> = None;
@@ -146,15 +200,28 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
     for &ctx in &contexts {
         // extend the state from `covered` to `ctx` tokens (prefill continues from the state)
         let s = x.narrow(covered, ctx - covered);
-        let (_, next) = power_retention_with_state(s.q, s.k, s.v, Some(s.g), state.take(), &prefill)?;
+        let (_, next) =
+            power_retention_with_state(s.q, s.k, s.v, Some(s.g), state.take(), &prefill)?;
         covered = ctx;
         let tok = x.narrow(ctx, 1);
         let step_us = median_us::<Bk>(dev, args.reps, || {
-            let _ = power_retention_step(tok.q.clone(), tok.k.clone(), tok.v.clone(), Some(tok.g.clone()), next.clone(), &attention);
+            let _ = power_retention_step(
+                tok.q.clone(),
+                tok.k.clone(),
+                tok.v.clone(),
+                Some(tok.g.clone()),
+                next.clone(),
+                &attention,
+            );
         })?;
         let cache = x.narrow(0, ctx + 1);
         let attn_us = median_us::<Bk>(dev, args.reps, || {
-            let _ = attention_decode(tok.q.clone(), cache.k.clone(), cache.v.clone(), cache.g.clone());
+            let _ = attention_decode(
+                tok.q.clone(),
+                cache.k.clone(),
+                cache.v.clone(),
+                cache.g.clone(),
+            );
         })?;
         let kv_bytes = 2 * (ctx + 1) * HK * D * 4;
         rows.push((ctx, attn_us, step_us, kv_bytes, next.size_bytes()));
@@ -162,9 +229,18 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
         bar.inc(1);
     }
     bar.finish_and_clear();
-    println!("time per generated token (median of {} runs, µs) as the context grows:", args.reps);
-    println!("{:>9} | {:>22} | {:>22} | {:>13} | {:>11}", "context", "attention + KV cache", "retention step", "KV cache", "state");
-    println!("{:->9}-+-{:->22}-+-{:->22}-+-{:->13}-+-{:->11}", "", "", "", "", "");
+    println!(
+        "time per generated token (median of {} runs, µs) as the context grows:",
+        args.reps
+    );
+    println!(
+        "{:>9} | {:>22} | {:>22} | {:>13} | {:>11}",
+        "context", "attention + KV cache", "retention step", "KV cache", "state"
+    );
+    println!(
+        "{:->9}-+-{:->22}-+-{:->22}-+-{:->13}-+-{:->11}",
+        "", "", "", "", ""
+    );
     for (ctx, attn, step, kv, st) in rows {
         println!(
             "{ctx:>9} | {attn:>19.1} µs | {step:>19.1} µs | {:>10.2} MB | {:>8.2} MB",
@@ -172,6 +248,8 @@ pub fn demo<Bk: RetentionBackend>(dev: &Bk::Device, backend: &str, args: &DemoAr
             st as f64 / 1e6
         );
     }
-    println!("\nThe retention step reads a fixed-size state: its cost and memory do not grow with the context.");
+    println!(
+        "\nThe retention step reads a fixed-size state: its cost and memory do not grow with the context."
+    );
     Ok(())
 }

@@ -44,7 +44,12 @@ pub enum CliError {
         /// Its dtype.
         dtype: String,
     },
+    /// The device failed while executing or reading back.
+    #[error("device error: {0}")]
+    Device(String),
     /// The requested backend is not compiled into this binary.
-    #[error("backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)")]
+    #[error(
+        "backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)"
+    )]
     BackendMissing(String),
 }

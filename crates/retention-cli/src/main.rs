@@ -6,7 +6,11 @@ use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::{BackendChoice, CliError, with_backend};
 
 #[derive(Parser)]
-#[command(name = "retention", version, about = "Power retention for Burn: demo and tools")]
+#[command(
+    name = "retention",
+    version,
+    about = "Power retention for Burn: demo and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,14 +61,39 @@ enum Command {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Demo { backend, seq, context, reps } => {
+        Command::Demo {
+            backend,
+            seq,
+            context,
+            reps,
+        } => {
             let args = DemoArgs { seq, context, reps };
             with_backend!(backend, |Bk, dev| demo::<Bk>(&dev, backend.name(), &args))
         }
-        Command::Apply { input, output, degree, chunk, scale, backend, final_state } => {
-            let args = ApplyArgs { input, output, degree, chunk, scale, final_state };
+        Command::Apply {
+            input,
+            output,
+            degree,
+            chunk,
+            scale,
+            backend,
+            final_state,
+        } => {
+            let args = ApplyArgs {
+                input,
+                output,
+                degree,
+                chunk,
+                scale,
+                final_state,
+            };
             let summary = with_backend!(backend, |Bk, dev| apply::<Bk>(&dev, &args))?;
-            println!("wrote {} to {} (out shape {:?})", summary.written.join(", "), args.output, summary.out_shape);
+            println!(
+                "wrote {} to {} (out shape {:?})",
+                summary.written.join(", "),
+                args.output,
+                summary.out_shape
+            );
             Ok(())
         }
     }

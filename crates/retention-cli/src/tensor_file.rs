@@ -41,8 +41,14 @@ impl TensorFile {
     /// # Errors
     /// [`CliError::Io`] or, for a bad header, [`CliError::Format`].
     pub fn open(path: &str) -> Result<Self, CliError> {
-        let bytes = std::fs::read(path).map_err(|source| CliError::Io { path: path.into(), source })?;
-        let file = Self { path: path.into(), bytes };
+        let bytes = std::fs::read(path).map_err(|source| CliError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let file = Self {
+            path: path.into(),
+            bytes,
+        };
         file.parse()?;
         Ok(file)
     }
@@ -112,7 +118,11 @@ impl TensorFile {
             CliError::MissingTensor {
                 path: self.path.clone(),
                 name: name.into(),
-                found: if found.is_empty() { "none".into() } else { found.join(", ") },
+                found: if found.is_empty() {
+                    "none".into()
+                } else {
+                    found.join(", ")
+                },
             }
         })
     }
@@ -120,14 +130,23 @@ impl TensorFile {
 
 fn encode(values: &[f32], dtype: FileDtype) -> (Dtype, Vec<u8>) {
     match dtype {
-        FileDtype::F32 => (Dtype::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        FileDtype::F32 => (
+            Dtype::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
         FileDtype::F16 => (
             Dtype::F16,
-            values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
         FileDtype::BF16 => (
             Dtype::BF16,
-            values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
     }
 }
@@ -150,8 +169,17 @@ pub fn write(path: &str, tensors: &[(&str, &HostTensor)]) -> Result<(), CliError
     };
     let views = encoded
         .iter()
-        .map(|(name, dt, shape, bytes)| Ok((name.clone(), TensorView::new(*dt, shape.clone(), bytes).map_err(format_err)?)))
+        .map(|(name, dt, shape, bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(*dt, shape.clone(), bytes).map_err(format_err)?,
+            ))
+        })
         .collect::<Result<Vec<_>, CliError>>()?;
-    let bytes = safetensors::serialize(views, Option::<HashMap<String, String>>::None).map_err(format_err)?;
-    std::fs::write(path, bytes).map_err(|source| CliError::Io { path: path.into(), source })
+    let bytes = safetensors::serialize(views, Option::<HashMap<String, String>>::None)
+        .map_err(format_err)?;
+    std::fs::write(path, bytes).map_err(|source| CliError::Io {
+        path: path.into(),
+        source,
+    })
 }

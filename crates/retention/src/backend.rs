@@ -28,9 +28,16 @@ pub trait RetentionBackend: Backend {
     ) -> FloatTensor<Self> {
         let q = float::<Self, 4>(q);
         let scale = options.scale_for(q.dims()[3]);
-        reference::attention_form(q, float(k), float(v), log_g.map(float), options.degree, scale)
-            .into_primitive()
-            .tensor()
+        reference::attention_form(
+            q,
+            float(k),
+            float(v),
+            log_g.map(float),
+            options.degree,
+            scale,
+        )
+        .into_primitive()
+        .tensor()
     }
 
     /// Chunked (linear) form with chunk length `chunk_size`, optional initial

@@ -21,7 +21,9 @@ pub enum RetentionError {
         shape: Vec<usize>,
     },
     /// Two tensors disagree on the batch size or on the sequence length.
-    #[error("`{arg}` has {dim} {got} but `{reference}` has {expected} (shape of `{arg}`: {shape:?})")]
+    #[error(
+        "`{arg}` has {dim} {got} but `{reference}` has {expected} (shape of `{arg}`: {shape:?})"
+    )]
     Mismatch {
         /// Argument whose dimension is wrong.
         arg: &'static str,
@@ -67,7 +69,9 @@ pub enum RetentionError {
         shape: Vec<usize>,
     },
     /// The degree is odd or zero: power weights `(q·k)^p` are only non-negative for even `p`.
-    #[error("`degree` must be even and at least 2 (the weights (q·k)^p must be non-negative), got {0}")]
+    #[error(
+        "`degree` must be even and at least 2 (the weights (q·k)^p must be non-negative), got {0}"
+    )]
     Degree(usize),
     /// Chunk size zero.
     #[error("`chunk_size` must be at least 1, got 0")]

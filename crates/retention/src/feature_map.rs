@@ -6,6 +6,9 @@
 //! weight `m(α) = p! / Π_i c_i!` (`c_i` = multiplicity of coordinate `i` in `α`), the query side
 //! carries none. This is the public layout of [`RetentionState`](crate::RetentionState).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 /// `D = C(d+p−1, p)`, the number of features of the degree-`p` symmetric power of `R^d`.
@@ -75,6 +78,18 @@ impl SympowLayout {
             indices,
             weights,
         }
+    }
+
+    /// The layout for `(head_dim, degree)`, built once per process and shared.
+    pub fn cached(head_dim: usize, degree: usize) -> Arc<Self> {
+        type Layouts = HashMap<(usize, usize), Arc<SympowLayout>>;
+        static CACHE: OnceLock<Mutex<Layouts>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        // a poisoned lock only means another thread panicked while inserting; the map is intact
+        let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((head_dim, degree))
+            .or_insert_with(|| Arc::new(Self::new(head_dim, degree)))
+            .clone()
     }
 
     /// Head dimension `d`.

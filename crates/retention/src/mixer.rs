@@ -2,7 +2,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, generate_autoregressive_mask};
+use burn::nn::attention::{
+    MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, generate_autoregressive_mask,
+};
 use burn::tensor::{Tensor, backend::Backend};
 
 use crate::{PowerRetention, PowerRetentionConfig, RetentionBackend, RetentionError};
@@ -39,6 +41,9 @@ impl SequenceMixerConfig {
 }
 
 /// A causal sequence mixer: softmax attention or power retention.
+// Both variants are large parameter structs of similar size; boxing one would only add an
+// indirection to every forward.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum SequenceMixer<B: Backend> {
     /// Causal multi-head softmax attention.

@@ -6,8 +6,8 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 
 use crate::{
-    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention, power_retention_step,
-    power_retention_with_state,
+    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention,
+    power_retention_step, power_retention_with_state,
 };
 
 /// Configuration of a [`PowerRetention`] layer.
@@ -53,7 +53,9 @@ pub struct PowerRetentionConfig {
     #[config(default = false)]
     pub bias: bool,
     /// Initializer of the projection weights (same default as Burn's `MultiHeadAttention`).
-    #[config(default = "Initializer::KaimingUniform{gain:0.577_350_269_189_625_8, fan_out_only:false}")]
+    #[config(
+        default = "Initializer::KaimingUniform{gain:0.577_350_269_189_625_8, fan_out_only:false}"
+    )]
     pub initializer: Initializer,
 }
 
@@ -79,11 +81,17 @@ impl PowerRetentionConfig {
     fn check(&self) -> Result<(), RetentionError> {
         let bad = |m: String| Err(RetentionError::Config(m));
         if self.d_model == 0 || self.n_heads == 0 {
-            return bad(format!("d_model ({}) and n_heads ({}) must be positive", self.d_model, self.n_heads));
+            return bad(format!(
+                "d_model ({}) and n_heads ({}) must be positive",
+                self.d_model, self.n_heads
+            ));
         }
         let (h, d) = (self.kv_heads(), self.head_dim());
         if h == 0 || self.n_heads % h != 0 {
-            return Err(RetentionError::HeadRatio { query_heads: self.n_heads, kv_heads: h });
+            return Err(RetentionError::HeadRatio {
+                query_heads: self.n_heads,
+                kv_heads: h,
+            });
         }
         if d == 0 {
             return bad(format!(
@@ -100,7 +108,10 @@ impl PowerRetentionConfig {
     /// [`RetentionError::HeadRatio`] when `n_heads` is not a multiple of `n_kv_heads`,
     /// [`RetentionError::Degree`] / [`RetentionError::ChunkSize`] / [`RetentionError::Scale`]
     /// for bad options, [`RetentionError::Config`] for zero sizes.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<PowerRetention<B>, RetentionError> {
+    pub fn init<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<PowerRetention<B>, RetentionError> {
         self.check()?;
         let (hq, h, d) = (self.n_heads, self.kv_heads(), self.head_dim());
         let linear = |d_in: usize, d_out: usize, bias: bool| {
@@ -112,7 +123,10 @@ impl PowerRetentionConfig {
         let gate = self.gating.then(|| {
             let mut gate = LinearConfig::new(self.d_model, h)
                 .with_bias(self.gate_bias.is_some())
-                .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device);
             if let Some(b) = self.gate_bias {
                 gate.bias = Some(Param::from_tensor(Tensor::full([h], b, device)));
@@ -164,7 +178,12 @@ pub struct PowerRetention<B: Backend> {
     pub options: RetentionOptions,
 }
 
-type Projected<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 3>>);
+type Projected<B> = (
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Tensor<B, 4>,
+    Option<Tensor<B, 3>>,
+);
 
 impl<B: RetentionBackend> PowerRetention<B> {
     fn project(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
@@ -230,7 +249,11 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// # Errors
     /// As [`forward`](Self::forward), plus [`RetentionError::StepLength`] and
     /// [`RetentionError::StateShape`]. On error `state` is left unchanged.
-    pub fn forward_step(&self, x: Tensor<B, 3>, state: &mut RetentionState<B>) -> Result<Tensor<B, 3>, RetentionError> {
+    pub fn forward_step(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut RetentionState<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
         let [_, t, _] = x.dims();
         if t != 1 {
             return Err(RetentionError::StepLength { arg: "x", got: t });

@@ -2,7 +2,9 @@
 
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::{RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes};
+use crate::{
+    RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
+};
 
 fn dims_of<B: RetentionBackend>(
     q: &Tensor<B, 4>,
@@ -12,15 +14,26 @@ fn dims_of<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<RetentionDims, RetentionError> {
     let g = log_g.map(|g| g.dims());
-    check_shapes(&q.dims(), &k.dims(), &v.dims(), g.as_ref().map(|g| g.as_slice()), options)
+    check_shapes(
+        &q.dims(),
+        &k.dims(),
+        &v.dims(),
+        g.as_ref().map(|g| g.as_slice()),
+        options,
+    )
 }
 
-fn float<B: RetentionBackend, const N: usize>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, N> {
+fn float<B: RetentionBackend, const N: usize>(
+    t: burn::tensor::ops::FloatTensor<B>,
+) -> Tensor<B, N> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 fn empty_output<B: RetentionBackend>(dims: &RetentionDims, q: &Tensor<B, 4>) -> Tensor<B, 4> {
-    Tensor::zeros([dims.batch, dims.seq, dims.q_heads, dims.value_dim], (&q.device(), q.dtype()))
+    Tensor::zeros(
+        [dims.batch, dims.seq, dims.q_heads, dims.value_dim],
+        (&q.device(), q.dtype()),
+    )
 }
 
 /// Power retention: causal attention with weights `(σ q_i·k_j)^p · e^{G_i − G_j}`, normalised
@@ -76,7 +89,11 @@ pub fn power_retention<B: RetentionBackend>(
         return Ok(empty_output(&dims, &q));
     }
     let g = log_g.map(|g| g.into_primitive().tensor());
-    let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let (q, k, v) = (
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    );
     let y = match options.chunk_size {
         Some(c) if dims.seq > c => B::retention_chunked(q, k, v, g, None, c, options).0,
         _ => B::retention_attention(q, k, v, g, options),
@@ -125,7 +142,12 @@ pub fn power_retention_with_state<B: RetentionBackend>(
     }
     let chunk = options.chunk_size.unwrap_or(dims.seq);
     let g = log_g.map(|g| g.into_primitive().tensor());
-    let init = initial_state.map(|s| (s.state.into_primitive().tensor(), s.key_sum.into_primitive().tensor()));
+    let init = initial_state.map(|s| {
+        (
+            s.state.into_primitive().tensor(),
+            s.key_sum.into_primitive().tensor(),
+        )
+    });
     let (y, s, z) = B::retention_chunked(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
@@ -135,7 +157,13 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         chunk,
         options,
     );
-    Ok((float(y), RetentionState { state: float(s), key_sum: float(z) }))
+    Ok((
+        float(y),
+        RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        },
+    ))
 }
 
 /// One recurrent step: advances `state` by one token and returns that token's output. Costs
@@ -159,7 +187,10 @@ pub fn power_retention_step<B: RetentionBackend>(
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
     let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
     if dims.seq != 1 {
-        return Err(RetentionError::StepLength { arg: "q", got: dims.seq });
+        return Err(RetentionError::StepLength {
+            arg: "q",
+            got: dims.seq,
+        });
     }
     state.check(&dims, options.degree)?;
     let g = log_g.map(|g| g.into_primitive().tensor());
@@ -172,5 +203,11 @@ pub fn power_retention_step<B: RetentionBackend>(
         state.key_sum.into_primitive().tensor(),
         options,
     );
-    Ok((float(y), RetentionState { state: float(s), key_sum: float(z) }))
+    Ok((
+        float(y),
+        RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        },
+    ))
 }

@@ -38,11 +38,20 @@ impl RetentionDims {
 
     /// Shape of the key-sum, `[batch, kv_heads, D]`, for degree `degree`.
     pub fn key_sum_shape(&self, degree: usize) -> [usize; 3] {
-        [self.batch, self.kv_heads, expanded_dim(self.head_dim, degree)]
+        [
+            self.batch,
+            self.kv_heads,
+            expanded_dim(self.head_dim, degree),
+        ]
     }
 }
 
-fn rank(arg: &'static str, shape: &[usize], expected: usize, layout: &'static str) -> Result<(), RetentionError> {
+fn rank(
+    arg: &'static str,
+    shape: &[usize],
+    expected: usize,
+    layout: &'static str,
+) -> Result<(), RetentionError> {
     if shape.len() == expected {
         Ok(())
     } else {
@@ -109,21 +118,39 @@ pub fn check_shapes(
     same("v", v, 2, "heads", "k", k[2])?;
     let (q_heads, kv_heads) = (q[2], k[2]);
     if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
-        return Err(RetentionError::HeadRatio { query_heads: q_heads, kv_heads });
+        return Err(RetentionError::HeadRatio {
+            query_heads: q_heads,
+            kv_heads,
+        });
     }
     if q[3] == 0 {
-        return Err(RetentionError::Empty { arg: "q", dim: "head_dim", shape: q.to_vec() });
+        return Err(RetentionError::Empty {
+            arg: "q",
+            dim: "head_dim",
+            shape: q.to_vec(),
+        });
     }
     if k[3] != q[3] {
-        return Err(RetentionError::HeadDim { arg: "k", expected: q[3], got: k[3] });
+        return Err(RetentionError::HeadDim {
+            arg: "k",
+            expected: q[3],
+            got: k[3],
+        });
     }
     if v[3] == 0 {
-        return Err(RetentionError::Empty { arg: "v", dim: "value_dim", shape: v.to_vec() });
+        return Err(RetentionError::Empty {
+            arg: "v",
+            dim: "value_dim",
+            shape: v.to_vec(),
+        });
     }
     if let Some(g) = log_g {
         let expected = vec![q[0], q[1], kv_heads];
         if g != expected.as_slice() {
-            return Err(RetentionError::GateShape { expected, got: g.to_vec() });
+            return Err(RetentionError::GateShape {
+                expected,
+                got: g.to_vec(),
+            });
         }
     }
     options.validate()?;

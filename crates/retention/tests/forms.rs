@@ -7,8 +7,8 @@ use burn::tensor::{DType, Tensor};
 use common::{Gates, Problem, max_rel, tensor, to_vec};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use retention::{
-    RetentionBackend, RetentionOptions, RetentionState, SympowLayout, expanded_dim, power_retention,
-    power_retention_step, power_retention_with_state, reference,
+    RetentionBackend, RetentionOptions, RetentionState, SympowLayout, expanded_dim,
+    power_retention, power_retention_step, power_retention_with_state, reference,
 };
 
 /// Number of randomized cases per dtype.
@@ -24,11 +24,23 @@ fn case(i: u64) -> Case {
     let mut rng = StdRng::seed_from_u64(0x5eed_0000 + i);
     let degree = if i % 10 == 9 { 4 } else { 2 };
     let dims = [8, 16, 24, 32, 48, 64, 96, 128];
-    let d = if degree == 4 { 8 } else { dims[rng.random_range(0..dims.len())] };
-    let e = if rng.random_bool(0.5) { d.min(32) } else { rng.random_range(1..=24) };
+    let d = if degree == 4 {
+        8
+    } else {
+        dims[rng.random_range(0..dims.len())]
+    };
+    let e = if rng.random_bool(0.5) {
+        d.min(32)
+    } else {
+        rng.random_range(1..=24)
+    };
     let r = [1, 2, 4][(i % 3) as usize];
     let h = rng.random_range(1..=2);
-    let b = if i % 7 == 0 { 3 } else { rng.random_range(1..=2) };
+    let b = if i % 7 == 0 {
+        3
+    } else {
+        rng.random_range(1..=2)
+    };
     let t: usize = rng.random_range(1..=33);
     let gates = [Gates::None, Gates::Typical, Gates::Strong, Gates::Weak][(i % 4) as usize];
     // keep the per-chunk states of the reference small: n·D·e·b·h ≲ 2M numbers
@@ -43,7 +55,12 @@ fn case(i: u64) -> Case {
     }
 }
 
-fn recurrent<B: RetentionBackend>(p: &Problem, degree: usize, dev: &B::Device, dtype: DType) -> Vec<f64> {
+fn recurrent<B: RetentionBackend>(
+    p: &Problem,
+    degree: usize,
+    dev: &B::Device,
+    dtype: DType,
+) -> Vec<f64> {
     let opts = RetentionOptions::new().with_degree(degree);
     let mut state = RetentionState::<B>::zeros(p.b, p.h, p.d, p.e, degree, dtype, dev);
     let mut out = vec![Vec::new(); p.b];
@@ -67,11 +84,16 @@ fn recurrent<B: RetentionBackend>(p: &Problem, degree: usize, dev: &B::Device, d
 pub fn forms_agree<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
     let mut worst = [0.0f64; 3];
     for i in 0..CASES {
-        let Case { problem: p, chunk, degree } = case(i);
+        let Case {
+            problem: p,
+            chunk,
+            degree,
+        } = case(i);
         let scale = 1.0 / (p.d as f64).sqrt();
         let oracle = p.naive(degree, scale);
         let (q, k, v, g) = p.tensors::<B>(dev, dtype);
-        let att = reference::attention_form(q.clone(), k.clone(), v.clone(), g.clone(), degree, scale);
+        let att =
+            reference::attention_form(q.clone(), k.clone(), v.clone(), g.clone(), degree, scale);
         let (chk, _, _) = reference::chunked_form(q, k, v, g, None, chunk, degree, scale);
         let rec = recurrent::<B>(&p, degree, dev, dtype);
         let what = format!(
@@ -87,10 +109,23 @@ pub fn forms_agree<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64)
         let e_att = max_rel(&to_vec(att), &oracle);
         let e_chk = max_rel(&to_vec(chk), &oracle);
         let e_rec = max_rel(&rec, &oracle);
-        assert!(e_att <= tol, "attention form vs oracle {e_att:e} > {tol:e}; {what}");
-        assert!(e_chk <= tol, "chunked form vs oracle {e_chk:e} > {tol:e}; {what}");
-        let tol_rec = if degree == 4 && dtype != DType::F64 { 5.0 * tol } else { tol };
-        assert!(e_rec <= tol_rec, "recurrent form vs oracle {e_rec:e} > {tol_rec:e}; {what}");
+        assert!(
+            e_att <= tol,
+            "attention form vs oracle {e_att:e} > {tol:e}; {what}"
+        );
+        assert!(
+            e_chk <= tol,
+            "chunked form vs oracle {e_chk:e} > {tol:e}; {what}"
+        );
+        let tol_rec = if degree == 4 && dtype != DType::F64 {
+            5.0 * tol
+        } else {
+            tol
+        };
+        assert!(
+            e_rec <= tol_rec,
+            "recurrent form vs oracle {e_rec:e} > {tol_rec:e}; {what}"
+        );
         for (w, e) in worst.iter_mut().zip([e_att, e_chk, e_rec]) {
             *w = w.max(e);
         }
@@ -118,9 +153,16 @@ pub fn feature_map_identity<B: RetentionBackend>(dev: &B::Device, dtype: DType, 
                 let dot: f64 = (0..d).map(|a| q[i * d + a] * k[i * d + a]).sum();
                 let want = dot.powi(degree as i32);
                 // relative to (Σ_a |q_a k_a|)^p, the size of the terms being summed
-                let mag: f64 = (0..d).map(|a| (q[i * d + a] * k[i * d + a]).abs()).sum::<f64>().powi(degree as i32);
+                let mag: f64 = (0..d)
+                    .map(|a| (q[i * d + a] * k[i * d + a]).abs())
+                    .sum::<f64>()
+                    .powi(degree as i32);
                 let err = (got[i] - want).abs() / mag.max(f64::MIN_POSITIVE);
-                assert!(err <= tol, "p={degree} d={d}: φ(q)·φ(k) = {} vs (q·k)^p = {want}", got[i]);
+                assert!(
+                    err <= tol,
+                    "p={degree} d={d}: φ(q)·φ(k) = {} vs (q·k)^p = {want}",
+                    got[i]
+                );
             }
         }
     }
@@ -128,7 +170,10 @@ pub fn feature_map_identity<B: RetentionBackend>(dev: &B::Device, dtype: DType, 
 
 /// Prefill `t1` tokens, then step each next token: equals the full-sequence output.
 pub fn prefill_then_step<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
-    for (i, gates) in [Gates::Typical, Gates::None, Gates::Strong].into_iter().enumerate() {
+    for (i, gates) in [Gates::Typical, Gates::None, Gates::Strong]
+        .into_iter()
+        .enumerate()
+    {
         let p = Problem::random(100 + i as u64, 2, 29, 4, 2, 16, 8, gates);
         let full = to_vec({
             let (q, k, v, g) = p.tensors::<B>(dev, dtype);
@@ -198,9 +243,15 @@ pub fn state_continuation<B: RetentionBackend>(dev: &B::Device, dtype: DType, to
             }
         }
         let err = max_rel(&to_vec(s_full.state), &s_want);
-        assert!(err <= tol, "final state vs direct sum, chunk {chunk:?}: {err:e}");
+        assert!(
+            err <= tol,
+            "final state vs direct sum, chunk {chunk:?}: {err:e}"
+        );
         let err = max_rel(&to_vec(s_full.key_sum), &z_want);
-        assert!(err <= tol, "final key-sum vs direct sum, chunk {chunk:?}: {err:e}");
+        assert!(
+            err <= tol,
+            "final key-sum vs direct sum, chunk {chunk:?}: {err:e}"
+        );
     }
 }
 
@@ -212,21 +263,40 @@ pub fn gate_and_scale_properties<B: RetentionBackend>(dev: &B::Device, dtype: DT
         let opts = RetentionOptions::new().with_chunk_size(chunk);
         let (q, k, v, _) = p.tensors::<B>(dev, dtype);
         let zeros = Tensor::<B, 3>::zeros([1, 21, 1], (dev, dtype));
-        let a = to_vec(power_retention(q.clone(), k.clone(), v.clone(), None, &opts).expect("valid"));
-        let b = to_vec(power_retention(q.clone(), k.clone(), v.clone(), Some(zeros), &opts).expect("valid"));
+        let a =
+            to_vec(power_retention(q.clone(), k.clone(), v.clone(), None, &opts).expect("valid"));
+        let b = to_vec(
+            power_retention(q.clone(), k.clone(), v.clone(), Some(zeros), &opts).expect("valid"),
+        );
         assert!(max_rel(&a, &b) <= tol, "zero gates differ from no gates");
         let c = to_vec(
-            power_retention(q.clone(), k.clone(), v.clone(), None, &opts.clone().with_scale(Some(0.02)))
-                .expect("valid"),
+            power_retention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                None,
+                &opts.clone().with_scale(Some(0.02)),
+            )
+            .expect("valid"),
         );
         assert!(max_rel(&c, &a) <= tol, "scale does not cancel");
-        let y = to_vec(power_retention(q.zeros_like(), k.clone(), v.clone(), None, &opts).expect("valid"));
-        assert!(y.iter().all(|x| *x == 0.0), "zero queries must give zeros, got {y:?}");
+        let y = to_vec(
+            power_retention(q.zeros_like(), k.clone(), v.clone(), None, &opts).expect("valid"),
+        );
+        assert!(
+            y.iter().all(|x| *x == 0.0),
+            "zero queries must give zeros, got {y:?}"
+        );
         let strong = Tensor::<B, 3>::full([1, 21, 1], -60.0, (dev, dtype));
         let y = to_vec(power_retention(q, k, v.clone(), Some(strong), &opts).expect("valid"));
         let v = to_vec(v);
-        let want: Vec<f64> = (0..21).flat_map(|i| v[i * 16..(i + 1) * 16].repeat(2)).collect();
-        assert!(max_rel(&y, &want) <= tol, "gates of e^-60 must keep only the current token");
+        let want: Vec<f64> = (0..21)
+            .flat_map(|i| v[i * 16..(i + 1) * 16].repeat(2))
+            .collect();
+        assert!(
+            max_rel(&y, &want) <= tol,
+            "gates of e^-60 must keep only the current token"
+        );
     }
 }
 
@@ -261,27 +331,53 @@ fn chunked_gradients_match_attention_gradients() {
     use burn::backend::{Autodiff, NdArray};
     type AD = Autodiff<NdArray>;
     let dev = Default::default();
-    for (seed, gates) in [(400, Gates::Typical), (401, Gates::None), (402, Gates::Strong)] {
+    for (seed, gates) in [
+        (400, Gates::Typical),
+        (401, Gates::None),
+        (402, Gates::Strong),
+    ] {
         let p = Problem::random(seed, 2, 23, 4, 2, 8, 6, gates);
         let grads_of = |chunk: Option<usize>| {
             let (q, k, v, g) = p.tensors::<AD>(&dev, DType::F64);
             let g = g.unwrap_or_else(|| Tensor::zeros([2, 23, 2], (&dev, DType::F64)));
-            let (q, k, v, g) = (q.require_grad(), k.require_grad(), v.require_grad(), g.require_grad());
+            let (q, k, v, g) = (
+                q.require_grad(),
+                k.require_grad(),
+                v.require_grad(),
+                g.require_grad(),
+            );
             let w = Tensor::<AD, 4>::from_data(
-                burn::tensor::TensorData::new(common::randn(&mut StdRng::seed_from_u64(seed), 2 * 23 * 4 * 6), [2, 23, 4, 6]),
+                burn::tensor::TensorData::new(
+                    common::randn(&mut StdRng::seed_from_u64(seed), 2 * 23 * 4 * 6),
+                    [2, 23, 4, 6],
+                ),
                 (&dev, DType::F64),
             );
             let opts = RetentionOptions::new().with_chunk_size(chunk);
-            let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts).expect("valid");
+            let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts)
+                .expect("valid");
             let grads = (y * w).sum().backward();
             let read = |x: &Tensor<AD, 4>| to_vec(x.grad(&grads).expect("gradient"));
-            (read(&q), read(&k), read(&v), to_vec(g.grad(&grads).expect("gate gradient")))
+            (
+                read(&q),
+                read(&k),
+                read(&v),
+                to_vec(g.grad(&grads).expect("gate gradient")),
+            )
         };
         let a = grads_of(None);
         let c = grads_of(Some(5));
-        for (name, x, y) in [("dq", &c.0, &a.0), ("dk", &c.1, &a.1), ("dv", &c.2, &a.2), ("dlog_g", &c.3, &a.3)] {
+        for (name, x, y) in [
+            ("dq", &c.0, &a.0),
+            ("dk", &c.1, &a.1),
+            ("dv", &c.2, &a.2),
+            ("dlog_g", &c.3, &a.3),
+        ] {
             let err = max_rel(x, y);
-            assert!(err <= 1e-9, "{name} ({gates:?}): chunked vs attention {err:e}");
+            assert!(
+                err <= 1e-9,
+                "{name} ({gates:?}): chunked vs attention {err:e}"
+            );
         }
     }
 }

@@ -1,3 +1,4 @@
+#![cfg(feature = "ndarray")]
 //! The module: shapes, gradients to every parameter, training reduces a loss, decoding with
 //! the state equals the full forward, and the one-line mixer swap.
 
@@ -12,10 +13,16 @@ type B = NdArray;
 type AD = Autodiff<NdArray>;
 
 fn config() -> PowerRetentionConfig {
-    PowerRetentionConfig::new(32, 4).with_n_kv_heads(Some(2)).with_chunk_size(Some(4))
+    PowerRetentionConfig::new(32, 4)
+        .with_n_kv_heads(Some(2))
+        .with_chunk_size(Some(4))
 }
 
-fn input<Bk: burn::tensor::backend::Backend>(b: usize, t: usize, dev: &Bk::Device) -> Tensor<Bk, 3> {
+fn input<Bk: burn::tensor::backend::Backend>(
+    b: usize,
+    t: usize,
+    dev: &Bk::Device,
+) -> Tensor<Bk, 3> {
     Tensor::random([b, t, 32], Distribution::Normal(0.0, 1.0), dev)
 }
 
@@ -23,7 +30,13 @@ fn input<Bk: burn::tensor::backend::Backend>(b: usize, t: usize, dev: &Bk::Devic
 fn output_shape() {
     let dev = Default::default();
     let layer: PowerRetention<B> = config().init(&dev).expect("valid config");
-    assert_eq!(layer.forward(input::<B>(3, 11, &dev)).expect("valid").dims(), [3, 11, 32]);
+    assert_eq!(
+        layer
+            .forward(input::<B>(3, 11, &dev))
+            .expect("valid")
+            .dims(),
+        [3, 11, 32]
+    );
     assert_eq!(layer.query.weight.dims(), [32, 32]);
     assert_eq!(layer.key.weight.dims(), [32, 16]);
     assert_eq!(layer.gate.as_ref().map(|g| g.weight.dims()), Some([32, 2]));
@@ -56,15 +69,26 @@ impl ModuleVisitor<AD> for GradNorms<'_> {
 fn gradients_reach_every_parameter() {
     let dev = Default::default();
     let layer: PowerRetention<AD> = config().with_bias(true).init(&dev).expect("valid config");
-    let loss = layer.forward(input::<AD>(2, 9, &dev)).expect("valid").powi_scalar(2).mean();
+    let loss = layer
+        .forward(input::<AD>(2, 9, &dev))
+        .expect("valid")
+        .powi_scalar(2)
+        .mean();
     let grads = loss.backward();
-    let mut v = GradNorms { grads: &grads, found: Vec::new(), path: Vec::new() };
+    let mut v = GradNorms {
+        grads: &grads,
+        found: Vec::new(),
+        path: Vec::new(),
+    };
     layer.visit(&mut v);
     // 5 linears with bias: 10 parameters
     assert_eq!(v.found.len(), 10, "parameters: {:?}", v.found);
     for (path, norm) in v.found {
         let norm = norm.unwrap_or_else(|| panic!("no gradient for {path}"));
-        assert!(norm.is_finite() && norm > 0.0, "gradient of {path} is {norm}");
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "gradient of {path} is {norm}"
+        );
     }
 }
 
@@ -75,7 +99,10 @@ fn adam_steps_reduce_a_toy_loss() {
     let mut optim = AdamConfig::new().init();
     let x = input::<AD>(2, 12, &dev);
     // target: the input shifted by one token (copy the previous token)
-    let target = Tensor::cat(vec![Tensor::zeros([2, 1, 32], &dev), x.clone().narrow(1, 0, 11)], 1);
+    let target = Tensor::cat(
+        vec![Tensor::zeros([2, 1, 32], &dev), x.clone().narrow(1, 0, 11)],
+        1,
+    );
     let loss_of = |layer: &PowerRetention<AD>| {
         (layer.forward(x.clone()).expect("valid") - target.clone())
             .powi_scalar(2)
@@ -88,7 +115,10 @@ fn adam_steps_reduce_a_toy_loss() {
         layer = optim.step(1e-2, layer, grads);
     }
     let last = loss_of(&layer).into_scalar();
-    assert!(last < 0.9 * first, "loss {first} -> {last}: training did not reduce it");
+    assert!(
+        last < 0.9 * first,
+        "loss {first} -> {last}: training did not reduce it"
+    );
 }
 
 #[test]
@@ -97,14 +127,25 @@ fn prefill_and_steps_match_forward() {
     let layer: PowerRetention<B> = config().init(&dev).expect("valid config");
     let x = input::<B>(2, 15, &dev);
     let full = layer.forward(x.clone()).expect("valid");
-    let (head, mut state) = layer.prefill(x.clone().narrow(1, 0, 10), None).expect("valid");
+    let (head, mut state) = layer
+        .prefill(x.clone().narrow(1, 0, 10), None)
+        .expect("valid");
     let mut outs = vec![head];
     for i in 10..15 {
-        outs.push(layer.forward_step(x.clone().narrow(1, i, 1), &mut state).expect("valid"));
+        outs.push(
+            layer
+                .forward_step(x.clone().narrow(1, i, 1), &mut state)
+                .expect("valid"),
+        );
     }
-    full.into_data()
-        .assert_approx_eq::<f32>(&Tensor::cat(outs, 1).into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
-    assert!(layer.forward_step(x.narrow(1, 0, 2), &mut state).is_err(), "two tokens are not a step");
+    full.into_data().assert_approx_eq::<f32>(
+        &Tensor::cat(outs, 1).into_data(),
+        burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+    );
+    assert!(
+        layer.forward_step(x.narrow(1, 0, 2), &mut state).is_err(),
+        "two tokens are not a step"
+    );
 }
 
 #[test]
@@ -120,8 +161,9 @@ fn one_line_swap_between_attention_and_retention() {
         assert_eq!(y.dims(), [2, 7, 32]);
         // causal: the first 3 outputs do not depend on later tokens
         let y3 = mixer.forward(x.clone().narrow(1, 0, 3)).expect("valid");
-        y.narrow(1, 0, 3)
-            .into_data()
-            .assert_approx_eq::<f32>(&y3.into_data(), burn::tensor::Tolerance::rel_abs(1e-4, 1e-5));
+        y.narrow(1, 0, 3).into_data().assert_approx_eq::<f32>(
+            &y3.into_data(),
+            burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+        );
     }
 }

@@ -56,7 +56,11 @@ pub fn attention_form<B: Backend>(
     let row_max = logits.clone().max_dim(4).clamp_min(NEG_LARGE).detach();
     let weights = (logits - row_max).exp();
     // every non-empty row holds a weight of exactly 1, so the sum is 0 or >= 1
-    let denom = weights.clone().sum_dim(4).clamp_min(1.0).reshape([b, h, r * t, 1]);
+    let denom = weights
+        .clone()
+        .sum_dim(4)
+        .clamp_min(1.0)
+        .reshape([b, h, r * t, 1]);
     let num = weights.reshape([b, h, r * t, t]).matmul(v);
     (num / denom)
         .reshape([b, h, r, t, e])

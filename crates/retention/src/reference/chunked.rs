@@ -45,7 +45,7 @@ pub fn chunked_form<B: Backend>(
     let c = chunk_size;
     let n = t.div_ceil(c).max(1);
     let pad = n * c - t;
-    let layout = SympowLayout::new(d, degree);
+    let layout = SympowLayout::cached(d, degree);
     let big_d = layout.dim();
     let p = degree as f64;
 
@@ -53,8 +53,12 @@ pub fn chunked_form<B: Backend>(
         .reshape([b, n * c, h, r, d])
         .permute([0, 2, 3, 1, 4])
         .reshape([b, h, r, n, c, d]);
-    let k = pad_seq(k.cast(dt), pad).swap_dims(1, 2).reshape([b, h, n, c, d]);
-    let v = pad_seq(v.cast(dt), pad).swap_dims(1, 2).reshape([b, h, n, c, e]);
+    let k = pad_seq(k.cast(dt), pad)
+        .swap_dims(1, 2)
+        .reshape([b, h, n, c, d]);
+    let v = pad_seq(v.cast(dt), pad)
+        .swap_dims(1, 2)
+        .reshape([b, h, n, c, e]);
     let a = pad_seq(gate_or_zeros(log_g, [b, t, h], dt, &device), pad)
         .swap_dims(1, 2)
         .reshape([b, h, n, c]);
@@ -72,12 +76,15 @@ pub fn chunked_form<B: Backend>(
     // 3. discounted scan across chunks as a product with the decay matrix
     //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals
     let cum = a_tot.reshape([b, h, n]).cumsum(2);
-    let prev = Tensor::cat(vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()], 2);
+    let prev = Tensor::cat(
+        vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()],
+        2,
+    );
     let lower: Vec<f64> = (0..=n)
         .flat_map(|u| (0..n).map(move |u2| if u2 < u { 1.0 } else { 0.0 }))
         .collect();
-    let lower =
-        Tensor::<B, 2>::from_data(TensorData::new(lower, [n + 1, n]), (&device, dt)).reshape([1, 1, n + 1, n]);
+    let lower = Tensor::<B, 2>::from_data(TensorData::new(lower, [n + 1, n]), (&device, dt))
+        .reshape([1, 1, n + 1, n]);
     let decay = (prev.clone().reshape([b, h, n + 1, 1]) - cum.reshape([b, h, 1, n]))
         .clamp_max(0.0)
         .exp()
@@ -89,7 +96,8 @@ pub fn chunked_form<B: Backend>(
     let mut z_in = decay.matmul(delta_z); // [b, h, n+1, D]
     if let Some((s0, z0)) = initial {
         let carry = prev.exp(); // e^{C_{u-1}}: the initial state's decay on entering chunk u
-        s_in = s_in + s0.cast(dt).unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
+        s_in =
+            s_in + s0.cast(dt).unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
         z_in = z_in + z0.cast(dt).unsqueeze_dim::<4>(2) * carry.reshape([b, h, n + 1, 1]);
     }
     let final_state = s_in.clone().narrow(2, n, 1).reshape([b, h, big_d, e]);
@@ -104,7 +112,10 @@ pub fn chunked_form<B: Backend>(
         .permute([0, 1, 3, 2, 4, 5])
         .reshape([b, h, n, r * c, big_d]);
     let y_state = phi_q.clone().matmul(s_used).reshape([b, h, n, r, c, e]);
-    let l_state = phi_q.matmul(z_used).reshape([b, h, n, r, c, 1]).clamp_min(0.0);
+    let l_state = phi_q
+        .matmul(z_used)
+        .reshape([b, h, n, r, c, 1])
+        .clamp_min(0.0);
 
     // 4b. intra-chunk causal gated power scores, in log space
     let qc = q.permute([0, 1, 3, 2, 4, 5]).reshape([b, h, n, r * c, d]);

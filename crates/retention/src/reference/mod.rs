@@ -44,7 +44,9 @@ pub(crate) fn log_power<B: Backend, const N: usize>(
 /// `ln x` for `x ≥ 0`, `−∞` where `x ≤ 0`, with finite derivatives everywhere.
 pub(crate) fn log_nonneg<B: Backend, const N: usize>(x: Tensor<B, N>) -> Tensor<B, N> {
     let empty = x.clone().lower_equal_elem(0.0);
-    x.mask_fill(empty.clone(), 1.0).log().mask_fill(empty, f64::NEG_INFINITY)
+    x.mask_fill(empty.clone(), 1.0)
+        .log()
+        .mask_fill(empty, f64::NEG_INFINITY)
 }
 
 /// The dtype the reference computes in for inputs of dtype `dtype`.

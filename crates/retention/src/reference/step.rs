@@ -35,7 +35,7 @@ pub fn step<B: Backend>(
     let [b, _, hq, d] = q.dims();
     let [_, _, h, e] = v.dims();
     let r = hq / h;
-    let layout = SympowLayout::new(d, degree);
+    let layout = SympowLayout::cached(d, degree);
     let big_d = layout.dim();
 
     let k = k.cast(dt);
@@ -52,7 +52,9 @@ pub fn step<B: Backend>(
     let q = q.cast(dt).mul_scalar(scale).reshape([b, h, r, d]);
     let phi_q = layout.expand_query(q.clone());
     let num_past = phi_q.clone().matmul(state.clone()); // [b, h, r, e]
-    let den_past = phi_q.matmul(key_sum.clone().reshape([b, h, big_d, 1])).clamp_min(0.0); // [b, h, r, 1]
+    let den_past = phi_q
+        .matmul(key_sum.clone().reshape([b, h, big_d, 1]))
+        .clamp_min(0.0); // [b, h, r, 1]
     let k = k.reshape([b, h, 1, d]);
     let w_now = (q * k.clone()).sum_dim(3).powi_scalar(degree as i32); // [b, h, r, 1]
     let num = num_past + w_now.clone() * v.clone();
@@ -61,7 +63,7 @@ pub fn step<B: Backend>(
     let y = (num / den.mask_fill(empty.clone(), 1.0)).mask_fill(empty.expand([b, h, r, e]), 0.0);
 
     let phi_k = layout.expand_key(k.reshape([b, h, d])); // [b, h, D]
-    let state = state + phi_k.clone().reshape([b, h, big_d, 1]) * v;
+    let state = state + phi_k.clone().reshape([b, h, big_d, 1]).matmul(v); // outer product
     let key_sum = key_sum + phi_k;
     (y.reshape([b, 1, hq, e]).cast(out_dtype), state, key_sum)
 }

@@ -45,7 +45,16 @@ pub fn randn(rng: &mut StdRng, n: usize) -> Vec<f64> {
 
 impl Problem {
     #[allow(clippy::too_many_arguments)]
-    pub fn random(seed: u64, b: usize, t: usize, hq: usize, h: usize, d: usize, e: usize, gates: Gates) -> Self {
+    pub fn random(
+        seed: u64,
+        b: usize,
+        t: usize,
+        hq: usize,
+        h: usize,
+        d: usize,
+        e: usize,
+        gates: Gates,
+    ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let q = randn(&mut rng, b * t * hq * d);
         let k = randn(&mut rng, b * t * h * d);
@@ -64,20 +73,38 @@ impl Problem {
             Gates::Strong => Some((0..n).map(|_| -20.0 + 0.5 * normal(&mut rng)).collect()),
             Gates::Weak => Some((0..n).map(|_| -1e-4 * rng.random::<f64>()).collect()),
         };
-        Self { b, t, hq, h, d, e, q, k, v, log_g }
+        Self {
+            b,
+            t,
+            hq,
+            h,
+            d,
+            e,
+            q,
+            k,
+            v,
+            log_g,
+        }
     }
 
     pub fn tensors<B: Backend>(
         &self,
         dev: &B::Device,
         dtype: DType,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 3>>) {
+    ) -> (
+        Tensor<B, 4>,
+        Tensor<B, 4>,
+        Tensor<B, 4>,
+        Option<Tensor<B, 3>>,
+    ) {
         let (b, t) = (self.b, self.t);
         (
             tensor(&self.q, [b, t, self.hq, self.d], dev, dtype),
             tensor(&self.k, [b, t, self.h, self.d], dev, dtype),
             tensor(&self.v, [b, t, self.h, self.e], dev, dtype),
-            self.log_g.as_ref().map(|g| tensor(g, [b, t, self.h], dev, dtype)),
+            self.log_g
+                .as_ref()
+                .map(|g| tensor(g, [b, t, self.h], dev, dtype)),
         )
     }
 
@@ -124,7 +151,8 @@ impl Problem {
                     let logw: Vec<f64> = (0..=i)
                         .map(|s| {
                             let ks = &self.k[((bi * t + s) * h + kv) * d..][..d];
-                            let dot: f64 = qi.iter().zip(ks).map(|(a, b)| a * b).sum::<f64>() * scale;
+                            let dot: f64 =
+                                qi.iter().zip(ks).map(|(a, b)| a * b).sum::<f64>() * scale;
                             degree as f64 * dot.abs().ln() + g[i] - g[s]
                         })
                         .collect();
@@ -151,7 +179,12 @@ impl Problem {
     }
 }
 
-pub fn tensor<B: Backend, const N: usize>(x: &[f64], shape: [usize; N], dev: &B::Device, dtype: DType) -> Tensor<B, N> {
+pub fn tensor<B: Backend, const N: usize>(
+    x: &[f64],
+    shape: [usize; N],
+    dev: &B::Device,
+    dtype: DType,
+) -> Tensor<B, N> {
     Tensor::from_data(TensorData::new(x.to_vec(), shape), (dev, dtype))
 }
 
@@ -166,7 +199,10 @@ pub fn to_vec<B: Backend, const N: usize>(x: Tensor<B, N>) -> Vec<f64> {
 pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let err = a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     assert!(!err.is_nan(), "NaN in result");
     if scale == 0.0 { err } else { err / scale }
 }
