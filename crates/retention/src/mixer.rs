@@ -63,17 +63,8 @@ impl<B: RetentionBackend> SequenceMixer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
         match self {
             Self::Attention(mha) => {
-                let [b, t, width] = x.dims();
-                if width != mha.d_model {
-                    return Err(RetentionError::Mismatch {
-                        arg: "x",
-                        reference: "d_model of the layer",
-                        dim: "width",
-                        expected: mha.d_model,
-                        got: width,
-                        shape: vec![b, t, width],
-                    });
-                }
+                let [b, t, _] = x.dims();
+                crate::shapes::check_width(x.dims(), mha.d_model)?;
                 let mask = generate_autoregressive_mask::<B>(b, t, &x.device());
                 Ok(mha.forward(MhaInput::self_attn(x).mask_attn(mask)).context)
             }

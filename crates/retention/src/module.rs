@@ -187,17 +187,8 @@ type Projected<B> = (
 
 impl<B: RetentionBackend> PowerRetention<B> {
     fn project(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
-        let [b, t, width] = x.dims();
-        if width != self.d_model {
-            return Err(RetentionError::Mismatch {
-                arg: "x",
-                reference: "d_model of the layer",
-                dim: "width",
-                expected: self.d_model,
-                got: width,
-                shape: vec![b, t, width],
-            });
-        }
+        let [b, t, _] = x.dims();
+        crate::shapes::check_width(x.dims(), self.d_model)?;
         let (hq, h, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self.query.forward(x.clone()).reshape([b, t, hq, d]);
         let k = self.key.forward(x.clone()).reshape([b, t, h, d]);

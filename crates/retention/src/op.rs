@@ -1,6 +1,6 @@
 //! The public functional op: validation, then dispatch to the backend's form.
 
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive, ops::FloatTensor};
 
 use crate::{
     RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
@@ -27,6 +27,18 @@ fn float<B: RetentionBackend, const N: usize>(
     t: burn::tensor::ops::FloatTensor<B>,
 ) -> Tensor<B, N> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn from_parts<B: RetentionBackend>(
+    (y, s, z): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+) -> (Tensor<B, 4>, RetentionState<B>) {
+    (
+        float(y),
+        RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        },
+    )
 }
 
 fn empty_output<B: RetentionBackend>(dims: &RetentionDims, q: &Tensor<B, 4>) -> Tensor<B, 4> {
@@ -148,7 +160,7 @@ pub fn power_retention_with_state<B: RetentionBackend>(
             s.key_sum.into_primitive().tensor(),
         )
     });
-    let (y, s, z) = B::retention_chunked(
+    Ok(from_parts(B::retention_chunked(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
@@ -156,14 +168,7 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         init,
         chunk,
         options,
-    );
-    Ok((
-        float(y),
-        RetentionState {
-            state: float(s),
-            key_sum: float(z),
-        },
-    ))
+    )))
 }
 
 /// One recurrent step: advances `state` by one token and returns that token's output. Costs
@@ -194,7 +199,7 @@ pub fn power_retention_step<B: RetentionBackend>(
     }
     state.check(&dims, options.degree)?;
     let g = log_g.map(|g| g.into_primitive().tensor());
-    let (y, s, z) = B::retention_step(
+    Ok(from_parts(B::retention_step(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
@@ -202,12 +207,5 @@ pub fn power_retention_step<B: RetentionBackend>(
         state.state.into_primitive().tensor(),
         state.key_sum.into_primitive().tensor(),
         options,
-    );
-    Ok((
-        float(y),
-        RetentionState {
-            state: float(s),
-            key_sum: float(z),
-        },
-    ))
+    )))
 }

@@ -194,3 +194,11 @@ pub fn check_state_shapes(
     }
     Ok(())
 }
+
+/// Checks that a layer input `[batch, seq, width]` has `width == d_model`.
+///
+/// # Errors
+/// [`RetentionError::Mismatch`] naming `x`.
+pub(crate) fn check_width(shape: [usize; 3], d_model: usize) -> Result<(), RetentionError> {
+    same("x", &shape, 2, "width", "d_model of the layer", d_model)
+}
