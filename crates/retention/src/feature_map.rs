@@ -130,13 +130,20 @@ impl SympowLayout {
     fn expand<B: Backend, const N: usize>(&self, x: Tensor<B, N>, weighted: bool) -> Tensor<B, N> {
         let device = x.device();
         let dim = self.dim();
+        let mut out_shape = x.dims();
+        out_shape[N - 1] = dim;
+        let mut idx_shape = [1; N];
+        idx_shape[N - 1] = dim;
         let mut out: Option<Tensor<B, N>> = None;
         for k in 0..self.degree {
+            // one gather per factor (faster than `select` on CPU backends)
             let idx = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(self.indices[k].clone(), [dim]),
                 &device,
-            );
-            let factor = x.clone().select(N - 1, idx);
+            )
+            .reshape(idx_shape)
+            .expand(out_shape);
+            let factor = x.clone().gather(N - 1, idx);
             out = Some(match out {
                 None => factor,
                 Some(acc) => acc * factor,

@@ -2,7 +2,7 @@
 
 use burn::tensor::{Bool, Tensor, backend::Backend};
 
-use super::{NEG_LARGE, compute_dtype, log_power};
+use super::{NEG_LARGE, ToDtype, compute_dtype, log_power};
 
 /// Power retention in its attention form: materialises the `[t, t]` score matrix per head.
 ///
@@ -35,13 +35,13 @@ pub fn attention_form<B: Backend>(
 
     // [b, t, h, r, d] -> [b, h, r*t, d]; GQA: query head j reads kv head j / r
     let q = q
-        .cast(dt)
+        .to_dtype(dt)
         .mul_scalar(scale)
         .reshape([b, t, h, r, d])
         .permute([0, 2, 3, 1, 4])
         .reshape([b, h, r * t, d]);
-    let k = k.cast(dt).permute([0, 2, 3, 1]); // [b, h, d, t]
-    let v = v.cast(dt).swap_dims(1, 2); // [b, h, t, e]
+    let k = k.to_dtype(dt).permute([0, 2, 3, 1]); // [b, h, d, t]
+    let v = v.to_dtype(dt).swap_dims(1, 2); // [b, h, t, e]
 
     let scores = q.matmul(k).reshape([b, h, r, t, t]);
     let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &device)
@@ -49,7 +49,7 @@ pub fn attention_form<B: Backend>(
         .expand([b, h, r, t, t]);
     let mut logits = log_power(scores, future, degree);
     if let Some(a) = log_g {
-        let g = a.cast(dt).swap_dims(1, 2).cumsum(2); // [b, h, t]
+        let g = a.to_dtype(dt).swap_dims(1, 2).cumsum(2); // [b, h, t]
         logits = logits + g.clone().reshape([b, h, 1, t, 1]) - g.reshape([b, h, 1, 1, t]);
     }
     // the stabiliser cancels analytically: no gradient through it
@@ -66,5 +66,5 @@ pub fn attention_form<B: Backend>(
         .reshape([b, h, r, t, e])
         .permute([0, 3, 1, 2, 4])
         .reshape([b, t, hq, e])
-        .cast(out_dtype)
+        .to_dtype(out_dtype)
 }

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
 
-use super::{NEG_LARGE, compute_dtype, gate_or_zeros, log_nonneg, log_power, pad_seq};
+use super::{NEG_LARGE, ToDtype, compute_dtype, gate_or_zeros, log_nonneg, log_power, pad_seq};
 use crate::feature_map::SympowLayout;
 
 /// Power retention in its chunked form, with an optional initial state; returns the output
@@ -49,14 +49,14 @@ pub fn chunked_form<B: Backend>(
     let big_d = layout.dim();
     let p = degree as f64;
 
-    let q = pad_seq(q.cast(dt).mul_scalar(scale), pad)
+    let q = pad_seq(q.to_dtype(dt).mul_scalar(scale), pad)
         .reshape([b, n * c, h, r, d])
         .permute([0, 2, 3, 1, 4])
         .reshape([b, h, r, n, c, d]);
-    let k = pad_seq(k.cast(dt), pad)
+    let k = pad_seq(k.to_dtype(dt), pad)
         .swap_dims(1, 2)
         .reshape([b, h, n, c, d]);
-    let v = pad_seq(v.cast(dt), pad)
+    let v = pad_seq(v.to_dtype(dt), pad)
         .swap_dims(1, 2)
         .reshape([b, h, n, c, e]);
     let a = pad_seq(gate_or_zeros(log_g, [b, t, h], dt, &device), pad)
@@ -96,9 +96,9 @@ pub fn chunked_form<B: Backend>(
     let mut z_in = decay.matmul(delta_z); // [b, h, n+1, D]
     if let Some((s0, z0)) = initial {
         let carry = prev.exp(); // e^{C_{u-1}}: the initial state's decay on entering chunk u
-        s_in =
-            s_in + s0.cast(dt).unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
-        z_in = z_in + z0.cast(dt).unsqueeze_dim::<4>(2) * carry.reshape([b, h, n + 1, 1]);
+        s_in = s_in
+            + s0.to_dtype(dt).unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
+        z_in = z_in + z0.to_dtype(dt).unsqueeze_dim::<4>(2) * carry.reshape([b, h, n + 1, 1]);
     }
     let final_state = s_in.clone().narrow(2, n, 1).reshape([b, h, big_d, e]);
     let final_key_sum = z_in.clone().narrow(2, n, 1).reshape([b, h, big_d]);
@@ -151,6 +151,6 @@ pub fn chunked_form<B: Backend>(
         .permute([0, 2, 4, 1, 3, 5]) // [b, n, c, h, r, e]
         .reshape([b, n * c, hq, e])
         .narrow(1, 0, t)
-        .cast(out_dtype);
+        .to_dtype(out_dtype);
     (y, final_state, final_key_sum)
 }

@@ -49,6 +49,23 @@ pub(crate) fn log_nonneg<B: Backend, const N: usize>(x: Tensor<B, N>) -> Tensor<
         .mask_fill(empty, f64::NEG_INFINITY)
 }
 
+/// Casting that skips the no-op case (a same-dtype `cast` copies the whole tensor on some
+/// backends).
+pub(crate) trait ToDtype {
+    /// `self` in `dtype`.
+    fn to_dtype(self, dtype: DType) -> Self;
+}
+
+impl<B: Backend, const N: usize> ToDtype for Tensor<B, N> {
+    fn to_dtype(self, dtype: DType) -> Self {
+        if self.dtype() == dtype {
+            self
+        } else {
+            self.cast(dtype)
+        }
+    }
+}
+
 /// The dtype the reference computes in for inputs of dtype `dtype`.
 pub fn compute_dtype(dtype: DType) -> DType {
     match dtype {
@@ -76,7 +93,7 @@ pub(crate) fn gate_or_zeros<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 3> {
     match log_g {
-        Some(a) => a.cast(dtype),
+        Some(a) => a.to_dtype(dtype),
         None => Tensor::zeros(shape, (device, dtype)),
     }
 }

@@ -2,7 +2,7 @@
 
 use burn::tensor::{DType, Tensor, backend::Backend};
 
-use super::compute_dtype;
+use super::{ToDtype, compute_dtype};
 use crate::feature_map::SympowLayout;
 
 /// Advances the state by one token and reads it with the query:
@@ -38,18 +38,18 @@ pub fn step<B: Backend>(
     let layout = SympowLayout::cached(d, degree);
     let big_d = layout.dim();
 
-    let k = k.cast(dt);
-    let v = v.cast(dt).reshape([b, h, 1, e]);
-    let (mut state, mut key_sum) = (state.cast(dt), key_sum.cast(dt));
+    let k = k.to_dtype(dt);
+    let v = v.to_dtype(dt).reshape([b, h, 1, e]);
+    let (mut state, mut key_sum) = (state.to_dtype(dt), key_sum.to_dtype(dt));
     if let Some(a) = log_g {
-        let g = a.cast(dt).reshape([b, h]).exp();
+        let g = a.to_dtype(dt).reshape([b, h]).exp();
         state = state * g.clone().reshape([b, h, 1, 1]);
         key_sum = key_sum * g.reshape([b, h, 1]);
     }
     // Read before write: the state before this token goes through φ, the token itself through
     // its exact score (σ q·k)^p, which avoids φ's cancellation when q ⟂ k and the gate has
     // erased the past.
-    let q = q.cast(dt).mul_scalar(scale).reshape([b, h, r, d]);
+    let q = q.to_dtype(dt).mul_scalar(scale).reshape([b, h, r, d]);
     let phi_q = layout.expand_query(q.clone());
     let num_past = phi_q.clone().matmul(state.clone()); // [b, h, r, e]
     let den_past = phi_q
@@ -63,7 +63,7 @@ pub fn step<B: Backend>(
     let y = (num / den.mask_fill(empty.clone(), 1.0)).mask_fill(empty.expand([b, h, r, e]), 0.0);
 
     let phi_k = layout.expand_key(k.reshape([b, h, d])); // [b, h, D]
-    let state = state + phi_k.clone().reshape([b, h, big_d, 1]).matmul(v); // outer product
+    let state = state + phi_k.clone().reshape([b, h, big_d, 1]) * v;
     let key_sum = key_sum + phi_k;
-    (y.reshape([b, 1, hq, e]).cast(out_dtype), state, key_sum)
+    (y.reshape([b, 1, hq, e]).to_dtype(out_dtype), state, key_sum)
 }
