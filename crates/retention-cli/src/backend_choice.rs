@@ -37,66 +37,54 @@ macro_rules! with_backend {
     ($choice:expr, |$B:ident, $dev:ident| $body:expr) => {{
         use $crate::BackendChoice as __C;
         match $choice {
-            __C::Ndarray => {
-                #[cfg(feature = "ndarray")]
-                {
-                    type $B = burn::backend::NdArray;
-                    let $dev = <burn::backend::ndarray::NdArrayDevice as Default>::default();
-                    $body
-                }
-                #[cfg(not(feature = "ndarray"))]
-                {
-                    Err($crate::CliError::BackendMissing("ndarray".into()))
-                }
-            }
-            __C::Wgpu => {
-                #[cfg(feature = "wgpu")]
-                {
-                    type $B = burn::backend::Wgpu;
-                    let $dev = <burn::backend::wgpu::WgpuDevice as Default>::default();
-                    $body
-                }
-                #[cfg(not(feature = "wgpu"))]
-                {
-                    Err($crate::CliError::BackendMissing("wgpu".into()))
-                }
-            }
-            __C::Cuda => {
-                #[cfg(feature = "cuda")]
-                {
-                    type $B = burn::backend::Cuda;
-                    let $dev = <burn::backend::cuda::CudaDevice as Default>::default();
-                    $body
-                }
-                #[cfg(not(feature = "cuda"))]
-                {
-                    Err($crate::CliError::BackendMissing("cuda".into()))
-                }
-            }
-            __C::Rocm => {
-                #[cfg(feature = "rocm")]
-                {
-                    type $B = burn::backend::Rocm;
-                    let $dev = <burn::backend::rocm::RocmDevice as Default>::default();
-                    $body
-                }
-                #[cfg(not(feature = "rocm"))]
-                {
-                    Err($crate::CliError::BackendMissing("rocm".into()))
-                }
-            }
-            __C::Tch => {
-                #[cfg(feature = "tch")]
-                {
-                    type $B = burn::backend::LibTorch;
-                    let $dev = <burn::backend::libtorch::LibTorchDevice as Default>::default();
-                    $body
-                }
-                #[cfg(not(feature = "tch"))]
-                {
-                    Err($crate::CliError::BackendMissing("tch".into()))
-                }
-            }
+            __C::Ndarray => $crate::__backend_arm!(
+                "ndarray",
+                burn::backend::NdArray,
+                burn::backend::ndarray::NdArrayDevice,
+                |$B, $dev| $body
+            ),
+            __C::Wgpu => $crate::__backend_arm!(
+                "wgpu",
+                burn::backend::Wgpu,
+                burn::backend::wgpu::WgpuDevice,
+                |$B, $dev| $body
+            ),
+            __C::Cuda => $crate::__backend_arm!(
+                "cuda",
+                burn::backend::Cuda,
+                burn::backend::cuda::CudaDevice,
+                |$B, $dev| $body
+            ),
+            __C::Rocm => $crate::__backend_arm!(
+                "rocm",
+                burn::backend::Rocm,
+                burn::backend::rocm::RocmDevice,
+                |$B, $dev| $body
+            ),
+            __C::Tch => $crate::__backend_arm!(
+                "tch",
+                burn::backend::LibTorch,
+                burn::backend::libtorch::LibTorchDevice,
+                |$B, $dev| $body
+            ),
+        }
+    }};
+}
+
+/// One arm of [`with_backend!`]: the body when `$feature` is compiled in, else an error.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __backend_arm {
+    ($feature:literal, $backend:ty, $device:ty, |$B:ident, $dev:ident| $body:expr) => {{
+        #[cfg(feature = $feature)]
+        {
+            type $B = $backend;
+            let $dev = <$device as Default>::default();
+            $body
+        }
+        #[cfg(not(feature = $feature))]
+        {
+            Err($crate::CliError::BackendMissing($feature.into()))
         }
     }};
 }

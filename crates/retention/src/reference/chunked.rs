@@ -3,7 +3,9 @@
 
 use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
 
-use super::{NEG_LARGE, ToDtype, compute_dtype, gate_or_zeros, log_nonneg, log_power, pad_seq};
+use super::{
+    NEG_LARGE, ToDtype, compute_dtype, gate_or_zeros, log_nonneg, log_power, normalise, pad_seq,
+};
 use crate::feature_map::SympowLayout;
 
 /// Power retention in its chunked form, with an optional initial state; returns the output
@@ -127,9 +129,7 @@ pub fn chunked_form<B: Backend>(
         - a_in.reshape([b, h, n, 1, 1, c]);
 
     // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
-    let empty = l_state.clone().lower_equal_elem(0.0);
-    let y_state = (y_state / l_state.clone().mask_fill(empty.clone(), 1.0))
-        .mask_fill(empty.expand([b, h, n, r, c, e]), 0.0);
+    let y_state = normalise(y_state, l_state.clone());
     let log_l_state = log_nonneg(l_state);
     // the stabiliser cancels analytically: no gradient through it
     let row_max = logits

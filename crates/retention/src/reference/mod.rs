@@ -49,6 +49,17 @@ pub(crate) fn log_nonneg<B: Backend, const N: usize>(x: Tensor<B, N>) -> Tensor<
         .mask_fill(empty, f64::NEG_INFINITY)
 }
 
+/// `num / den` over the last axis, with 0 where `den ≤ 0` (no positive weight) instead of
+/// `0/0`. `den` has size 1 in the last axis and broadcasts over `num`'s.
+pub(crate) fn normalise<B: Backend, const N: usize>(
+    num: Tensor<B, N>,
+    den: Tensor<B, N>,
+) -> Tensor<B, N> {
+    let empty = den.clone().lower_equal_elem(0.0);
+    let shape = num.dims();
+    (num / den.mask_fill(empty.clone(), 1.0)).mask_fill(empty.expand(shape), 0.0)
+}
+
 /// Casting that skips the no-op case (a same-dtype `cast` copies the whole tensor on some
 /// backends).
 pub(crate) trait ToDtype {

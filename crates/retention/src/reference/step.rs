@@ -2,7 +2,7 @@
 
 use burn::tensor::{DType, Tensor, backend::Backend};
 
-use super::{ToDtype, compute_dtype};
+use super::{ToDtype, compute_dtype, normalise};
 use crate::feature_map::SympowLayout;
 
 /// Advances the state by one token and reads it with the query:
@@ -59,8 +59,7 @@ pub fn step<B: Backend>(
     let w_now = (q * k.clone()).sum_dim(3).powi_scalar(degree as i32); // [b, h, r, 1]
     let num = num_past + w_now.clone() * v.clone();
     let den = den_past + w_now;
-    let empty = den.clone().lower_equal_elem(0.0);
-    let y = (num / den.mask_fill(empty.clone(), 1.0)).mask_fill(empty.expand([b, h, r, e]), 0.0);
+    let y = normalise(num, den);
 
     let phi_k = layout.expand_key(k.reshape([b, h, d])); // [b, h, D]
     let state = state + phi_k.clone().reshape([b, h, big_d, 1]) * v;
