@@ -3,11 +3,25 @@
 //! CubeCL kernels for power retention, written once and compiled for CUDA, ROCm/HIP and wgpu.
 //! Generic over `cubecl::Runtime`; no Burn types here (the `retention` crate adapts them).
 //!
-//! Planned kernels (each with a CPU reference and a register-tile fallback where `cmma` is
-//! unavailable, e.g. lavapipe): chunk state update with φ built on chip, discounted
-//! cumulative sum across chunks, fused query-state + intra-chunk attention + normalisation,
-//! attention form, and a batched decode step. Until they land, every backend runs the
-//! plain-tensor reference in `retention::reference`.
+//! Degree `p = 2`, exact feature layout (`D = d(d+1)/2`, see [`feature_pairs`]); inputs in
+//! f32/f16/bf16 (chosen at launch), accumulation and states in `f32`:
+//! - [`chunk_state`]: per-chunk `ΔS = φ_K(K̃)ᵀV`, `Δz`, with φ formed on chip;
+//! - [`discumsum`]: the discounted scan of chunk states across chunks;
+//! - [`chunk_output`]: query-state product + intra-chunk attention + normalisation, fused; with
+//!   no state it is the attention form (any even `p`);
+//! - [`decode`]: one recurrent step for a batch of sequences.
+//!
+//! The products run on the cores' FMA units with register tiles (every runtime, lavapipe
+//! included); a tensor-core (`cmma`) path is not implemented yet.
 #![warn(missing_docs)]
 
+pub mod chunk_output;
+pub mod chunk_state;
+pub mod config;
+pub mod decode;
+pub mod discumsum;
+#[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
+pub mod feature_pairs;
+
+pub use config::{DecodeTiles, OutputTiles, StateTiles, shared_memory_budget};
 pub use cubecl;

@@ -26,18 +26,7 @@ pub trait RetentionBackend: Backend {
         log_g: Option<FloatTensor<Self>>,
         options: &RetentionOptions,
     ) -> FloatTensor<Self> {
-        let q = float::<Self, 4>(q);
-        let scale = options.scale_for(q.dims()[3]);
-        reference::attention_form(
-            q,
-            float(k),
-            float(v),
-            log_g.map(float),
-            options.degree,
-            scale,
-        )
-        .into_primitive()
-        .tensor()
+        reference_attention::<Self>(q, k, v, log_g, options)
     }
 
     /// Chunked (linear) form with chunk length `chunk_size`, optional initial
@@ -51,19 +40,7 @@ pub trait RetentionBackend: Backend {
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let q = float::<Self, 4>(q);
-        let scale = options.scale_for(q.dims()[3]);
-        let (y, s, z) = reference::chunked_form(
-            q,
-            float(k),
-            float(v),
-            log_g.map(float),
-            initial.map(|(s, z)| (float(s), float(z))),
-            chunk_size,
-            options.degree,
-            scale,
-        );
-        (prim(y), prim(s), prim(z))
+        reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options)
     }
 
     /// One recurrent step (`t = 1`) from `(state, key_sum)`; returns `(output, state, key_sum)`.
@@ -76,27 +53,87 @@ pub trait RetentionBackend: Backend {
         key_sum: FloatTensor<Self>,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let q = float::<Self, 4>(q);
-        let scale = options.scale_for(q.dims()[3]);
-        let (y, s, z) = reference::step(
-            q,
-            float(k),
-            float(v),
-            log_g.map(float),
-            float(state),
-            float(key_sum),
-            options.degree,
-            scale,
-        );
-        (prim(y), prim(s), prim(z))
+        reference_step::<Self>(q, k, v, log_g, state, key_sum, options)
     }
 }
 
-fn float<B: Backend, const N: usize>(t: FloatTensor<B>) -> Tensor<B, N> {
+/// The plain-tensor attention form on primitives (the trait's default body).
+pub(crate) fn reference_attention<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    options: &RetentionOptions,
+) -> FloatTensor<B> {
+    let q = float::<B, 4>(q);
+    let scale = options.scale_for(q.dims()[3]);
+    reference::attention_form(
+        q,
+        float(k),
+        float(v),
+        log_g.map(float),
+        options.degree,
+        scale,
+    )
+    .into_primitive()
+    .tensor()
+}
+
+/// The plain-tensor chunked form on primitives (the trait's default body).
+pub(crate) fn reference_chunked<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    initial: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let q = float::<B, 4>(q);
+    let scale = options.scale_for(q.dims()[3]);
+    let (y, s, z) = reference::chunked_form(
+        q,
+        float(k),
+        float(v),
+        log_g.map(float),
+        initial.map(|(s, z)| (float(s), float(z))),
+        chunk_size,
+        options.degree,
+        scale,
+    );
+    (prim(y), prim(s), prim(z))
+}
+
+/// The plain-tensor recurrent step on primitives (the trait's default body).
+pub(crate) fn reference_step<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    state: FloatTensor<B>,
+    key_sum: FloatTensor<B>,
+    options: &RetentionOptions,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let q = float::<B, 4>(q);
+    let scale = options.scale_for(q.dims()[3]);
+    let (y, s, z) = reference::step(
+        q,
+        float(k),
+        float(v),
+        log_g.map(float),
+        float(state),
+        float(key_sum),
+        options.degree,
+        scale,
+    );
+    (prim(y), prim(s), prim(z))
+}
+
+pub(crate) fn float<B: Backend, const N: usize>(t: FloatTensor<B>) -> Tensor<B, N> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn prim<B: Backend, const N: usize>(t: Tensor<B, N>) -> FloatTensor<B> {
+pub(crate) fn prim<B: Backend, const N: usize>(t: Tensor<B, N>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
@@ -117,22 +154,3 @@ mod ndarray_impl {
 
 #[cfg(feature = "tch")]
 impl<E: burn::backend::libtorch::TchElement> RetentionBackend for burn::backend::LibTorch<E> {}
-
-/// Gradients flow through the default (reference) bodies on the inner backend's tensors.
-impl<B: RetentionBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
-    RetentionBackend for burn::backend::Autodiff<B, C>
-{
-}
-
-#[cfg(feature = "cube")]
-mod cube_impl {
-    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use burn_fusion::{Fusion, FusionBackend};
-
-    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> super::RetentionBackend
-        for CubeBackend<R, F, I, BT>
-    {
-    }
-
-    impl<B: FusionBackend> super::RetentionBackend for Fusion<B> {}
-}

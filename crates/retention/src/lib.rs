@@ -16,9 +16,14 @@
 //! with φ the symmetric power feature map ([`SympowLayout`]).
 #![warn(missing_docs)]
 
+mod autodiff_backend;
 mod backend;
+#[cfg(feature = "cube")]
+mod cube_backend;
 mod error;
 mod feature_map;
+#[cfg(feature = "cube")]
+mod fusion_backend;
 mod mixer;
 mod module;
 mod op;
@@ -26,6 +31,7 @@ mod options;
 pub mod reference;
 mod shapes;
 mod state;
+pub mod validation;
 
 pub use backend::RetentionBackend;
 pub use error::RetentionError;

@@ -1,0 +1,307 @@
+//! `CubeBackend<R>` (CUDA, ROCm/HIP, wgpu): the forms run on the CubeCL kernels of
+//! `retention-kernels`; what the kernels do not cover falls back to the reference:
+//! f64 inputs, a degree other than 2 in the chunked form and the step (the attention-form
+//! kernel takes any even degree).
+
+use burn::tensor::{DType, Shape, Tensor, ops::FloatTensor};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
+    ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
+};
+use retention_kernels::{
+    DecodeTiles, OutputTiles, StateTiles,
+    chunk_output::{OutputArgs, OutputDims, launch_output},
+    chunk_state::{StateArgs, StateDims, launch_chunk_state},
+    cubecl::prelude::ArrayArg,
+    decode::{DecodeArgs, DecodeDims, launch_decode},
+    discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    shared_memory_budget,
+};
+
+use crate::RetentionOptions;
+use crate::backend::{
+    RetentionBackend, float, prim, reference_attention, reference_chunked, reference_step,
+};
+use crate::feature_map::expanded_dim;
+use crate::reference::{ToDtype, pad_seq};
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// Whether the kernels take inputs of this dtype.
+fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
+    t.into_array_arg()
+}
+
+fn budget<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
+    shared_memory_budget(t.client.properties().hardware.max_shared_memory_size)
+}
+
+fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape.to_vec()),
+        DType::F32,
+    )
+}
+
+/// `log_g [b, t, h]` → cumulative log-gates inside chunks of `chunk`, `f32 [b, h, n·chunk]`,
+/// zero-padded past `t` (padding neither adds nor decays).
+fn chunk_gates<R, F, I, BT>(log_g: CubeTensor<R>, chunk: usize, n_chunks: usize) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let g = float::<Cube<R, F, I, BT>, 3>(log_g);
+    let [b, t, h] = g.dims();
+    let g = g.to_dtype(DType::F32).swap_dims(1, 2); // [b, h, t]
+    let g = pad_seq(g.swap_dims(1, 2), n_chunks * chunk - t).swap_dims(1, 2);
+    let g: Tensor<Cube<R, F, I, BT>, 3> =
+        g.reshape([b * h, n_chunks, chunk])
+            .cumsum(2)
+            .reshape([b, h, n_chunks * chunk]);
+    into_contiguous(prim(g))
+}
+
+fn to_f32_contiguous<R, F, I, BT, const N: usize>(t: CubeTensor<R>) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    if t.dtype == DType::F32 {
+        return into_contiguous(t);
+    }
+    into_contiguous(prim(float::<Cube<R, F, I, BT>, N>(t).to_dtype(DType::F32)))
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionBackend
+    for CubeBackend<R, F, I, BT>
+{
+    fn retention_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        if !kernel_dtype(q.dtype) {
+            return reference_attention::<Self>(q, k, v, log_g, options);
+        }
+        let [b, t, hq, d] = dims4(&q);
+        let [_, _, h, e] = dims4(&v);
+        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
+        let tiles = OutputTiles::select(d, e, options.degree, false, false, budget(&q));
+        let dtype = q.dtype;
+        let out = empty_device_contiguous_dtype(
+            q.client.clone(),
+            q.device.clone(),
+            Shape::from(vec![b, t, hq, e]),
+            dtype,
+        );
+        let client = q.client.clone();
+        let dims = OutputDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: h,
+            chunk: t,
+            n_chunks: 1,
+            expanded_dim: 0,
+            scale: options.scale_for(d) as f32,
+        };
+        let args = OutputArgs {
+            q: arg(into_contiguous(q)),
+            k: arg(into_contiguous(k)),
+            v: arg(into_contiguous(v)),
+            gates: gates.map(arg),
+            states: None,
+            out: arg(out.clone()),
+        };
+        // SAFETY: buffers are contiguous with the documented shapes and dtype.
+        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
+        out
+    }
+
+    fn retention_chunked(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let initial_ok = initial
+            .as_ref()
+            .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
+        if options.degree != 2 || !kernel_dtype(q.dtype) || !initial_ok {
+            return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
+        }
+        let [b, t, hq, d] = dims4(&q);
+        let [_, _, h, e] = dims4(&v);
+        let c = chunk_size;
+        let n = t.div_ceil(c);
+        let big_d = expanded_dim(d, 2);
+        let dtype = q.dtype;
+        let client = q.client.clone();
+        let smem = budget(&q);
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+
+        // 1. chunk contributions
+        let states = empty_f32(&q, &[b, h, n, big_d, e]);
+        let sums = empty_f32(&q, &[b, h, n, big_d]);
+        let state_dims = StateDims {
+            batch: b,
+            seq: t,
+            kv_heads: h,
+            chunk: c,
+            n_chunks: n,
+            expanded_dim: big_d,
+        };
+        let state_args = StateArgs {
+            k: arg(k.clone()),
+            v: arg(v.clone()),
+            gates: gates.clone().map(arg),
+            states: arg(states.clone()),
+            sums: arg(sums.clone()),
+        };
+        let state_tiles = StateTiles::select(d, e, false, smem);
+        // SAFETY: buffers are contiguous with the documented shapes and dtype.
+        unsafe { launch_chunk_state(&client, dtype.into(), state_dims, state_tiles, state_args) };
+
+        // 2. states entering each chunk, and the final state
+        let final_state = empty_f32(&q, &[b, h, big_d, e]);
+        let final_sum = empty_f32(&q, &[b, h, big_d]);
+        let (s0, z0) = match initial {
+            Some((s, z)) => (
+                Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
+                Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
+            ),
+            None => (None, None),
+        };
+        for (chunks, init, last, width) in [
+            (&states, s0, &final_state, big_d * e),
+            (&sums, z0, &final_sum, big_d),
+        ] {
+            let dims = ScanDims {
+                sequences: b * h,
+                width,
+                n_chunks: n,
+                chunk: c,
+            };
+            let args = ScanArgs {
+                chunks: arg(chunks.clone()),
+                initial: init.map(arg),
+                gates: gates.clone().map(arg),
+                last: arg(last.clone()),
+            };
+            // SAFETY: buffers are contiguous f32 with the documented shapes.
+            unsafe { launch_discumsum(&client, dims, args) };
+        }
+
+        // 3. outputs
+        let out = empty_device_contiguous_dtype(
+            client.clone(),
+            q.device.clone(),
+            Shape::from(vec![b, t, hq, e]),
+            dtype,
+        );
+        let dims = OutputDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: h,
+            chunk: c,
+            n_chunks: n,
+            expanded_dim: big_d,
+            scale: options.scale_for(d) as f32,
+        };
+        let tiles = OutputTiles::select(d, e, 2, false, true, smem);
+        let args = OutputArgs {
+            q: arg(q),
+            k: arg(k),
+            v: arg(v),
+            gates: gates.map(arg),
+            states: Some((arg(states), arg(sums))),
+            out: arg(out.clone()),
+        };
+        // SAFETY: buffers are contiguous with the documented shapes and dtype.
+        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
+        (out, final_state, final_sum)
+    }
+
+    fn retention_step(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let state_ok = state.dtype != DType::F64 && key_sum.dtype != DType::F64;
+        if options.degree != 2 || !kernel_dtype(q.dtype) || !state_ok {
+            return reference_step::<Self>(q, k, v, log_g, state, key_sum, options);
+        }
+        let [b, _, hq, d] = dims4(&q);
+        let [_, _, h, e] = dims4(&v);
+        let big_d = expanded_dim(d, 2);
+        let dtype = q.dtype;
+        let client = q.client.clone();
+        let log_g = log_g.map(to_f32_contiguous::<R, F, I, BT, 3>);
+        let state = to_f32_contiguous::<R, F, I, BT, 4>(state);
+        let key_sum = to_f32_contiguous::<R, F, I, BT, 3>(key_sum);
+        let out = empty_device_contiguous_dtype(
+            client.clone(),
+            q.device.clone(),
+            Shape::from(vec![b, 1, hq, e]),
+            dtype,
+        );
+        let new_state = empty_f32(&q, &[b, h, big_d, e]);
+        let new_sum = empty_f32(&q, &[b, h, big_d]);
+        let tiles = DecodeTiles {
+            block_e: 32,
+            rows: 8,
+            head_dim: d as u32,
+            value_dim: e as u32,
+            ratio: (hq / h) as u32,
+            degree: 2,
+            gated: log_g.is_some(),
+        };
+        let dims = DecodeDims {
+            batch: b,
+            q_heads: hq,
+            kv_heads: h,
+            expanded_dim: big_d,
+            scale: options.scale_for(d) as f32,
+        };
+        let args = DecodeArgs {
+            q: arg(into_contiguous(q)),
+            k: arg(into_contiguous(k)),
+            v: arg(into_contiguous(v)),
+            log_g: log_g.map(arg),
+            state: arg(state),
+            key_sum: arg(key_sum),
+            out: arg(out.clone()),
+            new_state: arg(new_state.clone()),
+            new_key_sum: arg(new_sum.clone()),
+        };
+        // SAFETY: buffers are contiguous with the documented shapes and dtype.
+        unsafe { launch_decode(&client, dtype.into(), dims, tiles, args) };
+        (out, new_state, new_sum)
+    }
+}
+
+fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
+    let s = t.meta.shape();
+    [s[0], s[1], s[2], s[3]]
+}

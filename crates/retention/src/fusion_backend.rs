@@ -1,0 +1,214 @@
+//! `Fusion<B>`: each form is one opaque operation in the fusion stream that runs the inner
+//! backend's form (the kernels, for `Fusion<CubeBackend>`); the ops around it still fuse.
+
+use std::marker::PhantomData;
+
+use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn::tensor::{DType, Shape, ops::FloatTensor};
+use burn_fusion::{
+    Fusion, FusionBackend, FusionRuntime, FusionTensor,
+    stream::{Operation, OperationStreams},
+};
+
+use crate::RetentionOptions;
+use crate::backend::RetentionBackend;
+use crate::feature_map::expanded_dim;
+use crate::reference::compute_dtype;
+
+/// Which form an operation runs, with what it needs besides its tensors.
+#[derive(Debug, Clone)]
+enum Form {
+    Attention,
+    Chunked { chunk: usize, initial: bool },
+    Step,
+}
+
+#[derive(Debug, Clone)]
+struct RetentionOp<B> {
+    desc: CustomOpIr,
+    form: Form,
+    gated: bool,
+    options: RetentionOptions,
+    _backend: PhantomData<B>,
+}
+
+type Handles<B> =
+    HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+
+impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for RetentionOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let mut inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<B>(t))
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut next = || inputs.next().expect("input count fixed at registration");
+        let (q, k, v) = (next(), next(), next());
+        let log_g = self.gated.then(&mut next);
+        let outputs: Vec<FloatTensor<B>> = match self.form {
+            Form::Attention => vec![B::retention_attention(q, k, v, log_g, &self.options)],
+            Form::Chunked { chunk, initial } => {
+                let initial = initial.then(|| (next(), next()));
+                let (y, s, z) = B::retention_chunked(q, k, v, log_g, initial, chunk, &self.options);
+                vec![y, s, z]
+            }
+            Form::Step => {
+                let (s, z) = (next(), next());
+                let (y, s, z) = B::retention_step(q, k, v, log_g, s, z, &self.options);
+                vec![y, s, z]
+            }
+        };
+        for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
+            handles.register_float_tensor::<B>(&ir.id, tensor);
+        }
+    }
+}
+
+/// Registers one form as a custom operation and returns its outputs.
+fn register<B: FusionBackend + RetentionBackend>(
+    name: &'static str,
+    form: Form,
+    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    gated: bool,
+    outputs: Vec<(Shape, DType)>,
+    options: &RetentionOptions,
+) -> Vec<FusionTensor<B::FusionRuntime>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs: Vec<TensorIr> = outputs
+        .into_iter()
+        .map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype))
+        .collect();
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    let op = RetentionOp::<B> {
+        desc: desc.clone(),
+        form,
+        gated,
+        options: options.clone(),
+        _backend: PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op)
+}
+
+/// Output shapes and dtypes of the stateful forms: `y` in q's dtype, states as the reference
+/// and the kernels return them (`f32` for half inputs, else the input dtype).
+fn stateful_outputs(
+    q: &FusionTensor<impl FusionRuntime>,
+    v: &FusionTensor<impl FusionRuntime>,
+    degree: usize,
+    state_dtype: DType,
+) -> Vec<(Shape, DType)> {
+    let (b, t, hq, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (h, e) = (v.shape[2], v.shape[3]);
+    let big_d = expanded_dim(d, degree);
+    vec![
+        (Shape::from(vec![b, t, hq, e]), q.dtype),
+        (Shape::from(vec![b, h, big_d, e]), state_dtype),
+        (Shape::from(vec![b, h, big_d]), state_dtype),
+    ]
+}
+
+impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
+    fn retention_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        let (b, t, hq) = (q.shape[0], q.shape[1], q.shape[2]);
+        let out = (Shape::from(vec![b, t, hq, v.shape[3]]), q.dtype);
+        let gated = log_g.is_some();
+        let inputs = [Some(q), Some(k), Some(v), log_g]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut outs = register::<B>(
+            "power_retention_attention",
+            Form::Attention,
+            inputs,
+            gated,
+            vec![out],
+            options,
+        );
+        outs.remove(0)
+    }
+
+    fn retention_chunked(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let state_dtype = match &initial {
+            Some((s, _)) if s.dtype == DType::F64 => DType::F64,
+            _ => compute_dtype(q.dtype),
+        };
+        let outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
+        let gated = log_g.is_some();
+        let has_initial = initial.is_some();
+        let (s0, z0) = initial.unzip();
+        let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+            .into_iter()
+            .flatten()
+            .collect();
+        let form = Form::Chunked {
+            chunk: chunk_size,
+            initial: has_initial,
+        };
+        let outs = register::<B>(
+            "power_retention_chunked",
+            form,
+            inputs,
+            gated,
+            outputs,
+            options,
+        );
+        three(outs)
+    }
+
+    fn retention_step(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let state_dtype = if state.dtype == DType::F64 {
+            DType::F64
+        } else {
+            compute_dtype(q.dtype)
+        };
+        let outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
+        let gated = log_g.is_some();
+        let inputs = [Some(q), Some(k), Some(v), log_g, Some(state), Some(key_sum)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let outs = register::<B>(
+            "power_retention_step",
+            Form::Step,
+            inputs,
+            gated,
+            outputs,
+            options,
+        );
+        three(outs)
+    }
+}
+
+fn three<T>(v: Vec<T>) -> (T, T, T) {
+    let mut it = v.into_iter();
+    match (it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => unreachable!("three outputs were registered"),
+    }
+}
