@@ -9,7 +9,8 @@
 
 use cubecl::prelude::*;
 
-use crate::config::OutputTiles;
+use crate::chunk_output_mma::chunk_output_mma_kernel;
+use crate::config::{OutputTiles, Strategy, mma_supported, shared_memory_budget};
 use crate::feature_pairs::{feature_row, row_offset};
 
 /// Scalar sizes of an output launch.
@@ -31,6 +32,12 @@ pub struct OutputDims {
     pub expanded_dim: usize,
     /// `σ`.
     pub scale: f32,
+    /// `d`.
+    pub head_dim: usize,
+    /// `e`.
+    pub value_dim: usize,
+    /// `p` (2 with a state; any even degree for the attention form).
+    pub degree: usize,
 }
 
 /// Buffers of an output launch (flat, contiguous, row-major).
@@ -50,31 +57,72 @@ pub struct OutputArgs<R: Runtime> {
     pub out: ArrayArg<R>,
 }
 
-/// Launches the output kernel.
+/// Launches the output kernel: the tensor-core variant for f16/bf16 where `strategy` and the
+/// runtime allow it (`d % 16 == 0`, `e % 32 == 0`), else the FMA variant.
 ///
 /// # Safety
-/// The buffers must have the sizes documented on [`OutputArgs`] for `dims` and `tiles`, and
-/// `dtype` must be the element type of `q`, `k`, `v` and `out`. `tiles.gated` and
-/// `tiles.with_state` are set from `args`.
+/// The buffers must have the sizes documented on [`OutputArgs`] for `dims`, and `dtype` must
+/// be the element type of `q`, `k`, `v` and `out`.
 pub unsafe fn launch_output<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: StorageType,
     dims: OutputDims,
-    mut tiles: OutputTiles,
+    strategy: Strategy,
     args: OutputArgs<R>,
 ) {
-    tiles.gated = args.gates.is_some();
-    tiles.with_state = args.states.is_some();
+    let gated = args.gates.is_some();
+    let with_state = args.states.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     let gates = args.gates.unwrap_or_else(dummy);
     let (states, sums) = args.states.unwrap_or_else(|| (dummy(), dummy()));
     let ratio = dims.q_heads / dims.kv_heads;
+    let (d, e) = (dims.head_dim, dims.value_dim);
+    let use_mma =
+        strategy != Strategy::Fma && d % 16 == 0 && e % 32 == 0 && mma_supported(client, dtype);
+    let budget = shared_memory_budget(client.properties().hardware.max_shared_memory_size);
+    let mut tiles = OutputTiles::select(d, e, dims.degree, gated, with_state, budget);
+    if use_mma {
+        tiles.block_q = 64;
+        tiles.block_k = 64;
+    }
     let q_blocks = dims.chunk.div_ceil(tiles.block_q as usize);
     let count = CubeCount::Static(
         (q_blocks * ratio) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
+    if use_mma {
+        let inv_gamma = if with_state {
+            1.0 / (dims.expanded_dim as f32).sqrt()
+        } else {
+            1.0
+        };
+        unsafe {
+            chunk_output_mma_kernel::launch_unchecked::<R>(
+                client,
+                count,
+                CubeDim::new_2d(32, 8),
+                args.q,
+                args.k,
+                args.v,
+                gates,
+                states,
+                sums,
+                args.out,
+                dims.seq as u32,
+                dims.q_heads as u32,
+                dims.kv_heads as u32,
+                dims.chunk as u32,
+                dims.n_chunks as u32,
+                dims.expanded_dim as u32,
+                dims.scale,
+                inv_gamma,
+                tiles,
+                dtype,
+            )
+        }
+        return;
+    }
     unsafe {
         chunk_output_kernel::launch_unchecked::<R>(
             client,

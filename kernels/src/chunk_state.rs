@@ -7,7 +7,8 @@
 
 use cubecl::prelude::*;
 
-use crate::config::StateTiles;
+use crate::chunk_state_mma::chunk_state_mma_kernel;
+use crate::config::{StateTiles, Strategy, mma_supported, shared_memory_budget};
 use crate::feature_pairs::{feature_row, row_offset};
 
 /// Scalar sizes of a chunk-state launch.
@@ -25,6 +26,10 @@ pub struct StateDims {
     pub n_chunks: usize,
     /// `D = d(d+1)/2`.
     pub expanded_dim: usize,
+    /// `d`.
+    pub head_dim: usize,
+    /// `e`.
+    pub value_dim: usize,
 }
 
 /// Buffers of a chunk-state launch.
@@ -41,7 +46,8 @@ pub struct StateArgs<R: Runtime> {
     pub sums: ArrayArg<R>,
 }
 
-/// Launches the chunk-state kernel.
+/// Launches the chunk-state kernel: the tensor-core variant for f16/bf16 where `strategy` and
+/// the runtime allow it (`d % 16 == 0`, `e % 32 == 0`), else the FMA variant.
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`StateArgs`], and `dtype` must be the
@@ -50,18 +56,45 @@ pub unsafe fn launch_chunk_state<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: StorageType,
     dims: StateDims,
-    mut tiles: StateTiles,
+    strategy: Strategy,
     args: StateArgs<R>,
 ) {
-    tiles.gated = args.gates.is_some();
+    let gated = args.gates.is_some();
     let gates = args
         .gates
         .unwrap_or_else(|| unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) });
+    let (d, e) = (dims.head_dim, dims.value_dim);
+    let budget = shared_memory_budget(client.properties().hardware.max_shared_memory_size);
+    let tiles = StateTiles::select(d, e, gated, budget);
+    let use_mma =
+        strategy != Strategy::Fma && d % 16 == 0 && e % 32 == 0 && mma_supported(client, dtype);
     let count = CubeCount::Static(
         dims.expanded_dim.div_ceil(tiles.block_f as usize) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
+    if use_mma {
+        unsafe {
+            chunk_state_mma_kernel::launch_unchecked::<R>(
+                client,
+                count,
+                CubeDim::new_2d(32, 8),
+                args.k,
+                args.v,
+                gates,
+                args.states,
+                args.sums,
+                dims.seq as u32,
+                dims.kv_heads as u32,
+                dims.chunk as u32,
+                dims.n_chunks as u32,
+                dims.expanded_dim as u32,
+                tiles,
+                dtype,
+            )
+        }
+        return;
+    }
     unsafe {
         chunk_state_kernel::launch_unchecked::<R>(
             client,

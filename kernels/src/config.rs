@@ -1,5 +1,37 @@
 //! Comptime tile configurations and their selection from the device's limits.
 
+use cubecl::ir::{ElemType, FloatKind, StorageType, features::MmaConfig};
+use cubecl::prelude::*;
+
+/// How a kernel computes its matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Strategy {
+    /// Tensor cores (`cmma`) where the runtime has them for the input dtype and the shapes fit,
+    /// else register tiles on the FMA units.
+    #[default]
+    Auto,
+    /// Register tiles on the FMA units (every runtime; the only path for f32 inputs).
+    Fma,
+    /// Tensor cores; falls back to [`Strategy::Fma`] where unsupported.
+    Mma,
+}
+
+/// Whether `client` runs 16×16×16 `cmma` with `dtype` operands and an `f32` accumulator.
+pub fn mma_supported<R: Runtime>(client: &ComputeClient<R>, dtype: StorageType) -> bool {
+    let half = matches!(
+        dtype,
+        StorageType::Scalar(ElemType::Float(FloatKind::F16 | FloatKind::BF16))
+    );
+    half && client.features().matmul.cmma.contains(&MmaConfig {
+        a_type: dtype,
+        b_type: dtype,
+        cd_type: f32::as_type_native_unchecked().storage_type(),
+        m: 16,
+        n: 16,
+        k: 16,
+    })
+}
+
 /// Shared memory a kernel may plan for: the device's limit, capped at the 48 KiB every
 /// CUDA/HIP/Vulkan device gives without an opt-in.
 pub fn shared_memory_budget(max_shared_bytes: usize) -> usize {

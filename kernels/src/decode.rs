@@ -1,13 +1,16 @@
-//! One decode step for a batch of sequences in one launch: reads the state with the queries
-//! of every query head that shares it, then writes the state advanced by the new token.
+//! One decode step for a batch of sequences: one launch reads the state with the queries of
+//! every query head that shares it and writes the state advanced by the new token; a small
+//! second launch adds the partial products up and normalises.
 //!
 //! `y = (g φ_Q(σq)ᵀ S + (σq·k)^p v) / (g φ_Q(σq)·z + (σq·k)^p)`, `S ← g S + φ_K(k) vᵀ`,
-//! `z ← g z + φ_K(k)`. A cube owns `block_e` value columns of one key/value head of one
-//! sequence and walks all `D` feature rows (`rows` groups of units in parallel), so every state
-//! element is read once and written once: the step is bound by the state's bytes.
+//! `z ← g z + φ_K(k)`. A cube of the first launch owns `block_e` value columns of a slice of
+//! the `D` feature rows of one key/value head of one sequence, so every state element is read
+//! once and written once (the step is bound by the state's bytes), and batch 1 still spreads
+//! over the whole GPU.
 
 use cubecl::prelude::*;
 
+use crate::Buffer;
 use crate::config::DecodeTiles;
 use crate::feature_pairs::{feature_row, row_offset};
 
@@ -24,31 +27,48 @@ pub struct DecodeDims {
     pub expanded_dim: usize,
     /// `σ`.
     pub scale: f32,
+    /// Slices of the feature rows per (sequence, head); more slices, more cubes.
+    pub slices: usize,
+}
+
+impl DecodeDims {
+    /// Slices giving about `target_cubes` cubes in the state launch.
+    pub fn slices_for(&self, tiles: &DecodeTiles, target_cubes: usize) -> usize {
+        let col_blocks = (tiles.value_dim as usize).div_ceil(tiles.block_e as usize);
+        let per_slice = col_blocks * self.batch * self.kv_heads;
+        target_cubes
+            .div_ceil(per_slice)
+            .clamp(1, self.expanded_dim.div_ceil(64).max(1))
+    }
 }
 
 /// Buffers of a decode launch.
-pub struct DecodeArgs<R: Runtime> {
+pub struct DecodeArgs {
     /// `q [b, hq, d]`.
-    pub q: ArrayArg<R>,
+    pub q: Buffer,
     /// `k [b, h, d]`.
-    pub k: ArrayArg<R>,
+    pub k: Buffer,
     /// `v [b, h, e]`.
-    pub v: ArrayArg<R>,
+    pub v: Buffer,
     /// Log-gates `f32 [b, h]`, or `None`.
-    pub log_g: Option<ArrayArg<R>>,
+    pub log_g: Option<Buffer>,
     /// `f32 [b, h, D, e]`.
-    pub state: ArrayArg<R>,
+    pub state: Buffer,
     /// `f32 [b, h, D]`.
-    pub key_sum: ArrayArg<R>,
+    pub key_sum: Buffer,
     /// Output `[b, hq, e]`, dtype of `q`.
-    pub out: ArrayArg<R>,
+    pub out: Buffer,
     /// Output `f32 [b, h, D, e]`.
-    pub new_state: ArrayArg<R>,
+    pub new_state: Buffer,
     /// Output `f32 [b, h, D]`.
-    pub new_key_sum: ArrayArg<R>,
+    pub new_key_sum: Buffer,
+    /// Scratch `f32 [slices, b, hq, e]`.
+    pub partial_num: Buffer,
+    /// Scratch `f32 [slices, b, hq]`.
+    pub partial_den: Buffer,
 }
 
-/// Launches the decode step.
+/// Launches the decode step (state launch, then the reduction).
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`DecodeArgs`], and `dtype` must be the
@@ -58,53 +78,81 @@ pub unsafe fn launch_decode<R: Runtime>(
     dtype: StorageType,
     dims: DecodeDims,
     tiles: DecodeTiles,
-    args: DecodeArgs<R>,
+    args: DecodeArgs,
 ) {
+    let gated = args.log_g.is_some();
+    let tiles = DecodeTiles { gated, ..tiles };
+    let log_g = args.log_g.unwrap_or_else(|| Buffer {
+        handle: client.empty(4),
+        len: 1,
+    });
+    let e = tiles.value_dim as usize;
     let count = CubeCount::Static(
-        (tiles.value_dim as usize).div_ceil(tiles.block_e as usize) as u32,
-        dims.kv_heads as u32,
-        dims.batch as u32,
+        e.div_ceil(tiles.block_e as usize) as u32,
+        dims.slices as u32,
+        (dims.batch * dims.kv_heads) as u32,
     );
-    let log_g = args
-        .log_g
-        .unwrap_or_else(|| unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) });
     unsafe {
-        decode_kernel::launch_unchecked::<R>(
+        decode_state_kernel::launch_unchecked::<R>(
             client,
             count,
             CubeDim::new_2d(tiles.block_e, tiles.rows),
-            args.q,
-            args.k,
-            args.v,
-            log_g,
-            args.state,
-            args.key_sum,
-            args.out,
-            args.new_state,
-            args.new_key_sum,
+            args.q.arg(),
+            args.k.arg(),
+            args.v.arg(),
+            log_g.arg(),
+            args.state.arg(),
+            args.key_sum.arg(),
+            args.new_state.arg(),
+            args.new_key_sum.arg(),
+            args.partial_num.arg(),
+            args.partial_den.arg(),
             dims.kv_heads as u32,
             dims.expanded_dim as u32,
+            dims.slices as u32,
             dims.scale,
             tiles,
             dtype,
-        )
+        );
+        let outputs = dims.batch * dims.q_heads * e;
+        decode_reduce_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(outputs.div_ceil(256) as u32, 1, 1),
+            CubeDim::new_1d(256),
+            args.q.arg(),
+            args.k.arg(),
+            args.v.arg(),
+            log_g.arg(),
+            args.partial_num.arg(),
+            args.partial_den.arg(),
+            args.out.arg(),
+            (dims.batch * dims.q_heads) as u32,
+            dims.q_heads as u32,
+            dims.kv_heads as u32,
+            dims.slices as u32,
+            dims.scale,
+            tiles,
+            dtype,
+        );
     }
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn decode_kernel<F: Float>(
+fn decode_state_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
     v: &Array<F>,
     log_g: &Array<f32>,
     state: &Array<f32>,
     key_sum: &Array<f32>,
-    out: &mut Array<F>,
     new_state: &mut Array<f32>,
     new_key_sum: &mut Array<f32>,
+    partial_num: &mut Array<f32>,
+    partial_den: &mut Array<f32>,
     kv_heads: u32,
     big_d: u32,
+    slices: u32,
     scale: f32,
     #[comptime] cfg: DecodeTiles,
     #[define(F)] _dtype: StorageType,
@@ -116,11 +164,17 @@ fn decode_kernel<F: Float>(
     let rows = comptime!(cfg.rows as usize);
     let threads = comptime!((cfg.block_e * cfg.rows) as usize);
 
-    let kvh = CUBE_POS_Y;
-    let bi = CUBE_POS_Z;
-    let seq_head = (bi * kv_heads + kvh) as usize;
+    let slice = CUBE_POS_Y;
+    let seq_head = CUBE_POS_Z as usize; // b * kv_heads + kvh
+    let batch_count = CUBE_COUNT_Z as usize / kv_heads as usize;
     let col = (CUBE_POS_X * cfg.block_e + UNIT_POS_X) as usize;
     let col_ok = col < e;
+    let per_slice = (big_d + slices - 1) / slices;
+    let f_start = slice * per_slice;
+    let mut f_end = f_start + per_slice;
+    if f_end > big_d {
+        f_end = big_d;
+    }
 
     let mut sq = SharedMemory::<f32>::new(ratio * d);
     let mut sk = SharedMemory::<f32>::new(d);
@@ -157,8 +211,8 @@ fn decode_kernel<F: Float>(
         den[m] = 0.0;
     }
     let state_base = seq_head * big_d as usize;
-    let mut f = UNIT_POS_Y;
-    while f < big_d {
+    let mut f = f_start + UNIT_POS_Y;
+    while f < f_end {
         let a = feature_row(f, cfg.head_dim);
         let b = a + f - row_offset(a, cfg.head_dim);
         let mut phi_k = sk[a as usize] * sk[b as usize];
@@ -191,33 +245,84 @@ fn decode_kernel<F: Float>(
         }
     }
     sync_cube();
-
-    if UNIT_POS_Y == 0 && col_ok {
+    if UNIT_POS_Y == 0 {
+        // partials are laid out [slice, b, hq, e]: seq_head * ratio + m = b * hq + head
+        let rows_out = batch_count * kv_heads as usize * ratio;
         #[unroll]
         for m in 0..ratio {
-            let mut total_num = 0.0f32;
-            let mut total_den = 0.0f32;
-            for r in 0..rows {
-                total_num += part_num[(r * ratio + m) * be + UNIT_POS_X as usize];
-                total_den += part_den[r * ratio + m];
+            let head_row = seq_head * ratio + m;
+            if col_ok {
+                let mut total = 0.0f32;
+                for r in 0..rows {
+                    total += part_num[(r * ratio + m) * be + UNIT_POS_X as usize];
+                }
+                partial_num[(slice as usize * rows_out + head_row) * e + col] = total;
             }
-            let mut s = 0.0f32;
-            for x in 0..d {
-                s += sq[m * d + x] * sk[x];
+            if CUBE_POS_X == 0 && UNIT_POS_X == 0 {
+                let mut total = 0.0f32;
+                for r in 0..rows {
+                    total += part_den[r * ratio + m];
+                }
+                partial_den[slice as usize * rows_out + head_row] = total;
             }
-            let s2 = s * s;
-            let mut now = s2;
-            #[unroll]
-            for _ in 1..comptime!(cfg.degree / 2) {
-                now *= s2;
-            }
-            let n = g * total_num + now * v_col;
-            let l = g * total_den + now;
-            let mut y = 0.0f32;
-            if l > 0.0 {
-                y = n / l;
-            }
-            out[(seq_head * ratio + m) * e + col] = F::cast_from(y);
         }
     }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn decode_reduce_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    log_g: &Array<f32>,
+    partial_num: &Array<f32>,
+    partial_den: &Array<f32>,
+    out: &mut Array<F>,
+    head_rows: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    slices: u32,
+    scale: f32,
+    #[comptime] cfg: DecodeTiles,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = comptime!(cfg.head_dim as usize);
+    let e = comptime!(cfg.value_dim as usize);
+    let idx = ABSOLUTE_POS;
+    if idx >= head_rows as usize * e {
+        terminate!();
+    }
+    let row = idx / e; // b * hq + head
+    let col = idx % e;
+    let ratio = q_heads / kv_heads;
+    let seq_head = row / ratio as usize; // b * kv_heads + kvh
+    let mut num = 0.0f32;
+    let mut den = 0.0f32;
+    for s in 0..slices as usize {
+        num += partial_num[(s * head_rows as usize + row) * e + col];
+        den += partial_den[s * head_rows as usize + row];
+    }
+    let mut g = 1.0f32;
+    if comptime!(cfg.gated) {
+        g = f32::exp(log_g[seq_head]);
+    }
+    let mut dot = 0.0f32;
+    for x in 0..d {
+        dot += f32::cast_from(q[row * d + x]) * f32::cast_from(k[seq_head * d + x]);
+    }
+    let s = scale * dot;
+    let s2 = s * s;
+    let mut now = s2;
+    #[unroll]
+    for _ in 1..comptime!(cfg.degree / 2) {
+        now *= s2;
+    }
+    let n = g * num + now * f32::cast_from(v[seq_head * e + col]);
+    let l = g * den + now;
+    let mut y = 0.0f32;
+    if l > 0.0 {
+        y = n / l;
+    }
+    out[idx] = F::cast_from(y);
 }

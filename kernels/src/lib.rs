@@ -16,12 +16,37 @@
 #![warn(missing_docs)]
 
 pub mod chunk_output;
+mod chunk_output_mma;
 pub mod chunk_state;
+mod chunk_state_mma;
 pub mod config;
 pub mod decode;
 pub mod discumsum;
 #[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
 pub mod feature_pairs;
 
-pub use config::{DecodeTiles, OutputTiles, StateTiles, shared_memory_budget};
+pub use config::{
+    DecodeTiles, OutputTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,
+};
 pub use cubecl;
+
+use cubecl::prelude::{ArrayArg, Runtime};
+
+/// A device buffer of `len` elements, for launches that pass one buffer to several kernels.
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    /// The memory.
+    pub handle: cubecl::server::Handle,
+    /// Number of elements.
+    pub len: usize,
+}
+
+impl Buffer {
+    /// The buffer as a kernel argument.
+    ///
+    /// # Safety
+    /// `handle` must hold at least `len` elements of the kernel's element type.
+    pub unsafe fn arg<R: Runtime>(&self) -> ArrayArg<R> {
+        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len) }
+    }
+}

@@ -47,6 +47,9 @@ pub enum CliError {
     /// The device failed while executing or reading back.
     #[error("device error: {0}")]
     Device(String),
+    /// The kernel-vs-oracle suite found disagreements.
+    #[error("selftest failed:\n{0}")]
+    SelftestFailed(String),
     /// The requested backend is not compiled into this binary.
     #[error(
         "backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)"

@@ -3,9 +3,13 @@
 
 pub mod apply;
 pub mod backend_choice;
+pub mod bench;
 pub mod demo;
+pub mod dtype_choice;
 pub mod error;
+pub mod selftest;
 pub mod tensor_file;
 
 pub use backend_choice::BackendChoice;
+pub use dtype_choice::DtypeChoice;
 pub use error::CliError;

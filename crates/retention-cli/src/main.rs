@@ -2,8 +2,10 @@
 
 use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
+use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::demo::{DemoArgs, demo};
-use retention_cli::{BackendChoice, CliError, with_backend};
+use retention_cli::selftest::selftest;
+use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +59,77 @@ enum Command {
         #[arg(long)]
         final_state: bool,
     },
+    /// Checks the backend's forms against an f64 oracle on randomized shapes (pass/fail table).
+    Selftest {
+        /// Backend to check.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        /// Input dtypes (repeatable); default: f32, f16 and bf16 on CUDA/ROCm, f32 and f16 on
+        /// wgpu, f64 and f32 on CPU backends.
+        #[arg(long, value_enum)]
+        dtype: Vec<DtypeChoice>,
+        /// Randomized cases per dtype.
+        #[arg(long, default_value_t = 200)]
+        cases: u64,
+    },
+    /// Times the forward pass and the decode step (CSV in the anchor benchmark's schema).
+    Bench {
+        /// Backend to time.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        /// Head shape: mha64 (8/8 heads, d=64) or brumby (40/8 heads, d=128).
+        #[arg(long, value_enum, default_value = "mha64")]
+        shape: BenchShape,
+        /// Sequence lengths, comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1024,2048,4096,8192,16384,32768,65536"
+        )]
+        seqs: Vec<usize>,
+        /// Tokens per call (batch = tokens / t).
+        #[arg(long, default_value_t = 65_536)]
+        tokens: usize,
+        /// Chunk size (t ≤ chunk runs the attention form).
+        #[arg(long, default_value_t = 1024)]
+        chunk: usize,
+        /// Timed runs (median reported).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Implementations, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "burn-retention"
+        )]
+        impls: Vec<BenchImpl>,
+        /// Decode-step batch sizes, comma-separated (empty: none).
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        decode_batches: Vec<usize>,
+        /// Contexts behind the decode state, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1024,65536")]
+        decode_contexts: Vec<usize>,
+        /// Input dtype.
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DtypeChoice,
+        /// CSV output file.
+        #[arg(long)]
+        out: Option<String>,
+    },
+}
+
+fn default_dtypes(backend: BackendChoice) -> Vec<DtypeChoice> {
+    match backend {
+        BackendChoice::Cuda | BackendChoice::Rocm => {
+            vec![DtypeChoice::F32, DtypeChoice::F16, DtypeChoice::Bf16]
+        }
+        BackendChoice::Wgpu => vec![DtypeChoice::F32, DtypeChoice::F16],
+        BackendChoice::Ndarray | BackendChoice::Tch => vec![DtypeChoice::F64, DtypeChoice::F32],
+    }
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -95,6 +168,56 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 summary.out_shape
             );
             Ok(())
+        }
+        Command::Selftest {
+            backend,
+            dtype,
+            cases,
+        } => {
+            let dtypes: Vec<_> = if dtype.is_empty() {
+                default_dtypes(backend)
+            } else {
+                dtype
+            }
+            .into_iter()
+            .map(DtypeChoice::dtype)
+            .collect();
+            with_backend!(backend, |Bk, dev| selftest::<Bk>(
+                &dev,
+                backend.name(),
+                &dtypes,
+                cases
+            )
+            .map(drop))
+        }
+        Command::Bench {
+            backend,
+            shape,
+            seqs,
+            tokens,
+            chunk,
+            reps,
+            warmup,
+            impls,
+            decode_batches,
+            decode_contexts,
+            dtype,
+            out,
+        } => {
+            let args = BenchArgs {
+                shape,
+                seqs,
+                tokens,
+                chunk,
+                reps,
+                warmup,
+                impls,
+                decode_batches,
+                decode_contexts,
+                out,
+                dtype: dtype.dtype(),
+            };
+            with_backend!(backend, |Bk, dev| bench::<Bk>(&dev, &args).map(drop))
         }
     }
 }

@@ -9,13 +9,12 @@ use burn_cubecl::{
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
-    DecodeTiles, OutputTiles, StateTiles,
+    Buffer, DecodeTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
     decode::{DecodeArgs, DecodeDims, launch_decode},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
-    shared_memory_budget,
 };
 
 use crate::RetentionOptions;
@@ -36,8 +35,12 @@ fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
     t.into_array_arg()
 }
 
-fn budget<R: CubeRuntime>(t: &CubeTensor<R>) -> usize {
-    shared_memory_budget(t.client.properties().hardware.max_shared_memory_size)
+fn buffer<R: CubeRuntime>(t: CubeTensor<R>) -> Buffer {
+    let len = t.meta.num_elements();
+    Buffer {
+        handle: t.handle,
+        len,
+    }
 }
 
 fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
@@ -98,7 +101,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let [b, t, hq, d] = dims4(&q);
         let [_, _, h, e] = dims4(&v);
         let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
-        let tiles = OutputTiles::select(d, e, options.degree, false, false, budget(&q));
         let dtype = q.dtype;
         let out = empty_device_contiguous_dtype(
             q.client.clone(),
@@ -116,6 +118,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             n_chunks: 1,
             expanded_dim: 0,
             scale: options.scale_for(d) as f32,
+            head_dim: d,
+            value_dim: e,
+            degree: options.degree,
         };
         let args = OutputArgs {
             q: arg(into_contiguous(q)),
@@ -126,7 +131,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             out: arg(out.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
+        unsafe { launch_output(&client, dtype.into(), dims, Strategy::Auto, args) };
         out
     }
 
@@ -152,7 +157,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let big_d = expanded_dim(d, 2);
         let dtype = q.dtype;
         let client = q.client.clone();
-        let smem = budget(&q);
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
 
@@ -166,6 +170,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             chunk: c,
             n_chunks: n,
             expanded_dim: big_d,
+            head_dim: d,
+            value_dim: e,
         };
         let state_args = StateArgs {
             k: arg(k.clone()),
@@ -174,9 +180,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             states: arg(states.clone()),
             sums: arg(sums.clone()),
         };
-        let state_tiles = StateTiles::select(d, e, false, smem);
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_chunk_state(&client, dtype.into(), state_dims, state_tiles, state_args) };
+        unsafe {
+            launch_chunk_state(
+                &client,
+                dtype.into(),
+                state_dims,
+                Strategy::Auto,
+                state_args,
+            )
+        };
 
         // 2. states entering each chunk, and the final state
         let final_state = empty_f32(&q, &[b, h, big_d, e]);
@@ -224,8 +237,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             n_chunks: n,
             expanded_dim: big_d,
             scale: options.scale_for(d) as f32,
+            head_dim: d,
+            value_dim: e,
+            degree: 2,
         };
-        let tiles = OutputTiles::select(d, e, 2, false, true, smem);
         let args = OutputArgs {
             q: arg(q),
             k: arg(k),
@@ -235,7 +250,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             out: arg(out.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
+        unsafe { launch_output(&client, dtype.into(), dims, Strategy::Auto, args) };
         (out, final_state, final_sum)
     }
 
@@ -277,23 +292,34 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             degree: 2,
             gated: log_g.is_some(),
         };
-        let dims = DecodeDims {
+        let mut dims = DecodeDims {
             batch: b,
             q_heads: hq,
             kv_heads: h,
             expanded_dim: big_d,
             scale: options.scale_for(d) as f32,
+            slices: 1,
         };
+        let units = client
+            .properties()
+            .hardware
+            .num_streaming_multiprocessors
+            .unwrap_or(32);
+        dims.slices = dims.slices_for(&tiles, 4 * units as usize);
+        let partial_num = empty_f32(&q, &[dims.slices, b, hq, e]);
+        let partial_den = empty_f32(&q, &[dims.slices, b, hq]);
         let args = DecodeArgs {
-            q: arg(into_contiguous(q)),
-            k: arg(into_contiguous(k)),
-            v: arg(into_contiguous(v)),
-            log_g: log_g.map(arg),
-            state: arg(state),
-            key_sum: arg(key_sum),
-            out: arg(out.clone()),
-            new_state: arg(new_state.clone()),
-            new_key_sum: arg(new_sum.clone()),
+            q: buffer(into_contiguous(q)),
+            k: buffer(into_contiguous(k)),
+            v: buffer(into_contiguous(v)),
+            log_g: log_g.map(buffer),
+            state: buffer(state),
+            key_sum: buffer(key_sum),
+            out: buffer(out.clone()),
+            new_state: buffer(new_state.clone()),
+            new_key_sum: buffer(new_sum.clone()),
+            partial_num: buffer(partial_num),
+            partial_den: buffer(partial_den),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
         unsafe { launch_decode(&client, dtype.into(), dims, tiles, args) };

@@ -1,0 +1,380 @@
+//! `retention bench`: forward and decode-step timings at the shapes of the anchor benchmark,
+//! as a table and as CSV rows with the anchor script's schema
+//! (`impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) and FLOP formulas.
+
+use std::io::Write as _;
+use std::time::Instant;
+
+use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+use retention::{
+    RetentionBackend, RetentionOptions, RetentionState, expanded_dim, power_retention,
+    power_retention_step, power_retention_with_state, reference,
+};
+
+use crate::CliError;
+
+/// Head shapes of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchShape {
+    /// 8 query and 8 key/value heads of dim 64.
+    Mha64,
+    /// Brumby-14B: 40 query heads over 8 key/value heads of dim 128.
+    Brumby,
+}
+
+impl BenchShape {
+    /// `(hq, hk, d)`.
+    pub fn heads(self) -> (usize, usize, usize) {
+        match self {
+            Self::Mha64 => (8, 8, 64),
+            Self::Brumby => (40, 8, 128),
+        }
+    }
+
+    /// Name in the CSV.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mha64 => "mha64",
+            Self::Brumby => "brumby",
+        }
+    }
+}
+
+/// Which implementation a row times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchImpl {
+    /// The backend's `RetentionBackend` forms (CubeCL kernels on CubeCL backends).
+    BurnRetention,
+    /// The plain-tensor reference on the same backend.
+    BurnReference,
+}
+
+impl BenchImpl {
+    fn name(self) -> &'static str {
+        match self {
+            Self::BurnRetention => "burn_retention",
+            Self::BurnReference => "burn_reference",
+        }
+    }
+}
+
+/// Arguments of `retention bench`.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// Head shape.
+    pub shape: BenchShape,
+    /// Sequence lengths; `tokens / t` sequences per call.
+    pub seqs: Vec<usize>,
+    /// Tokens per call.
+    pub tokens: usize,
+    /// Chunk size of the chunked form (`t ≤ chunk` runs the attention form).
+    pub chunk: usize,
+    /// Timed runs (median reported), after `warmup` untimed ones.
+    pub reps: usize,
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Implementations to time.
+    pub impls: Vec<BenchImpl>,
+    /// Decode-step batch sizes (empty: no decode rows).
+    pub decode_batches: Vec<usize>,
+    /// Contexts the decode step is timed after (a prefill of that many tokens).
+    pub decode_contexts: Vec<usize>,
+    /// CSV file to write (rows are also printed).
+    pub out: Option<String>,
+    /// Element type of q, k, v.
+    pub dtype: DType,
+}
+
+/// One measured row.
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    /// `burn_retention` or `burn_reference`.
+    pub implementation: &'static str,
+    /// `fwd` or `decode`.
+    pub mode: &'static str,
+    /// Shape name.
+    pub shape: &'static str,
+    /// Batch.
+    pub b: usize,
+    /// Sequence length (decode: context length behind the state).
+    pub t: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// Key/value heads.
+    pub hk: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Chunk (`None`: attention form, or not applicable).
+    pub chunk: Option<usize>,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// FLOPs per call (anchor formulas).
+    pub flops: f64,
+    /// Tokens per call.
+    pub tokens: usize,
+}
+
+impl BenchRow {
+    /// The CSV line (anchor schema).
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{},{},{},{},{},{},{},{},{:.4},{:.0},{:.1}",
+            self.implementation,
+            self.mode,
+            self.shape,
+            self.b,
+            self.t,
+            self.hq,
+            self.hk,
+            self.d,
+            self.chunk.map_or("-".to_string(), |c| c.to_string()),
+            self.ms,
+            self.tokens as f64 / self.ms * 1e3,
+            self.flops / self.ms / 1e9
+        )
+    }
+}
+
+/// The CSV header of the anchor script.
+pub const CSV_HEADER: &str = "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops";
+
+/// Median of host-timed, device-synced runs of `f`, in milliseconds.
+fn time_ms<B: Backend>(dev: &B::Device, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let _ = B::sync(dev);
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            let _ = B::sync(dev);
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn inputs<B: Backend>(
+    b: usize,
+    t: usize,
+    (hq, hk, d): (usize, usize, usize),
+    dtype: DType,
+    dev: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 3>) {
+    let n = |shape: [usize; 4]| {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), dev).cast(dtype)
+    };
+    let g = burn::tensor::activation::log_sigmoid(Tensor::<B, 3>::random(
+        [b, t, hk],
+        Distribution::Normal(4.0, 1.0),
+        dev,
+    ))
+    .cast(dtype);
+    (n([b, t, hq, d]), n([b, t, hk, d]), n([b, t, hk, d]), g)
+}
+
+/// Forward FLOPs of one call (the anchor script's formulas, ideal `D`).
+pub fn forward_flops(b: usize, t: usize, hq: usize, hk: usize, d: usize, chunk: usize) -> f64 {
+    let (b, t, hq, hk, d, c) = (
+        b as f64,
+        t as f64,
+        hq as f64,
+        hk as f64,
+        d as f64,
+        chunk as f64,
+    );
+    if t <= c {
+        2.0 * b * hq * t * t * d
+    } else {
+        let big_d = d * (d + 1.0) / 2.0;
+        b * t * (hq * c * (d + d) + 2.0 * big_d * d * (hk + hq))
+    }
+}
+
+/// FLOPs of one decode step: the state read by every query head and the state update,
+/// `2·b·D·(e+1)·(hq + hk)`.
+pub fn decode_flops(b: usize, hq: usize, hk: usize, d: usize) -> f64 {
+    let big_d = expanded_dim(d, 2) as f64;
+    2.0 * b as f64 * big_d * (d as f64 + 1.0) * (hq + hk) as f64
+}
+
+/// Runs the benchmark on `B`; prints a table and returns the rows (written to `args.out`).
+///
+/// # Errors
+/// The op's errors, or the CSV file's.
+pub fn bench<B: RetentionBackend>(
+    dev: &B::Device,
+    args: &BenchArgs,
+) -> Result<Vec<BenchRow>, CliError> {
+    let (hq, hk, d) = args.shape.heads();
+    let n_fwd = args.seqs.len() * args.impls.len();
+    let n_dec = args.decode_batches.len() * args.decode_contexts.len();
+    let bar = ProgressBar::new((n_fwd + n_dec) as u64).with_style(
+        ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    let opts = RetentionOptions::new().with_chunk_size(Some(args.chunk));
+    let scale = 1.0 / (d as f64).sqrt();
+    for &t in &args.seqs {
+        let b = (args.tokens / t).max(1);
+        let (q, k, v, g) = inputs::<B>(b, t, (hq, hk, d), args.dtype, dev);
+        for &imp in &args.impls {
+            bar.set_message(format!("{} fwd t={t} b={b}", imp.name()));
+            let run = || match imp {
+                BenchImpl::BurnRetention => {
+                    power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts)
+                        .map(drop)
+                }
+                BenchImpl::BurnReference => {
+                    if t <= args.chunk {
+                        drop(reference::attention_form(
+                            q.clone(),
+                            k.clone(),
+                            v.clone(),
+                            Some(g.clone()),
+                            2,
+                            scale,
+                        ));
+                    } else {
+                        drop(reference::chunked_form(
+                            q.clone(),
+                            k.clone(),
+                            v.clone(),
+                            Some(g.clone()),
+                            None,
+                            args.chunk,
+                            2,
+                            scale,
+                        ));
+                    }
+                    Ok(())
+                }
+            };
+            run()?;
+            let ms = time_ms::<B>(dev, args.warmup, args.reps, || {
+                let _ = run();
+            });
+            rows.push(BenchRow {
+                implementation: imp.name(),
+                mode: "fwd",
+                shape: args.shape.name(),
+                b,
+                t,
+                hq,
+                hk,
+                d,
+                chunk: (t > args.chunk).then_some(args.chunk),
+                ms,
+                flops: forward_flops(b, t, hq, hk, d, args.chunk),
+                tokens: b * t,
+            });
+            bar.inc(1);
+        }
+    }
+    for &b in &args.decode_batches {
+        for &ctx in &args.decode_contexts {
+            bar.set_message(format!("decode b={b} context={ctx}"));
+            let state = prefill_state::<B>(b, ctx, (hq, hk, d), args, &opts, dev)?;
+            let (q, k, v, g) = inputs::<B>(b, 1, (hq, hk, d), args.dtype, dev);
+            let step = || {
+                power_retention_step(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(g.clone()),
+                    state.clone(),
+                    &opts,
+                )
+                .map(drop)
+            };
+            step()?;
+            let ms = time_ms::<B>(dev, args.warmup, args.reps, || {
+                let _ = step();
+            });
+            rows.push(BenchRow {
+                implementation: BenchImpl::BurnRetention.name(),
+                mode: "decode",
+                shape: args.shape.name(),
+                b,
+                t: ctx,
+                hq,
+                hk,
+                d,
+                chunk: None,
+                ms,
+                flops: decode_flops(b, hq, hk, d),
+                tokens: b,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    print_table(&rows);
+    if let Some(path) = &args.out {
+        let io = |source| CliError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::File::create(path).map_err(io)?;
+        writeln!(file, "{CSV_HEADER}").map_err(io)?;
+        for row in &rows {
+            writeln!(file, "{}", row.csv()).map_err(io)?;
+        }
+    }
+    Ok(rows)
+}
+
+/// The state after a prefill of `context` random tokens per sequence (prefilled a sequence at
+/// a time in pieces of at most 64k tokens, so long contexts fit).
+fn prefill_state<B: RetentionBackend>(
+    b: usize,
+    context: usize,
+    heads: (usize, usize, usize),
+    args: &BenchArgs,
+    opts: &RetentionOptions,
+    dev: &B::Device,
+) -> Result<RetentionState<B>, CliError> {
+    let piece = context.min(65_536);
+    let (q, k, v, g) = inputs::<B>(b, piece, heads, args.dtype, dev);
+    let mut state = None;
+    let mut done = 0;
+    while done < context {
+        let (_, s) = power_retention_with_state(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            Some(g.clone()),
+            state,
+            opts,
+        )?;
+        state = Some(s);
+        done += piece;
+    }
+    state.ok_or_else(|| CliError::Device("empty prefill".into()))
+}
+
+fn print_table(rows: &[BenchRow]) {
+    println!(
+        "{:<15} {:<7} {:<7} {:>4} {:>7} {:>6} {:>10} {:>14} {:>9}",
+        "impl", "mode", "shape", "b", "t", "chunk", "ms", "tokens/s", "TFLOP/s"
+    );
+    for r in rows {
+        println!(
+            "{:<15} {:<7} {:<7} {:>4} {:>7} {:>6} {:>10.4} {:>14.0} {:>9.1}",
+            r.implementation,
+            r.mode,
+            r.shape,
+            r.b,
+            r.t,
+            r.chunk.map_or("-".to_string(), |c| c.to_string()),
+            r.ms,
+            r.tokens as f64 / r.ms * 1e3,
+            r.flops / r.ms / 1e9
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! Tensor-core (`cmma`) variant of [`chunk_output`](crate::chunk_output) for f16/bf16 inputs.
+//!
+//! Same math, tiled for 16×16×16 matrix units: a cube of 8 planes owns 64 query rows × all `e`
+//! value columns as `f32` accumulator fragments (plane `p` holds row tile `p mod 4` and every
+//! other column tile from `p / 4`). For each block of 64 features the units build
+//! `φ_Q(σ q e^{ā/p})` from the query tile in shared memory (in the input dtype), the block of
+//! the incoming state is staged beside it, and the planes multiply; then for each block of 64
+//! keys the scores `Q Kᵀ` come from the matrix units, the units turn them into gated powers,
+//! and `W V` accumulates into the same fragments. Row sums (`φ·z` and `Σ W`) stay in `f32` on
+//! the units. State and weights are scaled by `1/γ` before the half-precision cast (the
+//! normalisation cancels it) so long ungated sums stay in f16's range.
+
+use cubecl::prelude::*;
+
+use crate::config::OutputTiles;
+use crate::feature_pairs::{feature_row, row_offset};
+
+const BQ: usize = 64;
+const BK: usize = 64;
+const PLANES: u32 = 8;
+const PLANE: u32 = 32;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_output_mma_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    gates: &Array<f32>,
+    states: &Array<f32>,
+    sums: &Array<f32>,
+    out: &mut Array<F>,
+    seq: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    chunk: u32,
+    n_chunks: u32,
+    big_d: u32,
+    scale: f32,
+    inv_gamma: f32,
+    #[comptime] cfg: OutputTiles,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = comptime!(cfg.head_dim as usize);
+    let e = comptime!(cfg.value_dim as usize);
+    let n_acc = comptime!(cfg.value_dim as usize / 32);
+    let threads = comptime!((PLANES * PLANE) as usize);
+
+    let ratio = q_heads / kv_heads;
+    let q_blocks = (chunk + BQ as u32 - 1) / BQ as u32;
+    let qb = CUBE_POS_X % q_blocks;
+    let head = (CUBE_POS_Y / n_chunks) * ratio + CUBE_POS_X / q_blocks;
+    let u = CUBE_POS_Y % n_chunks;
+    let kvh = CUBE_POS_Y / n_chunks;
+    let bi = CUBE_POS_Z;
+    let chunk_start = u * chunk;
+    let tile_start = qb * BQ as u32;
+    let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
+
+    let plane = UNIT_POS_Y as usize;
+    let lane = UNIT_POS_X as usize;
+    let rt = plane % 4;
+    let ct0 = plane / 4;
+    let my_row = UNIT_POS as usize / 4;
+    let my_col = UNIT_POS as usize % 4;
+
+    let mut sq = SharedMemory::<F>::new(BQ * d);
+    let mut sk = SharedMemory::<F>::new(BK * d);
+    let mut sv = SharedMemory::<F>::new(BK * e);
+    let mut sw = SharedMemory::<F>::new(BQ * BK);
+    let mut sc = SharedMemory::<f32>::new(BQ * BK);
+    let mut gq = SharedMemory::<f32>::new(BQ);
+    let mut gk = SharedMemory::<f32>::new(BK);
+    let mut fa = SharedMemory::<u32>::new(BK);
+    let mut fb = SharedMemory::<u32>::new(BK);
+    let mut lpart = SharedMemory::<f32>::new(threads);
+
+    let mut idx = UNIT_POS as usize;
+    while idx < BQ * d {
+        let pos = tile_start + (idx / d) as u32;
+        let tok = chunk_start + pos;
+        let mut val = F::new(0.0);
+        if pos < chunk && tok < seq {
+            val = q[((bi * seq + tok) * q_heads + head) as usize * d + idx % d];
+        }
+        sq[idx] = val;
+        idx += threads;
+    }
+    if UNIT_POS < BQ as u32 {
+        let pos = tile_start + UNIT_POS;
+        let mut g = 0.0f32;
+        if comptime!(cfg.gated) {
+            if pos < chunk {
+                g = gates[gate_base + (chunk_start + pos) as usize];
+            }
+        }
+        gq[UNIT_POS as usize] = g;
+    }
+
+    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..n_acc {
+        acc.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    let mut lsum = 0.0f32;
+    sync_cube();
+
+    if comptime!(cfg.with_state) {
+        let mut row_factor = scale * scale;
+        if comptime!(cfg.gated) {
+            row_factor *= f32::exp(gq[my_row]);
+        }
+        let block = (((bi * kv_heads + kvh) * n_chunks + u) * big_d) as usize;
+        let n_blocks = (big_d as usize).div_ceil(BK);
+        for fblk in 0..n_blocks {
+            let f0 = fblk * BK;
+            sync_cube();
+            if (UNIT_POS as usize) < BK {
+                let f = (f0 + UNIT_POS as usize) as u32;
+                let mut a = 0u32;
+                let mut b = 0u32;
+                let mut z = 0.0f32;
+                if f < big_d {
+                    a = feature_row(f, cfg.head_dim);
+                    b = a + f - row_offset(a, cfg.head_dim);
+                    z = sums[block + f as usize] * inv_gamma;
+                }
+                fa[UNIT_POS as usize] = a;
+                fb[UNIT_POS as usize] = b;
+                gk[UNIT_POS as usize] = z;
+            }
+            let mut idx = UNIT_POS as usize;
+            while idx < BK * e {
+                let f = f0 + idx / e;
+                let mut val = 0.0f32;
+                if f < big_d as usize {
+                    val = states[(block + f) * e + idx % e] * inv_gamma;
+                }
+                sv[idx] = F::cast_from(val);
+                idx += threads;
+            }
+            sync_cube();
+            #[unroll]
+            for m in 0..BK / 4 {
+                let j = my_col + 4 * m;
+                let phi = row_factor
+                    * f32::cast_from(sq[my_row * d + fa[j] as usize])
+                    * f32::cast_from(sq[my_row * d + fb[j] as usize]);
+                lsum += phi * gk[j];
+                sw[my_row * BK + j] = F::cast_from(phi);
+            }
+            sync_cube();
+            #[unroll]
+            for ks in 0..BK / 16 {
+                let a = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &sw.slice(rt * 16 * BK + ks * 16, BQ * BK),
+                    BK as u32,
+                );
+                #[unroll]
+                for jj in 0..n_acc {
+                    let ct = ct0 + 2 * jj;
+                    let b = cmma::Matrix::<F>::from_slice(
+                        cmma::MatrixIdent::B,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                        &sv.slice(ks * 16 * e + ct * 16, BK * e),
+                        e as u32,
+                    );
+                    let c = acc.index(jj);
+                    cmma::execute::<F, F, f32, f32>(&a, &b, c, c);
+                }
+            }
+        }
+    }
+
+    let mut last = tile_start + BQ as u32;
+    if last > chunk {
+        last = chunk;
+    }
+    let k_blocks = (last - 1) / BK as u32 + 1;
+    for kb in 0..k_blocks {
+        let k0 = kb * BK as u32;
+        sync_cube();
+        let mut idx = UNIT_POS as usize;
+        while idx < BK * d {
+            let pos = k0 + (idx / d) as u32;
+            let tok = chunk_start + pos;
+            let mut val = F::new(0.0);
+            if pos < chunk && tok < seq {
+                val = k[((bi * seq + tok) * kv_heads + kvh) as usize * d + idx % d];
+            }
+            sk[idx] = val;
+            idx += threads;
+        }
+        let mut idx = UNIT_POS as usize;
+        while idx < BK * e {
+            let pos = k0 + (idx / e) as u32;
+            let tok = chunk_start + pos;
+            let mut val = F::new(0.0);
+            if pos < chunk && tok < seq {
+                val = v[((bi * seq + tok) * kv_heads + kvh) as usize * e + idx % e];
+            }
+            sv[idx] = val;
+            idx += threads;
+        }
+        if comptime!(cfg.gated) {
+            if UNIT_POS < BK as u32 {
+                let pos = k0 + UNIT_POS;
+                let mut g = 0.0f32;
+                if pos < chunk {
+                    g = gates[gate_base + (chunk_start + pos) as usize];
+                }
+                gk[UNIT_POS as usize] = g;
+            }
+        }
+        sync_cube();
+        // scores Q Kᵀ: this plane's row tile × key tiles ct0 and ct0 + 2
+        #[unroll]
+        for jj in 0..2usize {
+            let ct = ct0 + 2 * jj;
+            let s = cmma::Matrix::<f32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0.0,
+            );
+            #[unroll]
+            for ks in 0..d / 16 {
+                let a = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &sq.slice(rt * 16 * d + ks * 16, BQ * d),
+                    d as u32,
+                );
+                let b = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::ColMajor,
+                    &sk.slice(ct * 16 * d + ks * 16, BK * d),
+                    d as u32,
+                );
+                cmma::execute::<F, F, f32, f32>(&a, &b, &s, &s);
+            }
+            cmma::store(
+                &mut sc.slice_mut(rt * 16 * BK + ct * 16, BQ * BK),
+                &s,
+                BK as u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+        sync_cube();
+        let q_pos = tile_start + my_row as u32;
+        #[unroll]
+        for m in 0..BK / 4 {
+            let j = my_col + 4 * m;
+            let mut w = 0.0f32;
+            if k0 + j as u32 <= q_pos {
+                let s = scale * sc[my_row * BK + j];
+                let s2 = s * s;
+                w = s2;
+                #[unroll]
+                for _ in 1..comptime!(cfg.degree / 2) {
+                    w *= s2;
+                }
+                if comptime!(cfg.gated) {
+                    w *= f32::exp(gq[my_row] - gk[j]);
+                }
+                w *= inv_gamma;
+            }
+            lsum += w;
+            sw[my_row * BK + j] = F::cast_from(w);
+        }
+        sync_cube();
+        #[unroll]
+        for ks in 0..BK / 16 {
+            let a = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &sw.slice(rt * 16 * BK + ks * 16, BQ * BK),
+                BK as u32,
+            );
+            #[unroll]
+            for jj in 0..n_acc {
+                let ct = ct0 + 2 * jj;
+                let b = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &sv.slice(ks * 16 * e + ct * 16, BK * e),
+                    e as u32,
+                );
+                let c = acc.index(jj);
+                cmma::execute::<F, F, f32, f32>(&a, &b, c, c);
+            }
+        }
+    }
+
+    lpart[UNIT_POS as usize] = lsum;
+    sync_cube();
+    // each plane stages its fragments through its own 256 floats of `sc`
+    let stage = plane * 256;
+    #[unroll]
+    for jj in 0..n_acc {
+        let ct = ct0 + 2 * jj;
+        cmma::store(
+            &mut sc.slice_mut(stage, stage + 256),
+            acc.index(jj),
+            16,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_plane();
+        #[unroll]
+        for m in 0..8usize {
+            let idx = lane + 32 * m;
+            let row = rt * 16 + idx / 16;
+            let col = ct * 16 + idx % 16;
+            let pos = tile_start + row as u32;
+            let tok = chunk_start + pos;
+            if pos < chunk && tok < seq {
+                let l =
+                    lpart[row * 4] + lpart[row * 4 + 1] + lpart[row * 4 + 2] + lpart[row * 4 + 3];
+                let mut y = 0.0f32;
+                if l > 0.0 {
+                    y = sc[stage + idx] / l;
+                }
+                out[((bi * seq + tok) * q_heads + head) as usize * e + col] = F::cast_from(y);
+            }
+        }
+        sync_plane();
+    }
+}
