@@ -58,7 +58,8 @@ pub struct OutputArgs<R: Runtime> {
 }
 
 /// Launches the output kernel: the tensor-core variant for f16/bf16 where `strategy` and the
-/// runtime allow it (`d % 16 == 0`, `e % 32 == 0`), else the FMA variant.
+/// runtime allow it (`d % 16 == 0`, `e % 32 == 0`, `cmma` for the input dtype and for f16),
+/// else the FMA variant.
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`OutputArgs`] for `dims`, and `dtype` must
@@ -92,11 +93,6 @@ pub unsafe fn launch_output<R: Runtime>(
         dims.batch as u32,
     );
     if use_mma {
-        let inv_gamma = if with_state {
-            1.0 / (dims.expanded_dim as f32).sqrt()
-        } else {
-            1.0
-        };
         unsafe {
             chunk_output_mma_kernel::launch_unchecked::<R>(
                 client,
@@ -116,7 +112,6 @@ pub unsafe fn launch_output<R: Runtime>(
                 dims.n_chunks as u32,
                 dims.expanded_dim as u32,
                 dims.scale,
-                inv_gamma,
                 tiles,
                 dtype,
             )

@@ -1,22 +1,27 @@
 //! Tensor-core (`cmma`) variant of [`chunk_output`](crate::chunk_output) for f16/bf16 inputs.
 //!
-//! Same math, tiled for 16×16×16 matrix units: a cube of 8 planes owns 64 query rows × all `e`
-//! value columns as `f32` accumulator fragments (plane `p` holds row tile `p mod 4` and every
-//! other column tile from `p / 4`). For each block of 64 features the units build
-//! `φ_Q(σ q e^{ā/p})` from the query tile in shared memory (in the input dtype), the block of
-//! the incoming state is staged beside it, and the planes multiply; then for each block of 64
-//! keys the scores `Q Kᵀ` come from the matrix units, the units turn them into gated powers,
-//! and `W V` accumulates into the same fragments. Row sums (`φ·z` and `Σ W`) stay in `f32` on
-//! the units. State and weights are scaled by `1/γ` before the half-precision cast (the
-//! normalisation cancels it) so long ungated sums stay in f16's range.
+//! A cube of 8 planes owns 64 query rows of one chunk and head, all `e` value columns.
+//! - State part (the bulk of the work, `φ_Q(q̃)ᵀ S_in`): for each block of 64 features the
+//!   units build `φ_Q` from the query tile in shared memory and stage the state block beside
+//!   it, both as **f16** whatever the input dtype (4× bf16's precision), and the planes multiply
+//!   into `f32` fragments (plane `p`: row tile `p mod 4`, every other column tile from `p / 4`).
+//!   Each row is scaled by `c_i = γ / (σ|q_i|)²` and the state by `1/γ` (`γ = √D`) so both
+//!   operands stay well inside f16's range; the factor cancels in the normalisation, and the
+//!   row sums `φ·z` use the same rounded features as the product.
+//! - Intra-chunk part: scores `Q Kᵀ` from the matrix units in the input dtype, then the gated
+//!   powers and `W V` in `f32` on the units (exact weights: strong gates and p = 4 make them
+//!   span more decades than a half-precision operand holds).
 
 use cubecl::prelude::*;
+use half::f16;
 
 use crate::config::OutputTiles;
 use crate::feature_pairs::{feature_row, row_offset};
 
 const BQ: usize = 64;
 const BK: usize = 64;
+/// Row stride of the `f32` score tile: 68 puts the 8 rows a plane reads in distinct banks.
+const SS: usize = 68;
 const PLANES: u32 = 8;
 const PLANE: u32 = 32;
 
@@ -37,13 +42,13 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     n_chunks: u32,
     big_d: u32,
     scale: f32,
-    inv_gamma: f32,
     #[comptime] cfg: OutputTiles,
     #[define(F)] _dtype: StorageType,
 ) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
     let n_acc = comptime!(cfg.value_dim as usize / 32);
+    let per_unit = comptime!(cfg.value_dim as usize / 4);
     let threads = comptime!((PLANES * PLANE) as usize);
 
     let ratio = q_heads / kv_heads;
@@ -58,7 +63,6 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
 
     let plane = UNIT_POS_Y as usize;
-    let lane = UNIT_POS_X as usize;
     let rt = plane % 4;
     let ct0 = plane / 4;
     let my_row = UNIT_POS as usize / 4;
@@ -67,8 +71,11 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     let mut sq = SharedMemory::<F>::new(BQ * d);
     let mut sk = SharedMemory::<F>::new(BK * d);
     let mut sv = SharedMemory::<F>::new(BK * e);
-    let mut sw = SharedMemory::<F>::new(BQ * BK);
-    let mut sc = SharedMemory::<f32>::new(BQ * BK);
+    let mut sphi = SharedMemory::<f16>::new(BQ * BK);
+    let mut sst = SharedMemory::<f16>::new(BK * e);
+    // scores during the key loop, then the output tile: one buffer
+    let mut sc =
+        SharedMemory::<f32>::new(comptime!(if BQ * SS > BQ * e { BQ * SS } else { BQ * e }));
     let mut gq = SharedMemory::<f32>::new(BQ);
     let mut gk = SharedMemory::<f32>::new(BK);
     let mut fa = SharedMemory::<u32>::new(BK);
@@ -96,6 +103,24 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
         }
         gq[UNIT_POS as usize] = g;
     }
+    sync_cube();
+
+    // row factor c_i = γ / (σ|q_i|)², 1 for a zero row
+    let mut gamma = 1.0f32;
+    if big_d > 0 {
+        gamma = f32::sqrt(f32::cast_from(big_d));
+    }
+    let mut norm2 = 0.0f32;
+    for x in 0..d {
+        let qx = f32::cast_from(sq[my_row * d + x]);
+        norm2 += qx * qx;
+    }
+    norm2 *= scale * scale;
+    let mut row_factor = 1.0f32;
+    if norm2 > 0.0 {
+        row_factor = gamma / norm2;
+    }
+    let inv_gamma = 1.0 / gamma;
 
     let mut acc = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
@@ -109,13 +134,17 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
             0.0,
         ));
     }
+    let mut accf = Array::<f32>::new(per_unit);
+    #[unroll]
+    for m in 0..per_unit {
+        accf[m] = 0.0;
+    }
     let mut lsum = 0.0f32;
-    sync_cube();
 
     if comptime!(cfg.with_state) {
-        let mut row_factor = scale * scale;
+        let mut phi_factor = scale * scale * row_factor;
         if comptime!(cfg.gated) {
-            row_factor *= f32::exp(gq[my_row]);
+            phi_factor *= f32::exp(gq[my_row]);
         }
         let block = (((bi * kv_heads + kvh) * n_chunks + u) * big_d) as usize;
         let n_blocks = (big_d as usize).div_ceil(BK);
@@ -143,50 +172,53 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
                 if f < big_d as usize {
                     val = states[(block + f) * e + idx % e] * inv_gamma;
                 }
-                sv[idx] = F::cast_from(val);
+                sst[idx] = f16::cast_from(val);
                 idx += threads;
             }
             sync_cube();
             #[unroll]
             for m in 0..BK / 4 {
                 let j = my_col + 4 * m;
-                let phi = row_factor
-                    * f32::cast_from(sq[my_row * d + fa[j] as usize])
-                    * f32::cast_from(sq[my_row * d + fb[j] as usize]);
-                lsum += phi * gk[j];
-                sw[my_row * BK + j] = F::cast_from(phi);
+                let phi = f16::cast_from(
+                    phi_factor
+                        * f32::cast_from(sq[my_row * d + fa[j] as usize])
+                        * f32::cast_from(sq[my_row * d + fb[j] as usize]),
+                );
+                lsum += f32::cast_from(phi) * gk[j];
+                sphi[my_row * BK + j] = phi;
             }
             sync_cube();
             #[unroll]
             for ks in 0..BK / 16 {
-                let a = cmma::Matrix::<F>::from_slice(
+                let a = cmma::Matrix::<f16>::from_slice(
                     cmma::MatrixIdent::A,
                     16usize,
                     16usize,
                     16usize,
                     cmma::MatrixLayout::RowMajor,
-                    &sw.slice(rt * 16 * BK + ks * 16, BQ * BK),
+                    &sphi.slice(rt * 16 * BK + ks * 16, BQ * BK),
                     BK as u32,
                 );
                 #[unroll]
                 for jj in 0..n_acc {
                     let ct = ct0 + 2 * jj;
-                    let b = cmma::Matrix::<F>::from_slice(
+                    let b = cmma::Matrix::<f16>::from_slice(
                         cmma::MatrixIdent::B,
                         16usize,
                         16usize,
                         16usize,
                         cmma::MatrixLayout::RowMajor,
-                        &sv.slice(ks * 16 * e + ct * 16, BK * e),
+                        &sst.slice(ks * 16 * e + ct * 16, BK * e),
                         e as u32,
                     );
                     let c = acc.index(jj);
-                    cmma::execute::<F, F, f32, f32>(&a, &b, c, c);
+                    cmma::execute::<f16, f16, f32, f32>(&a, &b, c, c);
                 }
             }
         }
     }
 
+    let intra_factor = row_factor * inv_gamma;
     let mut last = tile_start + BQ as u32;
     if last > chunk {
         last = chunk;
@@ -263,20 +295,18 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
                 cmma::execute::<F, F, f32, f32>(&a, &b, &s, &s);
             }
             cmma::store(
-                &mut sc.slice_mut(rt * 16 * BK + ct * 16, BQ * BK),
+                &mut sc.slice_mut(rt * 16 * SS + ct * 16, BQ * SS),
                 &s,
-                BK as u32,
+                SS as u32,
                 cmma::MatrixLayout::RowMajor,
             );
         }
         sync_cube();
         let q_pos = tile_start + my_row as u32;
-        #[unroll]
-        for m in 0..BK / 4 {
-            let j = my_col + 4 * m;
+        for j in 0..BK {
             let mut w = 0.0f32;
             if k0 + j as u32 <= q_pos {
-                let s = scale * sc[my_row * BK + j];
+                let s = scale * sc[my_row * SS + j];
                 let s2 = s * s;
                 w = s2;
                 #[unroll]
@@ -286,72 +316,46 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
                 if comptime!(cfg.gated) {
                     w *= f32::exp(gq[my_row] - gk[j]);
                 }
-                w *= inv_gamma;
+                w *= intra_factor;
             }
-            lsum += w;
-            sw[my_row * BK + j] = F::cast_from(w);
-        }
-        sync_cube();
-        #[unroll]
-        for ks in 0..BK / 16 {
-            let a = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &sw.slice(rt * 16 * BK + ks * 16, BQ * BK),
-                BK as u32,
-            );
+            if my_col == 0 {
+                lsum += w;
+            }
             #[unroll]
-            for jj in 0..n_acc {
-                let ct = ct0 + 2 * jj;
-                let b = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &sv.slice(ks * 16 * e + ct * 16, BK * e),
-                    e as u32,
-                );
-                let c = acc.index(jj);
-                cmma::execute::<F, F, f32, f32>(&a, &b, c, c);
+            for m in 0..per_unit {
+                accf[m] += w * f32::cast_from(sv[j * e + my_col + 4 * m]);
             }
         }
     }
 
-    lpart[UNIT_POS as usize] = lsum;
+    // combine: fragments into the f32 output tile, then add the unit accumulators
     sync_cube();
-    // each plane stages its fragments through its own 256 floats of `sc`
-    let stage = plane * 256;
     #[unroll]
     for jj in 0..n_acc {
         let ct = ct0 + 2 * jj;
         cmma::store(
-            &mut sc.slice_mut(stage, stage + 256),
+            &mut sc.slice_mut(rt * 16 * e + ct * 16, BQ * e),
             acc.index(jj),
-            16,
+            e as u32,
             cmma::MatrixLayout::RowMajor,
         );
-        sync_plane();
-        #[unroll]
-        for m in 0..8usize {
-            let idx = lane + 32 * m;
-            let row = rt * 16 + idx / 16;
-            let col = ct * 16 + idx % 16;
-            let pos = tile_start + row as u32;
-            let tok = chunk_start + pos;
-            if pos < chunk && tok < seq {
-                let l =
-                    lpart[row * 4] + lpart[row * 4 + 1] + lpart[row * 4 + 2] + lpart[row * 4 + 3];
-                let mut y = 0.0f32;
-                if l > 0.0 {
-                    y = sc[stage + idx] / l;
-                }
-                out[((bi * seq + tok) * q_heads + head) as usize * e + col] = F::cast_from(y);
-            }
+    }
+    lpart[UNIT_POS as usize] = lsum;
+    sync_cube();
+    let pos = tile_start + my_row as u32;
+    let tok = chunk_start + pos;
+    if pos < chunk && tok < seq {
+        let base = my_row * 4;
+        let l = lpart[base] + lpart[base + 1] + lpart[base + 2] + lpart[base + 3];
+        let mut inv = 0.0f32;
+        if l > 0.0 {
+            inv = 1.0 / l;
         }
-        sync_plane();
+        let out_base = ((bi * seq + tok) * q_heads + head) as usize * e;
+        #[unroll]
+        for m in 0..per_unit {
+            let col = my_col + 4 * m;
+            out[out_base + col] = F::cast_from((sc[my_row * e + col] + accf[m]) * inv);
+        }
     }
 }

@@ -211,31 +211,54 @@ fn decode_state_kernel<F: Float>(
         den[m] = 0.0;
     }
     let state_base = seq_head * big_d as usize;
+    // four feature rows per iteration, their loads issued together
     let mut f = f_start + UNIT_POS_Y;
     while f < f_end {
-        let a = feature_row(f, cfg.head_dim);
-        let b = a + f - row_offset(a, cfg.head_dim);
-        let mut phi_k = sk[a as usize] * sk[b as usize];
-        if a != b {
-            phi_k *= 2.0;
-        }
-        let z_old = key_sum[state_base + f as usize];
-        let mut s_old = 0.0f32;
-        if col_ok {
-            let at = (state_base + f as usize) * e + col;
-            s_old = state[at];
-            new_state[at] = g * s_old + phi_k * v_col;
-        }
-        if writes_sum {
-            new_key_sum[state_base + f as usize] = g * z_old + phi_k;
+        let mut fs = Array::<u32>::new(4usize);
+        let mut zs = Array::<f32>::new(4usize);
+        let mut ss = Array::<f32>::new(4usize);
+        #[unroll]
+        for i in 0..4u32 {
+            let fi = f + i * cfg.rows;
+            fs[i as usize] = fi;
+            let mut z = 0.0f32;
+            let mut st = 0.0f32;
+            if fi < f_end {
+                z = key_sum[state_base + fi as usize];
+                if col_ok {
+                    st = state[(state_base + fi as usize) * e + col];
+                }
+            }
+            zs[i as usize] = z;
+            ss[i as usize] = st;
         }
         #[unroll]
-        for m in 0..ratio {
-            let phi_q = sq[m * d + a as usize] * sq[m * d + b as usize];
-            num[m] += phi_q * s_old;
-            den[m] += phi_q * z_old;
+        for i in 0..4usize {
+            let fi = fs[i];
+            if fi < f_end {
+                let a = feature_row(fi, cfg.head_dim);
+                let b = a + fi - row_offset(a, cfg.head_dim);
+                let mut phi_k = sk[a as usize] * sk[b as usize];
+                if a != b {
+                    phi_k *= 2.0;
+                }
+                let z_old = zs[i];
+                let s_old = ss[i];
+                if col_ok {
+                    new_state[(state_base + fi as usize) * e + col] = g * s_old + phi_k * v_col;
+                }
+                if writes_sum {
+                    new_key_sum[state_base + fi as usize] = g * z_old + phi_k;
+                }
+                #[unroll]
+                for m in 0..ratio {
+                    let phi_q = sq[m * d + a as usize] * sq[m * d + b as usize];
+                    num[m] += phi_q * s_old;
+                    den[m] += phi_q * z_old;
+                }
+            }
         }
-        f += cfg.rows;
+        f += 4 * cfg.rows;
     }
     #[unroll]
     for m in 0..ratio {

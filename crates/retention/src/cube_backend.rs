@@ -305,7 +305,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             .hardware
             .num_streaming_multiprocessors
             .unwrap_or(32);
-        dims.slices = dims.slices_for(&tiles, 4 * units as usize);
+        dims.slices = dims.slices_for(&tiles, 8 * units as usize);
         let partial_num = empty_f32(&q, &[dims.slices, b, hq, e]);
         let partial_den = empty_f32(&q, &[dims.slices, b, hq]);
         let args = DecodeArgs {

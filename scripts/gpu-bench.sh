@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU run, every number side by side: `retention bench` (our kernels) and the anchor script
+# (Manifest's Triton `power_retention` and PyTorch SDPA) at the same shapes, on the same GPU.
+#
+# Run on the GPU machine from the repository root, with the CLI staged in .gpu/
+# (../shared/tools/gpu-pack target/release/retention) and the `retention` wheel in .whl/:
+#   scripts/gpu-bench.sh OUT_DIR [shape ...]        (shapes: mha64 brumby; default both)
+# Writes OUT_DIR/h200.csv (all rows, anchor schema) and OUT_DIR/triton-cache.tgz (unpacked from
+# .triton-cache/triton-cache.tgz on the next run, so Triton does not autotune again).
+# ANCHOR_TIMEOUT (seconds, default 900) bounds each anchor run; rows printed before it count.
+set -uo pipefail
+out=${1:?usage: scripts/gpu-bench.sh OUT_DIR [shape ...]}
+shift
+shapes=${*:-mha64 brumby}
+site=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl || exit 1
+export PYTHONPATH="$site" PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$PWD/.triton
+[ -f .triton-cache/triton-cache.tgz ] && tar xzf .triton-cache/triton-cache.tgz
+echo "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops" > "$out/h200.csv"
+for shape in $shapes; do
+  .gpu/retention bench --backend cuda --shape "$shape" --out "$out/ours-$shape.csv" \
+    | tee "$out/ours-$shape.txt"
+  tail -n +2 "$out/ours-$shape.csv" >> "$out/h200.csv"
+  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes fwd 2>&1 \
+    | tee "$out/anchors-$shape.txt"
+  grep -E '^(sdpa|retention_triton),' "$out/anchors-$shape.txt" >> "$out/h200.csv"
+done
+tar czf "$out/triton-cache.tgz" .triton
