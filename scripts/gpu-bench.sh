@@ -8,6 +8,8 @@
 # Writes OUT_DIR/h200.csv (all rows, anchor schema) and OUT_DIR/triton-cache.tgz (unpacked from
 # .triton-cache/triton-cache.tgz on the next run, so Triton does not autotune again).
 # ANCHOR_TIMEOUT (seconds, default 900) bounds each anchor run; rows printed before it count.
+# ANCHOR_TS (comma-separated sequence lengths) limits the anchor rows (each new shape autotunes);
+# BENCH_ARGS adds arguments to `retention bench`.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-bench.sh OUT_DIR [shape ...]}
 shift
@@ -19,10 +21,11 @@ export TRITON_CACHE_DIR=$PWD/.triton
 [ -f .triton-cache/triton-cache.tgz ] && tar xzf .triton-cache/triton-cache.tgz
 echo "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops" > "$out/h200.csv"
 for shape in $shapes; do
-  .gpu/retention bench --backend cuda --shape "$shape" --out "$out/ours-$shape.csv" \
+  .gpu/retention bench --backend cuda --shape "$shape" --out "$out/ours-$shape.csv" ${BENCH_ARGS:-} \
     | tee "$out/ours-$shape.txt"
   tail -n +2 "$out/ours-$shape.csv" >> "$out/h200.csv"
-  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes fwd 2>&1 \
+  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes fwd \
+    --ts "${ANCHOR_TS:-1024,2048,4096,8192,16384,32768,65536}" 2>&1 \
     | tee "$out/anchors-$shape.txt"
   grep -E '^(sdpa|retention_triton),' "$out/anchors-$shape.txt" >> "$out/h200.csv"
 done

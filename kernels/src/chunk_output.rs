@@ -11,7 +11,7 @@ use cubecl::prelude::*;
 
 use crate::chunk_output_mma::chunk_output_mma_kernel;
 use crate::config::{OutputTiles, Strategy, mma_supported, shared_memory_budget};
-use crate::feature_pairs::{feature_row, row_offset};
+use crate::tile_load::{load_feature_pairs, load_token_rows};
 
 /// Scalar sizes of an output launch.
 #[derive(Debug, Clone, Copy)]
@@ -196,19 +196,22 @@ fn chunk_output_kernel<F: Float>(
     let mut w = SharedMemory::<f32>::new(bq * bk);
 
     // query tile, pre-scaled by σ; rows past the chunk or the sequence are zero
-    let mut idx = UNIT_POS as usize;
-    while idx < bq * d {
-        let i = idx / d;
-        let x = idx % d;
-        let pos = tile_start + i as u32;
-        let tok = chunk_start + pos;
-        let mut val = 0.0f32;
-        if pos < chunk && tok < seq {
-            val = scale * f32::cast_from(q[((bi * seq + tok) * q_heads + head) as usize * d + x]);
-        }
-        sq[i * ds + x] = val;
-        idx += threads;
-    }
+    load_token_rows::<F, f32>(
+        q,
+        &mut sq,
+        chunk_start,
+        tile_start,
+        chunk,
+        seq,
+        bi,
+        q_heads,
+        head,
+        scale,
+        bq,
+        d,
+        ds,
+        threads,
+    );
     if UNIT_POS < cfg.block_q {
         let pos = tile_start + UNIT_POS;
         let mut g = 0.0f32;
@@ -233,20 +236,18 @@ fn chunk_output_kernel<F: Float>(
         for fblk in 0..n_blocks {
             let f0 = fblk * bk;
             sync_cube();
-            if (UNIT_POS as usize) < bk {
-                let f = (f0 + UNIT_POS as usize) as u32;
-                let mut a = 0u32;
-                let mut b = 0u32;
-                let mut z = 0.0f32;
-                if f < big_d {
-                    a = feature_row(f, cfg.head_dim);
-                    b = a + f - row_offset(a, cfg.head_dim);
-                    z = sums[block + f as usize];
-                }
-                fa[UNIT_POS as usize] = a;
-                fb[UNIT_POS as usize] = b;
-                gk[UNIT_POS as usize] = z;
-            }
+            load_feature_pairs(
+                sums,
+                &mut fa,
+                &mut fb,
+                &mut gk,
+                block,
+                f0,
+                big_d,
+                cfg.head_dim,
+                1.0,
+                bk,
+            );
             let mut idx = UNIT_POS as usize;
             while idx < bk * e {
                 let f = f0 + idx / e;
@@ -289,30 +290,38 @@ fn chunk_output_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * cfg.block_k;
         sync_cube();
-        let mut idx = UNIT_POS as usize;
-        while idx < bk * d {
-            let j = idx / d;
-            let pos = k0 + j as u32;
-            let tok = chunk_start + pos;
-            let mut val = 0.0f32;
-            if pos < chunk && tok < seq {
-                val = f32::cast_from(k[((bi * seq + tok) * kv_heads + kvh) as usize * d + idx % d]);
-            }
-            sk[j * ds + idx % d] = val;
-            idx += threads;
-        }
-        let mut idx = UNIT_POS as usize;
-        while idx < bk * e {
-            let j = idx / e;
-            let pos = k0 + j as u32;
-            let tok = chunk_start + pos;
-            let mut val = 0.0f32;
-            if pos < chunk && tok < seq {
-                val = f32::cast_from(v[((bi * seq + tok) * kv_heads + kvh) as usize * e + idx % e]);
-            }
-            sv[idx] = val;
-            idx += threads;
-        }
+        load_token_rows::<F, f32>(
+            k,
+            &mut sk,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            bk,
+            d,
+            ds,
+            threads,
+        );
+        load_token_rows::<F, f32>(
+            v,
+            &mut sv,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            bk,
+            e,
+            e,
+            threads,
+        );
         if comptime!(cfg.gated) {
             if UNIT_POS < cfg.block_k {
                 let pos = k0 + UNIT_POS;

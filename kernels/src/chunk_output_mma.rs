@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::config::OutputTiles;
-use crate::feature_pairs::{feature_row, row_offset};
+use crate::tile_load::{load_feature_pairs, load_token_rows};
 
 const BQ: usize = 64;
 const BK: usize = 64;
@@ -82,17 +82,22 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     let mut fb = SharedMemory::<u32>::new(BK);
     let mut lpart = SharedMemory::<f32>::new(threads);
 
-    let mut idx = UNIT_POS as usize;
-    while idx < BQ * d {
-        let pos = tile_start + (idx / d) as u32;
-        let tok = chunk_start + pos;
-        let mut val = F::new(0.0);
-        if pos < chunk && tok < seq {
-            val = q[((bi * seq + tok) * q_heads + head) as usize * d + idx % d];
-        }
-        sq[idx] = val;
-        idx += threads;
-    }
+    load_token_rows::<F, F>(
+        q,
+        &mut sq,
+        chunk_start,
+        tile_start,
+        chunk,
+        seq,
+        bi,
+        q_heads,
+        head,
+        1.0,
+        BQ,
+        d,
+        d,
+        threads,
+    );
     if UNIT_POS < BQ as u32 {
         let pos = tile_start + UNIT_POS;
         let mut g = 0.0f32;
@@ -151,20 +156,18 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
         for fblk in 0..n_blocks {
             let f0 = fblk * BK;
             sync_cube();
-            if (UNIT_POS as usize) < BK {
-                let f = (f0 + UNIT_POS as usize) as u32;
-                let mut a = 0u32;
-                let mut b = 0u32;
-                let mut z = 0.0f32;
-                if f < big_d {
-                    a = feature_row(f, cfg.head_dim);
-                    b = a + f - row_offset(a, cfg.head_dim);
-                    z = sums[block + f as usize] * inv_gamma;
-                }
-                fa[UNIT_POS as usize] = a;
-                fb[UNIT_POS as usize] = b;
-                gk[UNIT_POS as usize] = z;
-            }
+            load_feature_pairs(
+                sums,
+                &mut fa,
+                &mut fb,
+                &mut gk,
+                block,
+                f0,
+                big_d,
+                cfg.head_dim,
+                inv_gamma,
+                BK,
+            );
             let mut idx = UNIT_POS as usize;
             while idx < BK * e {
                 let f = f0 + idx / e;
@@ -227,28 +230,38 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * BK as u32;
         sync_cube();
-        let mut idx = UNIT_POS as usize;
-        while idx < BK * d {
-            let pos = k0 + (idx / d) as u32;
-            let tok = chunk_start + pos;
-            let mut val = F::new(0.0);
-            if pos < chunk && tok < seq {
-                val = k[((bi * seq + tok) * kv_heads + kvh) as usize * d + idx % d];
-            }
-            sk[idx] = val;
-            idx += threads;
-        }
-        let mut idx = UNIT_POS as usize;
-        while idx < BK * e {
-            let pos = k0 + (idx / e) as u32;
-            let tok = chunk_start + pos;
-            let mut val = F::new(0.0);
-            if pos < chunk && tok < seq {
-                val = v[((bi * seq + tok) * kv_heads + kvh) as usize * e + idx % e];
-            }
-            sv[idx] = val;
-            idx += threads;
-        }
+        load_token_rows::<F, F>(
+            k,
+            &mut sk,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            BK,
+            d,
+            d,
+            threads,
+        );
+        load_token_rows::<F, F>(
+            v,
+            &mut sv,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            BK,
+            e,
+            e,
+            threads,
+        );
         if comptime!(cfg.gated) {
             if UNIT_POS < BK as u32 {
                 let pos = k0 + UNIT_POS;

@@ -10,6 +10,7 @@ use cubecl::prelude::*;
 use crate::chunk_state_mma::chunk_state_mma_kernel;
 use crate::config::{StateTiles, Strategy, mma_supported, shared_memory_budget};
 use crate::feature_pairs::{feature_row, row_offset};
+use crate::tile_load::load_token_rows;
 
 /// Scalar sizes of a chunk-state launch.
 #[derive(Debug, Clone, Copy)]
@@ -181,30 +182,38 @@ fn chunk_state_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * cfg.block_k;
         sync_cube();
-        let mut idx = UNIT_POS as usize;
-        while idx < bk * d {
-            let j = idx / d;
-            let pos = k0 + j as u32;
-            let tok = chunk_start + pos;
-            let mut val = 0.0f32;
-            if pos < chunk && tok < seq {
-                val = f32::cast_from(k[((bi * seq + tok) * kv_heads + kvh) as usize * d + idx % d]);
-            }
-            sk[j * ds + idx % d] = val;
-            idx += threads;
-        }
-        let mut idx = UNIT_POS as usize;
-        while idx < bk * e {
-            let j = idx / e;
-            let pos = k0 + j as u32;
-            let tok = chunk_start + pos;
-            let mut val = 0.0f32;
-            if pos < chunk && tok < seq {
-                val = f32::cast_from(v[((bi * seq + tok) * kv_heads + kvh) as usize * e + idx % e]);
-            }
-            sv[idx] = val;
-            idx += threads;
-        }
+        load_token_rows::<F, f32>(
+            k,
+            &mut sk,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            bk,
+            d,
+            ds,
+            threads,
+        );
+        load_token_rows::<F, f32>(
+            v,
+            &mut sv,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            bk,
+            e,
+            e,
+            threads,
+        );
         if UNIT_POS < cfg.block_k {
             let pos = k0 + UNIT_POS;
             let mut dec = 1.0f32;

@@ -10,6 +10,7 @@ use cubecl::prelude::*;
 
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_row, row_offset};
+use crate::tile_load::load_token_rows;
 
 const BF: usize = 64;
 const BK: usize = 64;
@@ -94,28 +95,38 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * BK as u32;
         sync_cube();
-        let mut idx = UNIT_POS as usize;
-        while idx < BK * d {
-            let pos = k0 + (idx / d) as u32;
-            let tok = chunk_start + pos;
-            let mut val = F::new(0.0);
-            if pos < chunk && tok < seq {
-                val = k[((bi * seq + tok) * kv_heads + kvh) as usize * d + idx % d];
-            }
-            sk[idx] = val;
-            idx += threads;
-        }
-        let mut idx = UNIT_POS as usize;
-        while idx < BK * e {
-            let pos = k0 + (idx / e) as u32;
-            let tok = chunk_start + pos;
-            let mut val = F::new(0.0);
-            if pos < chunk && tok < seq {
-                val = v[((bi * seq + tok) * kv_heads + kvh) as usize * e + idx % e];
-            }
-            sv[idx] = val;
-            idx += threads;
-        }
+        load_token_rows::<F, F>(
+            k,
+            &mut sk,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            BK,
+            d,
+            d,
+            threads,
+        );
+        load_token_rows::<F, F>(
+            v,
+            &mut sv,
+            chunk_start,
+            k0,
+            chunk,
+            seq,
+            bi,
+            kv_heads,
+            kvh,
+            1.0,
+            BK,
+            e,
+            e,
+            threads,
+        );
         if UNIT_POS < BK as u32 {
             let pos = k0 + UNIT_POS;
             let mut dec = 1.0f32;

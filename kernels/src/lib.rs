@@ -14,6 +14,9 @@
 //! The products run on the cores' FMA units with register tiles (every runtime, lavapipe
 //! included); a tensor-core (`cmma`) path is not implemented yet.
 #![warn(missing_docs)]
+// In `#[cube]` bodies a comptime `if` must stay apart from the runtime condition inside it
+// (merging them makes the whole condition runtime), and runtime integers have no `div_ceil`.
+#![allow(clippy::collapsible_if, clippy::manual_div_ceil)]
 
 pub mod chunk_output;
 mod chunk_output_mma;
@@ -24,6 +27,8 @@ pub mod decode;
 pub mod discumsum;
 #[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
 pub mod feature_pairs;
+#[allow(missing_docs)]
+pub mod tile_load;
 
 pub use config::{
     DecodeTiles, OutputTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,

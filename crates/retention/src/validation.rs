@@ -526,8 +526,8 @@ impl SuiteReport {
 
     /// A Markdown table of the rows.
     pub fn table(&self) -> String {
-        let mut s = format!(
-            "| dtype | check | cases | worst max-rel error | tolerance | result |\n|---|---|---|---|---|---|\n"
+        let mut s = String::from(
+            "| dtype | check | cases | worst max-rel error | tolerance | result |\n|---|---|---|---|---|---|\n",
         );
         for (check, row) in &self.rows {
             let _ = writeln!(

@@ -306,6 +306,7 @@ pub fn gate_and_scale_properties<B: RetentionBackend>(dev: &B::Device, dtype: DT
     }
 }
 
+#[allow(unused_macros)] // used only when a CPU backend feature is on
 macro_rules! backend_suite {
     ($name:ident, $backend:ty, [$($dtype:ident => $tol:expr),+]) => {
         mod $name {

@@ -12,7 +12,7 @@ use retention::validation::run_suite;
 /// Cases per dtype on the backend users get (`Fusion<CubeBackend>`).
 const CASES: u64 = 200;
 /// Cases per dtype on the other stacks (same kernels, different dispatch).
-const ROUTING_CASES: u64 = 24;
+const ROUTING_CASES: u64 = 10;
 
 /// Whether `B` has a usable device; without one, skip loudly (or fail under CI).
 fn adapter<B: Backend>(name: &str) -> Option<B::Device> {
@@ -75,11 +75,24 @@ mod wgpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
+    use burn::backend::Autodiff;
+    use burn_cubecl::CubeBackend;
+    use retention_kernels::cubecl::cuda::CudaRuntime;
 
     const DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
 
     #[test]
     fn fusion_cube_backend_matches_oracle() {
         suite::<burn::backend::Cuda>("cuda (fusion)", DTYPES, CASES);
+    }
+
+    #[test]
+    fn bare_cube_backend_matches_oracle() {
+        suite::<CubeBackend<CudaRuntime, f32, i32, u8>>("cuda (cube)", DTYPES, ROUTING_CASES);
+    }
+
+    #[test]
+    fn autodiff_inference_matches_oracle() {
+        suite::<Autodiff<burn::backend::Cuda>>("cuda (autodiff)", DTYPES, ROUTING_CASES);
     }
 }

@@ -1,0 +1,74 @@
+//! Loads shared by the kernels: token rows of a `[b, t, heads, width]` array into shared
+//! memory, and the feature pairs (plus key-sum entries) of a block of features.
+
+use cubecl::prelude::*;
+
+use crate::feature_pairs::{feature_row, row_offset};
+
+/// Copies `rows` token rows (`first..first + rows` of the chunk starting at `chunk_start`) of
+/// head `head`, scaled by `mult`, into `dst` with row stride `stride`; rows past the chunk or
+/// the sequence are zero. All units of the cube take part.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_token_rows<F: Float, S: Float>(
+    src: &Array<F>,
+    dst: &mut SharedMemory<S>,
+    chunk_start: u32,
+    first: u32,
+    chunk: u32,
+    seq: u32,
+    batch: u32,
+    heads: u32,
+    head: u32,
+    mult: f32,
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] stride: usize,
+    #[comptime] threads: usize,
+) {
+    let mut idx = UNIT_POS as usize;
+    while idx < rows * width {
+        let row = idx / width;
+        let pos = first + row as u32;
+        let tok = chunk_start + pos;
+        let mut val = 0.0f32;
+        if pos < chunk && tok < seq {
+            let at = ((batch * seq + tok) * heads + head) as usize * width + idx % width;
+            val = mult * f32::cast_from(src[at]);
+        }
+        dst[row * stride + idx % width] = S::cast_from(val);
+        idx += threads;
+    }
+}
+
+/// Units `0..block` write the pair `(a, b)` of features `f0..f0 + block` into `fa`, `fb` and
+/// their key-sum entry `sums[base + f]`, times `mult`, into `zs` (zeros past `big_d`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_feature_pairs(
+    sums: &Array<f32>,
+    fa: &mut SharedMemory<u32>,
+    fb: &mut SharedMemory<u32>,
+    zs: &mut SharedMemory<f32>,
+    base: usize,
+    f0: usize,
+    big_d: u32,
+    head_dim: u32,
+    mult: f32,
+    #[comptime] block: usize,
+) {
+    if (UNIT_POS as usize) < block {
+        let f = (f0 + UNIT_POS as usize) as u32;
+        let mut a = 0u32;
+        let mut b = 0u32;
+        let mut z = 0.0f32;
+        if f < big_d {
+            a = feature_row(f, head_dim);
+            b = a + f - row_offset(a, head_dim);
+            z = sums[base + f as usize] * mult;
+        }
+        fa[UNIT_POS as usize] = a;
+        fb[UNIT_POS as usize] = b;
+        zs[UNIT_POS as usize] = z;
+    }
+}
