@@ -10,8 +10,8 @@
 use cubecl::prelude::*;
 
 use crate::chunk_output_mma::chunk_output_mma_kernel;
-use crate::config::{OutputTiles, Strategy, mma_supported, shared_memory_budget};
-use crate::tile_load::{load_feature_pairs, load_token_rows};
+use crate::config::OutputTiles;
+use crate::tile_load::{load_feature_pairs, load_gates, load_key_value_rows, load_token_rows};
 
 /// Scalar sizes of an output launch.
 #[derive(Debug, Clone, Copy)]
@@ -32,12 +32,6 @@ pub struct OutputDims {
     pub expanded_dim: usize,
     /// `σ`.
     pub scale: f32,
-    /// `d`.
-    pub head_dim: usize,
-    /// `e`.
-    pub value_dim: usize,
-    /// `p` (2 with a state; any even degree for the attention form).
-    pub degree: usize,
 }
 
 /// Buffers of an output launch (flat, contiguous, row-major).
@@ -57,72 +51,48 @@ pub struct OutputArgs<R: Runtime> {
     pub out: ArrayArg<R>,
 }
 
-/// Launches the output kernel: the tensor-core variant for f16/bf16 where `strategy` and the
-/// runtime allow it (`d % 16 == 0`, `e % 32 == 0`, `cmma` for the input dtype and for f16),
-/// else the FMA variant.
+/// Launches the output kernel with tiles from [`OutputTiles::plan`] (its `mma` field picks the
+/// tensor-core variant).
 ///
 /// # Safety
-/// The buffers must have the sizes documented on [`OutputArgs`] for `dims`, and `dtype` must
-/// be the element type of `q`, `k`, `v` and `out`.
+/// The buffers must have the sizes documented on [`OutputArgs`] for `dims`, `dtype` must be
+/// the element type of `q`, `k`, `v` and `out`, and `tiles` must come from
+/// [`OutputTiles::plan`] for this client, dtype and head dims.
 pub unsafe fn launch_output<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: StorageType,
     dims: OutputDims,
-    strategy: Strategy,
+    mut tiles: OutputTiles,
     args: OutputArgs<R>,
 ) {
-    let gated = args.gates.is_some();
-    let with_state = args.states.is_some();
+    tiles.gated = args.gates.is_some();
+    tiles.with_state = args.states.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     let gates = args.gates.unwrap_or_else(dummy);
     let (states, sums) = args.states.unwrap_or_else(|| (dummy(), dummy()));
     let ratio = dims.q_heads / dims.kv_heads;
-    let (d, e) = (dims.head_dim, dims.value_dim);
-    let use_mma =
-        strategy != Strategy::Fma && d % 16 == 0 && e % 32 == 0 && mma_supported(client, dtype);
-    let budget = shared_memory_budget(client.properties().hardware.max_shared_memory_size);
-    let mut tiles = OutputTiles::select(d, e, dims.degree, gated, with_state, budget);
-    if use_mma {
-        tiles.block_q = 64;
-        tiles.block_k = 64;
-    }
     let q_blocks = dims.chunk.div_ceil(tiles.block_q as usize);
     let count = CubeCount::Static(
         (q_blocks * ratio) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
-    if use_mma {
-        unsafe {
-            chunk_output_mma_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                CubeDim::new_2d(32, 8),
-                args.q,
-                args.k,
-                args.v,
-                gates,
-                states,
-                sums,
-                args.out,
-                dims.seq as u32,
-                dims.q_heads as u32,
-                dims.kv_heads as u32,
-                dims.chunk as u32,
-                dims.n_chunks as u32,
-                dims.expanded_dim as u32,
-                dims.scale,
-                tiles,
-                dtype,
-            )
-        }
-        return;
-    }
+    let (launch, cube_dim) = if tiles.mma {
+        (
+            chunk_output_mma_kernel::launch_unchecked::<R> as OutputLaunch<R>,
+            CubeDim::new_2d(32, 8),
+        )
+    } else {
+        (
+            chunk_output_kernel::launch_unchecked::<R> as OutputLaunch<R>,
+            CubeDim::new_1d(tiles.threads),
+        )
+    };
     unsafe {
-        chunk_output_kernel::launch_unchecked::<R>(
+        launch(
             client,
             count,
-            CubeDim::new_1d(tiles.threads),
+            cube_dim,
             args.q,
             args.k,
             args.v,
@@ -142,6 +112,29 @@ pub unsafe fn launch_output<R: Runtime>(
         )
     }
 }
+
+/// The launch signature both output variants share.
+type OutputLaunch<R> = unsafe fn(
+    &ComputeClient<R>,
+    CubeCount,
+    CubeDim,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    f32,
+    OutputTiles,
+    StorageType,
+);
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -212,15 +205,16 @@ fn chunk_output_kernel<F: Float>(
         ds,
         threads,
     );
-    if UNIT_POS < cfg.block_q {
-        let pos = tile_start + UNIT_POS;
-        let mut g = 0.0f32;
-        if comptime!(cfg.gated) {
-            if pos < chunk {
-                g = gates[gate_base + (chunk_start + pos) as usize];
-            }
-        }
-        gq[UNIT_POS as usize] = g;
+    if comptime!(cfg.gated) {
+        load_gates(
+            gates,
+            &mut gq,
+            gate_base,
+            chunk_start,
+            tile_start,
+            chunk,
+            cfg.block_q,
+        );
     }
 
     let mut acc = Array::<f32>::new(per_unit);
@@ -290,24 +284,10 @@ fn chunk_output_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * cfg.block_k;
         sync_cube();
-        load_token_rows::<F, f32>(
+        load_key_value_rows::<F, f32>(
             k,
-            &mut sk,
-            chunk_start,
-            k0,
-            chunk,
-            seq,
-            bi,
-            kv_heads,
-            kvh,
-            1.0,
-            bk,
-            d,
-            ds,
-            threads,
-        );
-        load_token_rows::<F, f32>(
             v,
+            &mut sk,
             &mut sv,
             chunk_start,
             k0,
@@ -316,21 +296,22 @@ fn chunk_output_kernel<F: Float>(
             bi,
             kv_heads,
             kvh,
-            1.0,
             bk,
-            e,
+            d,
+            ds,
             e,
             threads,
         );
         if comptime!(cfg.gated) {
-            if UNIT_POS < cfg.block_k {
-                let pos = k0 + UNIT_POS;
-                let mut g = 0.0f32;
-                if pos < chunk {
-                    g = gates[gate_base + (chunk_start + pos) as usize];
-                }
-                gk[UNIT_POS as usize] = g;
-            }
+            load_gates(
+                gates,
+                &mut gk,
+                gate_base,
+                chunk_start,
+                k0,
+                chunk,
+                cfg.block_k,
+            );
         }
         sync_cube();
         let mut idx = UNIT_POS as usize;

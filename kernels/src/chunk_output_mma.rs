@@ -16,7 +16,7 @@ use cubecl::prelude::*;
 use half::f16;
 
 use crate::config::OutputTiles;
-use crate::tile_load::{load_feature_pairs, load_token_rows};
+use crate::tile_load::{load_feature_pairs, load_gates, load_key_value_rows, load_token_rows};
 
 const BQ: usize = 64;
 const BK: usize = 64;
@@ -98,15 +98,16 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
         d,
         threads,
     );
-    if UNIT_POS < BQ as u32 {
-        let pos = tile_start + UNIT_POS;
-        let mut g = 0.0f32;
-        if comptime!(cfg.gated) {
-            if pos < chunk {
-                g = gates[gate_base + (chunk_start + pos) as usize];
-            }
-        }
-        gq[UNIT_POS as usize] = g;
+    if comptime!(cfg.gated) {
+        load_gates(
+            gates,
+            &mut gq,
+            gate_base,
+            chunk_start,
+            tile_start,
+            chunk,
+            BQ as u32,
+        );
     }
     sync_cube();
 
@@ -230,24 +231,10 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * BK as u32;
         sync_cube();
-        load_token_rows::<F, F>(
+        load_key_value_rows::<F, F>(
             k,
-            &mut sk,
-            chunk_start,
-            k0,
-            chunk,
-            seq,
-            bi,
-            kv_heads,
-            kvh,
-            1.0,
-            BK,
-            d,
-            d,
-            threads,
-        );
-        load_token_rows::<F, F>(
             v,
+            &mut sk,
             &mut sv,
             chunk_start,
             k0,
@@ -256,21 +243,14 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
             bi,
             kv_heads,
             kvh,
-            1.0,
             BK,
-            e,
+            d,
+            d,
             e,
             threads,
         );
         if comptime!(cfg.gated) {
-            if UNIT_POS < BK as u32 {
-                let pos = k0 + UNIT_POS;
-                let mut g = 0.0f32;
-                if pos < chunk {
-                    g = gates[gate_base + (chunk_start + pos) as usize];
-                }
-                gk[UNIT_POS as usize] = g;
-            }
+            load_gates(gates, &mut gk, gate_base, chunk_start, k0, chunk, BK as u32);
         }
         sync_cube();
         // scores Q Kᵀ: this plane's row tile × key tiles ct0 and ct0 + 2

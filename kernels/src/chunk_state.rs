@@ -8,9 +8,9 @@
 use cubecl::prelude::*;
 
 use crate::chunk_state_mma::chunk_state_mma_kernel;
-use crate::config::{StateTiles, Strategy, mma_supported, shared_memory_budget};
+use crate::config::StateTiles;
 use crate::feature_pairs::{feature_row, row_offset};
-use crate::tile_load::load_token_rows;
+use crate::tile_load::load_key_value_rows;
 
 /// Scalar sizes of a chunk-state launch.
 #[derive(Debug, Clone, Copy)]
@@ -27,10 +27,6 @@ pub struct StateDims {
     pub n_chunks: usize,
     /// `D = d(d+1)/2`.
     pub expanded_dim: usize,
-    /// `d`.
-    pub head_dim: usize,
-    /// `e`.
-    pub value_dim: usize,
 }
 
 /// Buffers of a chunk-state launch.
@@ -47,60 +43,45 @@ pub struct StateArgs<R: Runtime> {
     pub sums: ArrayArg<R>,
 }
 
-/// Launches the chunk-state kernel: the tensor-core variant for f16/bf16 where `strategy` and
-/// the runtime allow it (`d % 16 == 0`, `e % 32 == 0`), else the FMA variant.
+/// Launches the chunk-state kernel with tiles from [`StateTiles::plan`] (its `mma` field picks
+/// the tensor-core variant).
 ///
 /// # Safety
-/// The buffers must have the sizes documented on [`StateArgs`], and `dtype` must be the
-/// element type of `k` and `v`.
+/// The buffers must have the sizes documented on [`StateArgs`], `dtype` must be the element
+/// type of `k` and `v`, and `tiles` must come from [`StateTiles::plan`] for this client, dtype
+/// and head dims.
 pub unsafe fn launch_chunk_state<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: StorageType,
     dims: StateDims,
-    strategy: Strategy,
+    mut tiles: StateTiles,
     args: StateArgs<R>,
 ) {
-    let gated = args.gates.is_some();
+    tiles.gated = args.gates.is_some();
     let gates = args
         .gates
         .unwrap_or_else(|| unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) });
-    let (d, e) = (dims.head_dim, dims.value_dim);
-    let budget = shared_memory_budget(client.properties().hardware.max_shared_memory_size);
-    let tiles = StateTiles::select(d, e, gated, budget);
-    let use_mma =
-        strategy != Strategy::Fma && d % 16 == 0 && e % 32 == 0 && mma_supported(client, dtype);
     let count = CubeCount::Static(
         dims.expanded_dim.div_ceil(tiles.block_f as usize) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
-    if use_mma {
-        unsafe {
-            chunk_state_mma_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                CubeDim::new_2d(32, 8),
-                args.k,
-                args.v,
-                gates,
-                args.states,
-                args.sums,
-                dims.seq as u32,
-                dims.kv_heads as u32,
-                dims.chunk as u32,
-                dims.n_chunks as u32,
-                dims.expanded_dim as u32,
-                tiles,
-                dtype,
-            )
-        }
-        return;
-    }
+    let (launch, cube_dim) = if tiles.mma {
+        (
+            chunk_state_mma_kernel::launch_unchecked::<R> as StateLaunch<R>,
+            CubeDim::new_2d(32, 8),
+        )
+    } else {
+        (
+            chunk_state_kernel::launch_unchecked::<R> as StateLaunch<R>,
+            CubeDim::new_1d(tiles.threads),
+        )
+    };
     unsafe {
-        chunk_state_kernel::launch_unchecked::<R>(
+        launch(
             client,
             count,
-            CubeDim::new_1d(tiles.threads),
+            cube_dim,
             args.k,
             args.v,
             gates,
@@ -116,6 +97,25 @@ pub unsafe fn launch_chunk_state<R: Runtime>(
         )
     }
 }
+
+/// The launch signature both chunk-state variants share.
+type StateLaunch<R> = unsafe fn(
+    &ComputeClient<R>,
+    CubeCount,
+    CubeDim,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    StateTiles,
+    StorageType,
+);
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -182,24 +182,10 @@ fn chunk_state_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * cfg.block_k;
         sync_cube();
-        load_token_rows::<F, f32>(
+        load_key_value_rows::<F, f32>(
             k,
-            &mut sk,
-            chunk_start,
-            k0,
-            chunk,
-            seq,
-            bi,
-            kv_heads,
-            kvh,
-            1.0,
-            bk,
-            d,
-            ds,
-            threads,
-        );
-        load_token_rows::<F, f32>(
             v,
+            &mut sk,
             &mut sv,
             chunk_start,
             k0,
@@ -208,9 +194,9 @@ fn chunk_state_kernel<F: Float>(
             bi,
             kv_heads,
             kvh,
-            1.0,
             bk,
-            e,
+            d,
+            ds,
             e,
             threads,
         );

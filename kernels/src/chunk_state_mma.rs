@@ -10,7 +10,7 @@ use cubecl::prelude::*;
 
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_row, row_offset};
-use crate::tile_load::load_token_rows;
+use crate::tile_load::load_key_value_rows;
 
 const BF: usize = 64;
 const BK: usize = 64;
@@ -95,24 +95,10 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
     for kb in 0..k_blocks {
         let k0 = kb * BK as u32;
         sync_cube();
-        load_token_rows::<F, F>(
+        load_key_value_rows::<F, F>(
             k,
-            &mut sk,
-            chunk_start,
-            k0,
-            chunk,
-            seq,
-            bi,
-            kv_heads,
-            kvh,
-            1.0,
-            BK,
-            d,
-            d,
-            threads,
-        );
-        load_token_rows::<F, F>(
             v,
+            &mut sk,
             &mut sv,
             chunk_start,
             k0,
@@ -121,9 +107,9 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
             bi,
             kv_heads,
             kvh,
-            1.0,
             BK,
-            e,
+            d,
+            d,
             e,
             threads,
         );

@@ -32,10 +32,32 @@ pub fn mma_supported<R: Runtime>(client: &ComputeClient<R>, dtype: StorageType) 
     })
 }
 
-/// Shared memory a kernel may plan for: the device's limit, capped at the 48 KiB every
+/// Shared memory the FMA kernels may plan for: the device's limit, capped at the 48 KiB every
 /// CUDA/HIP/Vulkan device gives without an opt-in.
 pub fn shared_memory_budget(max_shared_bytes: usize) -> usize {
     max_shared_bytes.min(48 * 1024)
+}
+
+/// The device's shared-memory limit (what the tensor-core kernels may use; CUDA opts in).
+fn shared_memory_max<R: Runtime>(client: &ComputeClient<R>) -> usize {
+    client.properties().hardware.max_shared_memory_size
+}
+
+/// Whether the tensor-core variants apply: `strategy` allows them, `d % 16 == 0`,
+/// `e % 32 == 0`, and the runtime has `cmma` for `dtype` and for each of `extra`.
+fn use_mma<R: Runtime>(
+    client: &ComputeClient<R>,
+    strategy: Strategy,
+    dtype: StorageType,
+    extra: &[StorageType],
+    head_dim: usize,
+    value_dim: usize,
+) -> bool {
+    strategy != Strategy::Fma
+        && head_dim % 16 == 0
+        && value_dim % 32 == 0
+        && mma_supported(client, dtype)
+        && extra.iter().all(|&t| mma_supported(client, t))
 }
 
 /// Tiles of the output kernel (query-state product + intra-chunk attention + normalisation).
@@ -53,41 +75,63 @@ pub struct OutputTiles {
     pub value_dim: u32,
     /// `p`.
     pub degree: u32,
-    /// Whether log-gates are given.
+    /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
-    /// Whether the chunk's incoming state is read (chunked form) or not (attention form).
+    /// Whether the chunk's incoming state is read (chunked form) or not (attention form); set
+    /// at launch from the arguments.
     pub with_state: bool,
+    /// Whether the tensor-core variant runs.
+    pub mma: bool,
 }
 
 impl OutputTiles {
-    /// The largest tiles whose shared memory fits `budget` bytes.
-    pub fn select(
+    /// Tiles for inputs of `dtype` on `client`: the tensor-core variant where `strategy` and
+    /// the device allow it, else the largest FMA tiles that fit in shared memory; `None` when
+    /// none fit (head dims too large for this device): run the reference instead.
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        dtype: StorageType,
+        strategy: Strategy,
         head_dim: usize,
         value_dim: usize,
         degree: usize,
-        gated: bool,
-        with_state: bool,
-        budget: usize,
-    ) -> Self {
-        let threads = 256;
-        let (block_q, block_k) = [(64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8)]
-            .into_iter()
-            .find(|&(bq, bk)| Self::shared_bytes(bq, bk, head_dim, value_dim) <= budget)
-            .unwrap_or((16, 8));
-        Self {
+    ) -> Option<Self> {
+        let tiles = |block_q: usize, block_k: usize, mma: bool| Self {
             block_q: block_q as u32,
             block_k: block_k as u32,
-            threads,
+            threads: 256,
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
             degree: degree as u32,
-            gated,
-            with_state,
+            gated: false,
+            with_state: false,
+            mma,
+        };
+        let f16 = half::f16::as_type_native_unchecked().storage_type();
+        if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
+            && Self::mma_shared_bytes(head_dim, value_dim, dtype.size())
+                <= shared_memory_max(client)
+        {
+            return Some(tiles(64, 64, true));
         }
+        let budget = shared_memory_budget(shared_memory_max(client));
+        [(64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8)]
+            .into_iter()
+            .find(|&(bq, bk)| Self::fma_shared_bytes(bq, bk, head_dim, value_dim) <= budget)
+            .map(|(bq, bk)| tiles(bq, bk, false))
     }
 
-    fn shared_bytes(bq: usize, bk: usize, d: usize, e: usize) -> usize {
+    fn fma_shared_bytes(bq: usize, bk: usize, d: usize, e: usize) -> usize {
         4 * (bq * (d + 1) + bk * (d + 1) + bk * e + bq * bk + 3 * bk + bq)
+    }
+
+    /// Shared memory of the tensor-core variant (64×64 tiles, `el` bytes per input element).
+    fn mma_shared_bytes(d: usize, e: usize, el: usize) -> usize {
+        let (bq, bk) = (64, 64);
+        el * (bq * d + bk * d + bk * e)
+            + 2 * (bq * bk + bk * e)
+            + 4 * (bq * 68).max(bq * e)
+            + 4 * (bq + 3 * bk + 256)
     }
 }
 
@@ -104,25 +148,42 @@ pub struct StateTiles {
     pub head_dim: u32,
     /// `e`.
     pub value_dim: u32,
-    /// Whether log-gates are given.
+    /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
+    /// Whether the tensor-core variant runs.
+    pub mma: bool,
 }
 
 impl StateTiles {
-    /// The largest tiles whose shared memory fits `budget` bytes.
-    pub fn select(head_dim: usize, value_dim: usize, gated: bool, budget: usize) -> Self {
-        let block_k = [64usize, 32, 16, 8]
-            .into_iter()
-            .find(|&bk| 4 * (bk * (head_dim + 1) + bk * value_dim + bk) <= budget)
-            .unwrap_or(8);
-        Self {
+    /// Tiles for inputs of `dtype` on `client` (as [`OutputTiles::plan`]); `None` when none fit.
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        dtype: StorageType,
+        strategy: Strategy,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Option<Self> {
+        let tiles = |block_k: usize, mma: bool| Self {
             block_f: 64,
             block_k: block_k as u32,
             threads: 256,
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
-            gated,
+            gated: false,
+            mma,
+        };
+        let el = dtype.size();
+        let mma_bytes = el * 64 * (head_dim + value_dim + 64) + 4 * (64 + 2048 + 256);
+        if use_mma(client, strategy, dtype, &[], head_dim, value_dim)
+            && mma_bytes <= shared_memory_max(client)
+        {
+            return Some(tiles(64, true));
         }
+        let budget = shared_memory_budget(shared_memory_max(client));
+        [64usize, 32, 16, 8]
+            .into_iter()
+            .find(|&bk| 4 * (bk * (head_dim + 1) + bk * value_dim + bk) <= budget)
+            .map(|bk| tiles(bk, false))
     }
 }
 
@@ -141,6 +202,29 @@ pub struct DecodeTiles {
     pub ratio: u32,
     /// `p`.
     pub degree: u32,
-    /// Whether log-gates are given.
+    /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
+}
+
+impl DecodeTiles {
+    /// Tiles for one decode step on `client`; `None` when the queries sharing a state do not
+    /// fit in shared memory (run the reference instead).
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        head_dim: usize,
+        value_dim: usize,
+        ratio: usize,
+    ) -> Option<Self> {
+        let (block_e, rows) = (32, 8);
+        let bytes = 4 * (ratio * head_dim + head_dim + rows * ratio * block_e + rows * ratio);
+        (bytes <= shared_memory_budget(shared_memory_max(client))).then_some(Self {
+            block_e: block_e as u32,
+            rows: rows as u32,
+            head_dim: head_dim as u32,
+            value_dim: value_dim as u32,
+            ratio: ratio as u32,
+            degree: 2,
+            gated: false,
+        })
+    }
 }

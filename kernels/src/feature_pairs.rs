@@ -30,14 +30,3 @@ pub fn feature_row(f: u32, d: u32) -> u32 {
     }
     i
 }
-
-/// Host mirror of [`feature_row`]'s layout: `(i, j)` of feature `f`, for tests.
-pub fn feature_pair_host(f: usize, d: usize) -> (usize, usize) {
-    let mut i = 0;
-    let mut start = 0;
-    while start + (d - i) <= f {
-        start += d - i;
-        i += 1;
-    }
-    (i, i + f - start)
-}

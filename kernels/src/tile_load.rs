@@ -72,3 +72,82 @@ pub fn load_feature_pairs(
         zs[UNIT_POS as usize] = z;
     }
 }
+
+/// Copies the key and value rows `first..first + rows` of key/value head `head` into `sk`
+/// (row stride `k_stride`) and `sv` (row stride `value_dim`), as [`load_token_rows`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_key_value_rows<F: Float, S: Float>(
+    k: &Array<F>,
+    v: &Array<F>,
+    sk: &mut SharedMemory<S>,
+    sv: &mut SharedMemory<S>,
+    chunk_start: u32,
+    first: u32,
+    chunk: u32,
+    seq: u32,
+    batch: u32,
+    heads: u32,
+    head: u32,
+    #[comptime] rows: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] k_stride: usize,
+    #[comptime] value_dim: usize,
+    #[comptime] threads: usize,
+) {
+    load_token_rows::<F, S>(
+        k,
+        sk,
+        chunk_start,
+        first,
+        chunk,
+        seq,
+        batch,
+        heads,
+        head,
+        1.0,
+        rows,
+        head_dim,
+        k_stride,
+        threads,
+    );
+    load_token_rows::<F, S>(
+        v,
+        sv,
+        chunk_start,
+        first,
+        chunk,
+        seq,
+        batch,
+        heads,
+        head,
+        1.0,
+        rows,
+        value_dim,
+        value_dim,
+        threads,
+    );
+}
+
+/// Units `0..block` copy the cumulative gates of positions `first..first + block` of the chunk
+/// (entries `base + chunk_start + pos` of `gates`, zero past the chunk) into `dst`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_gates(
+    gates: &Array<f32>,
+    dst: &mut SharedMemory<f32>,
+    base: usize,
+    chunk_start: u32,
+    first: u32,
+    chunk: u32,
+    #[comptime] block: u32,
+) {
+    if UNIT_POS < block {
+        let pos = first + UNIT_POS;
+        let mut g = 0.0f32;
+        if pos < chunk {
+            g = gates[base + (chunk_start + pos) as usize];
+        }
+        dst[UNIT_POS as usize] = g;
+    }
+}

@@ -5,7 +5,7 @@
 use cubecl::prelude::*;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use retention_kernels::{
-    Buffer, DecodeTiles, Strategy,
+    Buffer, DecodeTiles, OutputTiles, StateTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     decode::{DecodeArgs, DecodeDims, launch_decode},
@@ -116,8 +116,6 @@ fn every_kernel_writes_every_output_element() {
         chunk: C,
         n_chunks: N,
         expanded_dim: BIG_D,
-        head_dim: D,
-        value_dim: E,
     };
     let args = StateArgs {
         k: k.arg(),
@@ -126,8 +124,9 @@ fn every_kernel_writes_every_output_element() {
         states: states.arg(),
         sums: sums.arg(),
     };
+    let tiles = StateTiles::plan(&client, dtype(), Strategy::Auto, D, E).expect("tiles fit");
     // SAFETY: sizes as documented.
-    unsafe { launch_chunk_state(&client, dtype(), dims, Strategy::Auto, args) };
+    unsafe { launch_chunk_state(&client, dtype(), dims, tiles, args) };
     assert_written("chunk_state states", &client, &states);
     assert_written("chunk_state sums", &client, &sums);
 
@@ -164,9 +163,6 @@ fn every_kernel_writes_every_output_element() {
             n_chunks,
             expanded_dim: BIG_D,
             scale: 0.25,
-            head_dim: D,
-            value_dim: E,
-            degree: 2,
         };
         let args = OutputArgs {
             q: q.arg(),
@@ -176,8 +172,10 @@ fn every_kernel_writes_every_output_element() {
             states: with_state.then(|| (states.arg(), sums.arg())),
             out: out.arg(),
         };
+        let tiles =
+            OutputTiles::plan(&client, dtype(), Strategy::Auto, D, E, 2).expect("tiles fit");
         // SAFETY: sizes as documented.
-        unsafe { launch_output(&client, dtype(), dims, Strategy::Auto, args) };
+        unsafe { launch_output(&client, dtype(), dims, tiles, args) };
         assert_written(
             if with_state {
                 "output (chunked)"
@@ -199,15 +197,7 @@ fn every_kernel_writes_every_output_element() {
     let k1 = Buf::new(&client, &values(B * H * D, 8));
     let v1 = Buf::new(&client, &values(B * H * E, 9));
     let g1 = Buf::new(&client, &[-0.1f32; B * H]);
-    let tiles = DecodeTiles {
-        block_e: 32,
-        rows: 8,
-        head_dim: D as u32,
-        value_dim: E as u32,
-        ratio: (HQ / H) as u32,
-        degree: 2,
-        gated: true,
-    };
+    let tiles = DecodeTiles::plan(&client, D, E, HQ / H).expect("tiles fit");
     let dims = DecodeDims {
         batch: B,
         q_heads: HQ,

@@ -1,5 +1,7 @@
 //! `retention apply`: file round trip equals the op, and bad files get clear errors.
 
+#![cfg(feature = "ndarray")]
+
 use burn::backend::NdArray;
 use burn::tensor::{Distribution, Tensor};
 use retention::{RetentionOptions, power_retention, power_retention_with_state};

@@ -1,7 +1,8 @@
 //! `CubeBackend<R>` (CUDA, ROCm/HIP, wgpu): the forms run on the CubeCL kernels of
 //! `retention-kernels`; what the kernels do not cover falls back to the reference:
 //! f64 inputs, a degree other than 2 in the chunked form and the step (the attention-form
-//! kernel takes any even degree).
+//! kernel takes any even degree), and head dims whose tiles do not fit the device's shared
+//! memory (the kernels' `plan` functions decide before anything is launched).
 
 use burn::tensor::{DType, Shape, Tensor, ops::FloatTensor};
 use burn_cubecl::{
@@ -9,7 +10,7 @@ use burn_cubecl::{
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
-    Buffer, DecodeTiles, Strategy,
+    Buffer, DecodeTiles, OutputTiles, StateTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
@@ -43,13 +44,18 @@ fn buffer<R: CubeRuntime>(t: CubeTensor<R>) -> Buffer {
     }
 }
 
-fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
+/// A new contiguous tensor on `like`'s device.
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::from(shape.to_vec()),
-        DType::F32,
+        dtype,
     )
+}
+
+fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
+    empty(like, shape, DType::F32)
 }
 
 /// `log_g [b, t, h]` → cumulative log-gates inside chunks of `chunk`, `f32 [b, h, n·chunk]`,
@@ -63,12 +69,11 @@ where
 {
     let g = float::<Cube<R, F, I, BT>, 3>(log_g);
     let [b, t, h] = g.dims();
-    let g = g.to_dtype(DType::F32).swap_dims(1, 2); // [b, h, t]
-    let g = pad_seq(g.swap_dims(1, 2), n_chunks * chunk - t).swap_dims(1, 2);
-    let g: Tensor<Cube<R, F, I, BT>, 3> =
-        g.reshape([b * h, n_chunks, chunk])
-            .cumsum(2)
-            .reshape([b, h, n_chunks * chunk]);
+    let g: Tensor<Cube<R, F, I, BT>, 3> = pad_seq(g.to_dtype(DType::F32), n_chunks * chunk - t)
+        .swap_dims(1, 2) // [b, h, n·chunk]
+        .reshape([b * h, n_chunks, chunk])
+        .cumsum(2)
+        .reshape([b, h, n_chunks * chunk]);
     into_contiguous(prim(g))
 }
 
@@ -95,20 +100,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         log_g: Option<FloatTensor<Self>>,
         options: &RetentionOptions,
     ) -> FloatTensor<Self> {
-        if !kernel_dtype(q.dtype) {
-            return reference_attention::<Self>(q, k, v, log_g, options);
-        }
         let [b, t, hq, d] = dims4(&q);
         let [_, _, h, e] = dims4(&v);
-        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
         let dtype = q.dtype;
-        let out = empty_device_contiguous_dtype(
-            q.client.clone(),
-            q.device.clone(),
-            Shape::from(vec![b, t, hq, e]),
-            dtype,
-        );
         let client = q.client.clone();
+        let tiles = kernel_dtype(dtype)
+            .then(|| OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree))
+            .flatten();
+        let Some(tiles) = tiles else {
+            return reference_attention::<Self>(q, k, v, log_g, options);
+        };
+        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
+        let out = empty(&q, &[b, t, hq, e], dtype);
         let dims = OutputDims {
             batch: b,
             seq: t,
@@ -118,9 +121,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             n_chunks: 1,
             expanded_dim: 0,
             scale: options.scale_for(d) as f32,
-            head_dim: d,
-            value_dim: e,
-            degree: options.degree,
         };
         let args = OutputArgs {
             q: arg(into_contiguous(q)),
@@ -131,7 +131,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             out: arg(out.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, Strategy::Auto, args) };
+        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
         out
     }
 
@@ -147,16 +147,23 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let initial_ok = initial
             .as_ref()
             .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
-        if options.degree != 2 || !kernel_dtype(q.dtype) || !initial_ok {
-            return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
-        }
         let [b, t, hq, d] = dims4(&q);
         let [_, _, h, e] = dims4(&v);
+        let dtype = q.dtype;
+        let client = q.client.clone();
+        let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
+            .then(|| {
+                let out = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, 2)?;
+                let state = StateTiles::plan(&client, dtype.into(), Strategy::Auto, d, e)?;
+                Some((out, state))
+            })
+            .flatten();
+        let Some((out_tiles, state_tiles)) = plans else {
+            return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
+        };
         let c = chunk_size;
         let n = t.div_ceil(c);
         let big_d = expanded_dim(d, 2);
-        let dtype = q.dtype;
-        let client = q.client.clone();
         let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
         let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
 
@@ -170,8 +177,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             chunk: c,
             n_chunks: n,
             expanded_dim: big_d,
-            head_dim: d,
-            value_dim: e,
         };
         let state_args = StateArgs {
             k: arg(k.clone()),
@@ -181,15 +186,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             sums: arg(sums.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe {
-            launch_chunk_state(
-                &client,
-                dtype.into(),
-                state_dims,
-                Strategy::Auto,
-                state_args,
-            )
-        };
+        unsafe { launch_chunk_state(&client, dtype.into(), state_dims, state_tiles, state_args) };
 
         // 2. states entering each chunk, and the final state
         let final_state = empty_f32(&q, &[b, h, big_d, e]);
@@ -222,12 +219,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         }
 
         // 3. outputs
-        let out = empty_device_contiguous_dtype(
-            client.clone(),
-            q.device.clone(),
-            Shape::from(vec![b, t, hq, e]),
-            dtype,
-        );
+        let out = empty(&q, &[b, t, hq, e], dtype);
         let dims = OutputDims {
             batch: b,
             seq: t,
@@ -237,9 +229,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             n_chunks: n,
             expanded_dim: big_d,
             scale: options.scale_for(d) as f32,
-            head_dim: d,
-            value_dim: e,
-            degree: 2,
         };
         let args = OutputArgs {
             q: arg(q),
@@ -250,7 +239,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             out: arg(out.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, Strategy::Auto, args) };
+        unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
         (out, final_state, final_sum)
     }
 
@@ -263,35 +252,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         key_sum: FloatTensor<Self>,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let state_ok = state.dtype != DType::F64 && key_sum.dtype != DType::F64;
-        if options.degree != 2 || !kernel_dtype(q.dtype) || !state_ok {
-            return reference_step::<Self>(q, k, v, log_g, state, key_sum, options);
-        }
         let [b, _, hq, d] = dims4(&q);
         let [_, _, h, e] = dims4(&v);
-        let big_d = expanded_dim(d, 2);
         let dtype = q.dtype;
         let client = q.client.clone();
+        let state_ok = state.dtype != DType::F64 && key_sum.dtype != DType::F64;
+        let tiles = (options.degree == 2 && kernel_dtype(dtype) && state_ok)
+            .then(|| DecodeTiles::plan(&client, d, e, hq / h))
+            .flatten();
+        let Some(tiles) = tiles else {
+            return reference_step::<Self>(q, k, v, log_g, state, key_sum, options);
+        };
+        let big_d = expanded_dim(d, 2);
         let log_g = log_g.map(to_f32_contiguous::<R, F, I, BT, 3>);
         let state = to_f32_contiguous::<R, F, I, BT, 4>(state);
         let key_sum = to_f32_contiguous::<R, F, I, BT, 3>(key_sum);
-        let out = empty_device_contiguous_dtype(
-            client.clone(),
-            q.device.clone(),
-            Shape::from(vec![b, 1, hq, e]),
-            dtype,
-        );
+        let out = empty(&q, &[b, 1, hq, e], dtype);
         let new_state = empty_f32(&q, &[b, h, big_d, e]);
         let new_sum = empty_f32(&q, &[b, h, big_d]);
-        let tiles = DecodeTiles {
-            block_e: 32,
-            rows: 8,
-            head_dim: d as u32,
-            value_dim: e as u32,
-            ratio: (hq / h) as u32,
-            degree: 2,
-            gated: log_g.is_some(),
-        };
         let mut dims = DecodeDims {
             batch: b,
             q_heads: hq,

@@ -70,6 +70,31 @@ mod wgpu {
     fn autodiff_inference_matches_oracle() {
         suite::<Autodiff<burn::backend::Wgpu>>("wgpu (autodiff)", DTYPES, ROUTING_CASES);
     }
+
+    /// Head dims whose tiles exceed shared memory run the reference instead of failing at
+    /// launch: every form still matches the oracle.
+    #[test]
+    fn head_dims_beyond_shared_memory_fall_back() {
+        use retention::validation::{Gates, Problem, max_rel, to_vec};
+        use retention::{RetentionOptions, power_retention, power_retention_with_state};
+        type B = burn::backend::Wgpu;
+        let Some(dev) = adapter::<B>("wgpu (large head dims)") else {
+            return;
+        };
+        let p = Problem::random(7, 1, 6, 2, 1, 512, 8, Gates::Typical);
+        let oracle = p.naive(2, 1.0 / (512f64).sqrt());
+        for chunk in [None, Some(4)] {
+            let opts = RetentionOptions::new().with_chunk_size(chunk);
+            let (q, k, v, g) = p.tensors::<B>(&dev, DType::F32);
+            let y = to_vec(power_retention(q, k, v, g, &opts).expect("valid"));
+            let err = max_rel(&y, &oracle);
+            assert!(err <= 1e-4, "chunk {chunk:?}: {err:e}");
+        }
+        let (q, k, v, g) = p.tensors::<B>(&dev, DType::F32);
+        let opts = RetentionOptions::new().with_chunk_size(Some(4));
+        let (y, _) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
+        assert!(max_rel(&to_vec(y), &oracle) <= 1e-4);
+    }
 }
 
 #[cfg(feature = "cuda")]
