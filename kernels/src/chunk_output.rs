@@ -11,6 +11,7 @@ use cubecl::prelude::*;
 
 use crate::chunk_output_mma::chunk_output_mma_kernel;
 use crate::config::OutputTiles;
+use crate::feature_pairs::pair_block;
 use crate::tile_load::{load_feature_pairs, load_gates, load_key_value_rows, load_token_rows};
 
 /// Scalar sizes of an output launch.
@@ -44,8 +45,11 @@ pub struct OutputArgs<R: Runtime> {
     pub v: ArrayArg<R>,
     /// Cumulative log-gates inside each chunk, `f32 [b, h, n·c]`; `None`: no gating.
     pub gates: Option<ArrayArg<R>>,
-    /// States and key-sums entering each chunk, `f32 [b, h, n, D, e]` and `f32 [b, h, n, D]`;
-    /// `None`: the attention form.
+    /// The chunked form's state part; `None`: the attention form. For the FMA variant: the
+    /// states and key-sums entering each chunk, `f32 [b, h, n, D, e]` and `f32 [b, h, n, D]`.
+    /// For the tensor-core variant (`tiles.mma`): the numerators and denominators from
+    /// [`launch_query_state`](crate::query_state::launch_query_state), `f32 [b, t, hq, e]` and
+    /// `f32 [b, t, hq]`.
     pub states: Option<(ArrayArg<R>, ArrayArg<R>)>,
     /// Output `[b, t, hq, e]`, dtype of `q`.
     pub out: ArrayArg<R>,
@@ -238,8 +242,8 @@ fn chunk_output_kernel<F: Float>(
                 block,
                 f0,
                 big_d,
-                cfg.head_dim,
                 1.0,
+                comptime!(pair_block(cfg.head_dim)),
                 bk,
             );
             let mut idx = UNIT_POS as usize;

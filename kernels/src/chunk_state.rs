@@ -9,7 +9,7 @@ use cubecl::prelude::*;
 
 use crate::chunk_state_mma::chunk_state_mma_kernel;
 use crate::config::StateTiles;
-use crate::feature_pairs::{feature_row, row_offset};
+use crate::feature_pairs::{feature_pair, pair_block, pair_weight};
 use crate::tile_load::load_key_value_rows;
 
 /// Scalar sizes of a chunk-state launch.
@@ -25,7 +25,7 @@ pub struct StateDims {
     pub chunk: usize,
     /// `n = ⌈t / c⌉`.
     pub n_chunks: usize,
-    /// `D = d(d+1)/2`.
+    /// `D` of the degree-2 layout ([`feature_pairs`](crate::feature_pairs)).
     pub expanded_dim: usize,
 }
 
@@ -155,12 +155,10 @@ fn chunk_state_kernel<F: Float>(
     let mut b = 0u32;
     let mut weight = 0.0f32;
     if f < big_d {
-        a = feature_row(f, cfg.head_dim);
-        b = a + f - row_offset(a, cfg.head_dim);
-        weight = 1.0;
-        if a != b {
-            weight = 2.0;
-        }
+        let pair = feature_pair(f, comptime!(pair_block(cfg.head_dim)));
+        a = pair >> 16;
+        b = pair & 0xffff;
+        weight = pair_weight(a, b, comptime!(pair_block(cfg.head_dim)));
     }
     let mut chunk_total = 0.0f32;
     if comptime!(cfg.gated) {

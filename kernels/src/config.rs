@@ -128,10 +128,51 @@ impl OutputTiles {
     /// Shared memory of the tensor-core variant (64×64 tiles, `el` bytes per input element).
     fn mma_shared_bytes(d: usize, e: usize, el: usize) -> usize {
         let (bq, bk) = (64, 64);
-        el * (bq * d + bk * d + bk * e)
-            + 2 * (bq * bk + bk * e)
-            + 4 * (bq * 68).max(bq * e)
-            + 4 * (bq + 3 * bk + 256)
+        el * (bq * d + bk * d + bk * e) + 4 * (bq * 68) + 4 * (bq + bk + 256)
+    }
+}
+
+/// Tiles of the tensor-core query-state kernel (`φ_Q(q̃)ᵀ S_in`, `φ_Q(q̃)·z_in`), which the
+/// chunked form runs beside the tensor-core output kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueryStateTiles {
+    /// `d` (a multiple of 16).
+    pub head_dim: u32,
+    /// `e` (a multiple of 32, at most 128).
+    pub value_dim: u32,
+    /// Whether log-gates are given (set at launch from the arguments).
+    pub gated: bool,
+}
+
+impl QueryStateTiles {
+    /// Tiles for inputs of `dtype` on `client`: `None` unless the tensor cores take `dtype`
+    /// and f16 operands, `d % 16 == 0`, `e % 32 == 0`, `e ≤ 128` and the tiles fit in shared
+    /// memory (the chunked form then runs the state product inside the output kernel).
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        dtype: StorageType,
+        strategy: Strategy,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Option<Self> {
+        let f16 = half::f16::as_type_native_unchecked().storage_type();
+        (use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
+            && value_dim <= 128
+            && Self::shared_bytes(head_dim, value_dim, dtype.size()) <= shared_memory_max(client))
+        .then_some(Self {
+            head_dim: head_dim as u32,
+            value_dim: value_dim as u32,
+            gated: false,
+        })
+    }
+
+    /// Shared memory of one cube, in bytes, for inputs of `el` bytes.
+    pub fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usize {
+        use crate::query_state::{BF, BQ, PLANE, PLANES, PS};
+        el * BQ * (head_dim + 8)
+            + 2 * 2 * BQ * PS
+            + 2 * 2 * BF * (value_dim + 8)
+            + 4 * (BQ + (PLANES * PLANE) as usize * 9)
     }
 }
 
@@ -164,7 +205,11 @@ impl StateTiles {
         value_dim: usize,
     ) -> Option<Self> {
         let tiles = |block_k: usize, mma: bool| Self {
-            block_f: 64,
+            block_f: if mma {
+                crate::chunk_state_mma::BF as u32
+            } else {
+                64
+            },
             block_k: block_k as u32,
             threads: 256,
             head_dim: head_dim as u32,
@@ -173,11 +218,13 @@ impl StateTiles {
             mma,
         };
         let el = dtype.size();
-        let mma_bytes = el * 64 * (head_dim + value_dim + 64) + 4 * (64 + 2048 + 256);
-        if use_mma(client, strategy, dtype, &[], head_dim, value_dim)
+        let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim, el);
+        let f16 = half::f16::as_type_native_unchecked().storage_type();
+        if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
+            && value_dim <= 128
             && mma_bytes <= shared_memory_max(client)
         {
-            return Some(tiles(64, true));
+            return Some(tiles(crate::chunk_state_mma::BT, true));
         }
         let budget = shared_memory_budget(shared_memory_max(client));
         [64usize, 32, 16, 8]

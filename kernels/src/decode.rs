@@ -12,7 +12,7 @@ use cubecl::prelude::*;
 
 use crate::Buffer;
 use crate::config::DecodeTiles;
-use crate::feature_pairs::{feature_row, row_offset};
+use crate::feature_pairs::{feature_pair, pair_block, pair_weight};
 
 /// Scalar sizes of a decode launch.
 #[derive(Debug, Clone, Copy)]
@@ -236,12 +236,12 @@ fn decode_state_kernel<F: Float>(
         for i in 0..4usize {
             let fi = fs[i];
             if fi < f_end {
-                let a = feature_row(fi, cfg.head_dim);
-                let b = a + fi - row_offset(a, cfg.head_dim);
-                let mut phi_k = sk[a as usize] * sk[b as usize];
-                if a != b {
-                    phi_k *= 2.0;
-                }
+                let pair = feature_pair(fi, comptime!(pair_block(cfg.head_dim)));
+                let a = pair >> 16;
+                let b = pair & 0xffff;
+                let phi_k = sk[a as usize]
+                    * sk[b as usize]
+                    * pair_weight(a, b, comptime!(pair_block(cfg.head_dim)));
                 let z_old = zs[i];
                 let s_old = ss[i];
                 if col_ok {

@@ -1,9 +1,12 @@
-//! Discounted cumulative sum of chunk states across chunks, in place:
-//! `S_in[0] = S₀ (or 0)`, `S_in[u+1] = e^{A_u} S_in[u] + ΔS_u`; the chunk slots are overwritten
-//! with the states *entering* each chunk, and the state after the last chunk goes to `last`.
-//! Memory-bound: one unit per state element walks the chunks with an `f32` running value.
+//! Discounted cumulative sum of chunk states across chunks:
+//! `S_in[0] = S₀ (or 0)`, `S_in[u+1] = e^{A_u} S_in[u] + ΔS_u`. The states *entering* each chunk
+//! either overwrite the chunk slots (`f32`, in place) or go to a separate half-precision buffer
+//! as `S_in/γ` (what the tensor-core query-state kernel reads); the state after the last chunk
+//! goes to `last` in `f32`. Memory-bound: each unit walks the chunks for four state elements
+//! with `f32` running values, the four loads of a chunk in flight together.
 
 use cubecl::prelude::*;
+use half::f16;
 
 /// Scalar sizes of a scan launch.
 #[derive(Debug, Clone, Copy)]
@@ -20,8 +23,12 @@ pub struct ScanDims {
 
 /// Buffers of a scan launch.
 pub struct ScanArgs<R: Runtime> {
-    /// `f32 [b·h, n, width]`, chunk contributions in, entering states out.
+    /// `f32 [b·h, n, width]`, chunk contributions in; entering states out unless `half` is given.
     pub chunks: ArrayArg<R>,
+    /// `f16 [b·h, n, width]`: entering states times `half_scale`, instead of in place.
+    pub half: Option<ArrayArg<R>>,
+    /// Factor of the half-precision output (`1/γ`).
+    pub half_scale: f32,
     /// Initial state `f32 [b·h, width]`, or a 1-element dummy.
     pub initial: Option<ArrayArg<R>>,
     /// Cumulative log-gates inside each chunk, `f32 [b·h, n·c]`, or `None` (no gating).
@@ -31,6 +38,8 @@ pub struct ScanArgs<R: Runtime> {
 }
 
 const UNITS: u32 = 256;
+/// State elements per unit.
+const PER_UNIT: u32 = 4;
 
 /// Launches the scan.
 ///
@@ -42,11 +51,12 @@ pub unsafe fn launch_discumsum<R: Runtime>(
     args: ScanArgs<R>,
 ) {
     let count = CubeCount::Static(
-        dims.width.div_ceil(UNITS as usize) as u32,
+        dims.width.div_ceil((UNITS * PER_UNIT) as usize) as u32,
         dims.sequences as u32,
         1,
     );
     let has_initial = args.initial.is_some();
+    let to_half = args.half.is_some();
     let gated = args.gates.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     unsafe {
@@ -55,14 +65,17 @@ pub unsafe fn launch_discumsum<R: Runtime>(
             count,
             CubeDim::new_1d(UNITS),
             args.chunks,
+            args.half.unwrap_or_else(dummy),
             args.initial.unwrap_or_else(dummy),
             args.gates.unwrap_or_else(dummy),
             args.last,
             dims.width as u32,
             dims.n_chunks as u32,
             dims.chunk as u32,
+            args.half_scale,
             has_initial,
             gated,
+            to_half,
         )
     }
 }
@@ -71,34 +84,66 @@ pub unsafe fn launch_discumsum<R: Runtime>(
 #[allow(clippy::too_many_arguments)]
 fn discumsum_kernel(
     chunks: &mut Array<f32>,
+    half: &mut Array<f16>,
     initial: &Array<f32>,
     gates: &Array<f32>,
     last: &mut Array<f32>,
     width: u32,
     n_chunks: u32,
     chunk: u32,
+    half_scale: f32,
     #[comptime] has_initial: bool,
     #[comptime] gated: bool,
+    #[comptime] to_half: bool,
 ) {
-    let x = CUBE_POS_X * UNITS + UNIT_POS;
-    if x >= width {
-        terminate!();
-    }
     let seq = CUBE_POS_Y;
-    let mut running = 0.0f32;
-    if comptime!(has_initial) {
-        running = initial[(seq * width + x) as usize];
-    }
-    let base = (seq * n_chunks) as usize * width as usize + x as usize;
-    let gate_base = (seq * n_chunks * chunk) as usize;
-    for u in 0..n_chunks {
-        let idx = base + u as usize * width as usize;
-        let delta = chunks[idx];
-        chunks[idx] = running;
-        if comptime!(gated) {
-            running *= f32::exp(gates[gate_base + ((u + 1) * chunk - 1) as usize]);
+    let x0 = CUBE_POS_X * UNITS * PER_UNIT + UNIT_POS;
+    let mut running = Array::<f32>::new(PER_UNIT as usize);
+    #[unroll]
+    for j in 0..PER_UNIT as usize {
+        running[j] = 0.0;
+        if comptime!(has_initial) {
+            let x = x0 + j as u32 * UNITS;
+            if x < width {
+                running[j] = initial[(seq * width + x) as usize];
+            }
         }
-        running += delta;
     }
-    last[(seq * width + x) as usize] = running;
+    let base = (seq * n_chunks) as usize * width as usize;
+    let gate_base = (seq * n_chunks * chunk) as usize;
+    let mut delta = Array::<f32>::new(PER_UNIT as usize);
+    for u in 0..n_chunks {
+        let row = base + u as usize * width as usize;
+        #[unroll]
+        for j in 0..PER_UNIT as usize {
+            let x = x0 + j as u32 * UNITS;
+            delta[j] = 0.0;
+            if x < width {
+                delta[j] = chunks[row + x as usize];
+            }
+        }
+        let mut decay = 1.0f32;
+        if comptime!(gated) {
+            decay = f32::exp(gates[gate_base + ((u + 1) * chunk - 1) as usize]);
+        }
+        #[unroll]
+        for j in 0..PER_UNIT as usize {
+            let x = x0 + j as u32 * UNITS;
+            if x < width {
+                if comptime!(to_half) {
+                    half[row + x as usize] = f16::cast_from(running[j] * half_scale);
+                } else {
+                    chunks[row + x as usize] = running[j];
+                }
+            }
+            running[j] = running[j] * decay + delta[j];
+        }
+    }
+    #[unroll]
+    for j in 0..PER_UNIT as usize {
+        let x = x0 + j as u32 * UNITS;
+        if x < width {
+            last[(seq * width + x) as usize] = running[j];
+        }
+    }
 }

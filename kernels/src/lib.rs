@@ -3,16 +3,17 @@
 //! CubeCL kernels for power retention, written once and compiled for CUDA, ROCm/HIP and wgpu.
 //! Generic over `cubecl::Runtime`; no Burn types here (the `retention` crate adapts them).
 //!
-//! Degree `p = 2`, exact feature layout (`D = d(d+1)/2`, see [`feature_pairs`]); inputs in
-//! f32/f16/bf16 (chosen at launch), accumulation and states in `f32`:
+//! Degree `p = 2` in the block feature layout (`D = d(d+β)/2`, see [`feature_pairs`]); inputs in
+//! f32/f16/bf16 (chosen at launch), accumulation in `f32`:
 //! - [`chunk_state`]: per-chunk `ΔS = φ_K(K̃)ᵀV`, `Δz`, with φ formed on chip;
 //! - [`discumsum`]: the discounted scan of chunk states across chunks;
-//! - [`chunk_output`]: query-state product + intra-chunk attention + normalisation, fused; with
-//!   no state it is the attention form (any even `p`);
+//! - [`query_state`]: the query–state product `φ_Q(q̃)ᵀS_in` (tensor-core path);
+//! - [`chunk_output`]: intra-chunk attention + normalisation (+ the query–state product on the
+//!   FMA path); with no state it is the attention form (any even `p`);
 //! - [`decode`]: one recurrent step for a batch of sequences.
 //!
-//! The products run on the cores' FMA units with register tiles (every runtime, lavapipe
-//! included); a tensor-core (`cmma`) path is not implemented yet.
+//! f16/bf16 inputs use tensor cores (`cmma`) where the runtime has them (CUDA; HIP untested);
+//! everything else (f32, wgpu/lavapipe) runs FMA register tiles. A [`Strategy`] forces either.
 #![warn(missing_docs)]
 // In `#[cube]` bodies a comptime `if` must stay apart from the runtime condition inside it
 // (merging them makes the whole condition runtime), and runtime integers have no `div_ceil`.
@@ -27,11 +28,13 @@ pub mod decode;
 pub mod discumsum;
 #[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
 pub mod feature_pairs;
+pub mod query_state;
 #[allow(missing_docs)]
 pub mod tile_load;
 
 pub use config::{
-    DecodeTiles, OutputTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,
+    DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy, mma_supported,
+    shared_memory_budget,
 };
 pub use cubecl;
 

@@ -3,7 +3,7 @@
 
 use cubecl::prelude::*;
 
-use crate::feature_pairs::{feature_row, row_offset};
+use crate::feature_pairs::feature_pair;
 
 /// Copies `rows` token rows (`first..first + rows` of the chunk starting at `chunk_start`) of
 /// head `head`, scaled by `mult`, into `dst` with row stride `stride`; rows past the chunk or
@@ -53,8 +53,8 @@ pub fn load_feature_pairs(
     base: usize,
     f0: usize,
     big_d: u32,
-    head_dim: u32,
     mult: f32,
+    #[comptime] beta: u32,
     #[comptime] block: usize,
 ) {
     if (UNIT_POS as usize) < block {
@@ -63,8 +63,9 @@ pub fn load_feature_pairs(
         let mut b = 0u32;
         let mut z = 0.0f32;
         if f < big_d {
-            a = feature_row(f, head_dim);
-            b = a + f - row_offset(a, head_dim);
+            let pair = feature_pair(f, beta);
+            a = pair >> 16;
+            b = pair & 0xffff;
             z = sums[base + f as usize] * mult;
         }
         fa[UNIT_POS as usize] = a;

@@ -141,6 +141,8 @@ fn every_kernel_writes_every_output_element() {
     };
     let args = ScanArgs {
         chunks: states.arg(),
+        half: None,
+        half_scale: 1.0,
         initial: Some(initial.arg()),
         gates: Some(gates.arg()),
         last: last.arg(),

@@ -9,8 +9,8 @@ use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use retention::{
-    RetentionBackend, RetentionOptions, RetentionState, expanded_dim, power_retention,
-    power_retention_step, power_retention_with_state, reference,
+    RetentionBackend, RetentionOptions, RetentionState, power_retention, power_retention_step,
+    power_retention_with_state, reference,
 };
 
 use crate::CliError;
@@ -196,9 +196,9 @@ pub fn forward_flops(b: usize, t: usize, hq: usize, hk: usize, d: usize, chunk: 
 }
 
 /// FLOPs of one decode step: the state read by every query head and the state update,
-/// `2·b·D·(e+1)·(hq + hk)`.
+/// `2·b·D·(e+1)·(hq + hk)` with the ideal `D = d(d+1)/2` (as the forward count).
 pub fn decode_flops(b: usize, hq: usize, hk: usize, d: usize) -> f64 {
-    let big_d = expanded_dim(d, 2) as f64;
+    let big_d = (d * (d + 1) / 2) as f64;
     2.0 * b as f64 * big_d * (d as f64 + 1.0) * (hq + hk) as f64
 }
 

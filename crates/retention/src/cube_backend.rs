@@ -10,12 +10,13 @@ use burn_cubecl::{
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
-    Buffer, DecodeTiles, OutputTiles, StateTiles, Strategy,
+    Buffer, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
     decode::{DecodeArgs, DecodeDims, launch_decode},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    query_state::{QueryStateArgs, launch_query_state},
 };
 
 use crate::RetentionOptions;
@@ -153,12 +154,22 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let client = q.client.clone();
         let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
             .then(|| {
-                let out = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, 2)?;
+                let mut out = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, 2)?;
                 let state = StateTiles::plan(&client, dtype.into(), Strategy::Auto, d, e)?;
-                Some((out, state))
+                // the tensor-core output kernel takes its state part from the query-state kernel
+                let query = if out.mma {
+                    let query = QueryStateTiles::plan(&client, dtype.into(), Strategy::Auto, d, e);
+                    if query.is_none() {
+                        out = OutputTiles::plan(&client, dtype.into(), Strategy::Fma, d, e, 2)?;
+                    }
+                    query
+                } else {
+                    None
+                };
+                Some((out, state, query))
             })
             .flatten();
-        let Some((out_tiles, state_tiles)) = plans else {
+        let Some((out_tiles, state_tiles, query_tiles)) = plans else {
             return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
         };
         let c = chunk_size;
@@ -198,9 +209,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             ),
             None => (None, None),
         };
-        for (chunks, init, last, width) in [
-            (&states, s0, &final_state, big_d * e),
-            (&sums, z0, &final_sum, big_d),
+        // the query-state kernel reads the entering states as f16 `S/γ`
+        let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
+        let inv_gamma = 1.0 / (big_d as f32).sqrt();
+        for (chunks, init, last, width, half) in [
+            (&states, s0, &final_state, big_d * e, half_states.clone()),
+            (&sums, z0, &final_sum, big_d, None),
         ] {
             let dims = ScanDims {
                 sequences: b * h,
@@ -210,6 +224,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             };
             let args = ScanArgs {
                 chunks: arg(chunks.clone()),
+                half: half.map(arg),
+                half_scale: inv_gamma,
                 initial: init.map(arg),
                 gates: gates.clone().map(arg),
                 last: arg(last.clone()),
@@ -230,12 +246,30 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             expanded_dim: big_d,
             scale: options.scale_for(d) as f32,
         };
+        let state_part = match (query_tiles, half_states) {
+            (Some(tiles), Some(half_states)) => {
+                let num = empty_f32(&q, &[b, t, hq, e]);
+                let den = empty_f32(&q, &[b, t, hq]);
+                let args = QueryStateArgs {
+                    q: arg(q.clone()),
+                    gates: gates.clone().map(arg),
+                    states: arg(half_states),
+                    sums: arg(sums),
+                    num: arg(num.clone()),
+                    den: arg(den.clone()),
+                };
+                // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+                unsafe { launch_query_state(&client, dtype.into(), dims, tiles, args) };
+                (arg(num), arg(den))
+            }
+            _ => (arg(states), arg(sums)),
+        };
         let args = OutputArgs {
             q: arg(q),
             k: arg(k),
             v: arg(v),
             gates: gates.map(arg),
-            states: Some((arg(states), arg(sums))),
+            states: Some(state_part),
             out: arg(out.clone()),
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.

@@ -1,23 +1,54 @@
 //! The symmetric power feature map φ: `R^d → R^D` with `φ_Q(q)·φ_K(k) = (q·k)^p`.
 //!
-//! Features are indexed by the non-decreasing multi-indices `α = (α_1 ≤ … ≤ α_p)` over
-//! `0..d`, in lexicographic order, so `D = C(d+p−1, p)` (the exact dimension, no padding).
-//! Feature `α` of `x` is `Π_k x_{α_k}`; the key side additionally carries the multinomial
-//! weight `m(α) = p! / Π_i c_i!` (`c_i` = multiplicity of coordinate `i` in `α`), the query side
-//! carries none. This is the public layout of [`RetentionState`](crate::RetentionState).
+//! This is the public layout of [`RetentionState`](crate::RetentionState).
+//!
+//! **Degree 2** (the chunked and recurrent kernels): the `d` coordinates are split into blocks of
+//! `β` ([`pair_block`]: the largest power of two ≤ 16 dividing `d`, so 16 for the usual head
+//! dims). For block `m`, outer coordinate `x < β(m+1)` and offset `r < β`, feature
+//! `β²·m(m+1)/2 + β·x + r` is `x_x · x_{βm+r}`; keys weigh it 2 when `x < βm` and 1 otherwise
+//! (inside the diagonal block both orders appear). `D = d(d+β)/2`: 9216 for d = 128 (11.6 %
+//! over the `d(d+1)/2` distinct pairs), the layout of Manifest's Triton kernels for
+//! `d % 16 == 0`. The padding buys regular tiles: `β` consecutive features are one query
+//! coordinate times `β` consecutive ones, so kernels build feature tiles with vector products.
+//!
+//! **Other degrees** (attention form and reference only): the non-decreasing multi-indices
+//! `α = (α_1 ≤ … ≤ α_p)` over `0..d` in lexicographic order, `D = C(d+p−1, p)`; feature `α` of
+//! `x` is `Π_k x_{α_k}`, keys additionally carry the multinomial weight
+//! `m(α) = p! / Π_i c_i!` (`c_i` = multiplicity of coordinate `i` in `α`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
-/// `D = C(d+p−1, p)`, the number of features of the degree-`p` symmetric power of `R^d`.
+/// `β`, the coordinate-block width of the degree-2 layout: the largest power of two ≤ 16 that
+/// divides `head_dim` (1 for odd head dims).
 ///
 /// ```
-/// assert_eq!(retention::expanded_dim(128, 2), 8256);
+/// assert_eq!(retention::pair_block(128), 16);
+/// assert_eq!(retention::pair_block(24), 8);
+/// assert_eq!(retention::pair_block(7), 1);
+/// ```
+pub fn pair_block(head_dim: usize) -> usize {
+    if head_dim == 0 {
+        1
+    } else {
+        (head_dim & head_dim.wrapping_neg()).min(16)
+    }
+}
+
+/// `D`, the number of features: `d(d+β)/2` for degree 2 (see the module docs), `C(d+p−1, p)`
+/// for other degrees.
+///
+/// ```
+/// assert_eq!(retention::expanded_dim(128, 2), 9216);
+/// assert_eq!(retention::expanded_dim(64, 2), 2560);
 /// assert_eq!(retention::expanded_dim(64, 4), 766_480);
 /// ```
 pub fn expanded_dim(head_dim: usize, degree: usize) -> usize {
+    if degree == 2 {
+        return head_dim * (head_dim + pair_block(head_dim)) / 2;
+    }
     // C(n, k) with n = d + p − 1, k = p, computed incrementally (exact in u128).
     let n = (head_dim + degree).saturating_sub(1) as u128;
     let mut c: u128 = 1;
@@ -39,8 +70,11 @@ pub struct SympowLayout {
 }
 
 impl SympowLayout {
-    /// Enumerates the multi-indices of the degree-`degree` symmetric power of `R^head_dim`.
+    /// Enumerates the features of the degree-`degree` map of `R^head_dim` (module docs).
     pub fn new(head_dim: usize, degree: usize) -> Self {
+        if degree == 2 {
+            return Self::pairs(head_dim);
+        }
         let dim = expanded_dim(head_dim, degree);
         let mut indices = vec![Vec::with_capacity(dim); degree];
         let mut weights = Vec::with_capacity(dim);
@@ -76,6 +110,30 @@ impl SympowLayout {
             head_dim,
             degree,
             indices,
+            weights,
+        }
+    }
+
+    /// The degree-2 block layout.
+    fn pairs(head_dim: usize) -> Self {
+        let beta = pair_block(head_dim);
+        let dim = expanded_dim(head_dim, 2);
+        let mut outer = Vec::with_capacity(dim);
+        let mut inner = Vec::with_capacity(dim);
+        let mut weights = Vec::with_capacity(dim);
+        for m in 0..head_dim / beta {
+            for x in 0..beta * (m + 1) {
+                for r in 0..beta {
+                    outer.push(x as i64);
+                    inner.push((beta * m + r) as i64);
+                    weights.push(if x < beta * m { 2.0 } else { 1.0 });
+                }
+            }
+        }
+        Self {
+            head_dim,
+            degree: 2,
+            indices: vec![outer, inner],
             weights,
         }
     }

@@ -35,7 +35,7 @@ pub mod validation;
 
 pub use backend::RetentionBackend;
 pub use error::RetentionError;
-pub use feature_map::{SympowLayout, expanded_dim};
+pub use feature_map::{SympowLayout, expanded_dim, pair_block};
 pub use mixer::{SequenceMixer, SequenceMixerConfig};
 pub use module::{PowerRetention, PowerRetentionConfig};
 pub use op::{power_retention, power_retention_step, power_retention_with_state};

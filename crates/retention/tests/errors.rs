@@ -195,7 +195,7 @@ fn gate_shape() {
 fn state_shape() {
     let dev = Default::default();
     let opts = RetentionOptions::new().with_chunk_size(Some(2));
-    // D for d = 8, p = 2 is 36; give a state built for d = 4 (D = 10)
+    // D for d = 8, p = 2 is 64; give a state built for d = 4 (D = 16)
     let wrong = RetentionState::<B>::zeros(1, 2, 4, 8, 2, DType::F32, &dev);
     let r = power_retention_with_state(
         t4([1, 5, 4, 8]),
@@ -213,13 +213,13 @@ fn state_shape() {
     assert_msg(
         &e,
         &[
-            "`state` must have shape [1, 2, 36, 8]",
+            "`state` must have shape [1, 2, 64, 8]",
             "[batch, kv_heads, D, value_dim]",
-            "got [1, 2, 10, 8]",
+            "got [1, 2, 16, 8]",
         ],
     );
     let mut bad = RetentionState::<B>::zeros(1, 2, 8, 8, 2, DType::F32, &dev);
-    bad.key_sum = Tensor::zeros([1, 2, 35], &dev);
+    bad.key_sum = Tensor::zeros([1, 2, 63], &dev);
     let r = power_retention_step(
         t4([1, 1, 4, 8]),
         t4([1, 1, 2, 8]),
@@ -230,7 +230,7 @@ fn state_shape() {
     );
     assert_msg(
         &r.expect_err("bad key_sum"),
-        &["`key_sum` must have shape [1, 2, 36]", "got [1, 2, 35]"],
+        &["`key_sum` must have shape [1, 2, 64]", "got [1, 2, 63]"],
     );
 }
 
