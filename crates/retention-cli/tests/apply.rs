@@ -79,7 +79,7 @@ fn round_trip_equals_the_op() {
     assert_eq!(st.shape, state.state.dims().to_vec());
     assert_eq!(
         out.require("key_sum").expect("key_sum").shape,
-        vec![2, 2, 136]
+        vec![2, 2, 256] // D = d(d + 16)/2 for d = 16
     );
 }
 
