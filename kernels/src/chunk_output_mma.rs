@@ -11,7 +11,7 @@
 use cubecl::prelude::*;
 
 use crate::config::OutputTiles;
-use crate::tile_load::{load_gates, load_key_value_rows, load_token_rows};
+use crate::tile_load::{load_gates, load_key_value_rows, load_token_rows, scaled_norm2};
 
 const BQ: usize = 64;
 const BK: usize = 64;
@@ -35,7 +35,7 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     kv_heads: u32,
     chunk: u32,
     n_chunks: u32,
-    big_d: u32,
+    _big_d: u32,
     scale: f32,
     #[comptime] cfg: OutputTiles,
     #[define(F)] _dtype: StorageType,
@@ -100,22 +100,12 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     }
     sync_cube();
 
-    // row factor c_i = γ / (σ|q_i|)², 1 for a zero row
-    let mut gamma = 1.0f32;
-    if big_d > 0 {
-        gamma = f32::sqrt(f32::cast_from(big_d));
-    }
-    let mut norm2 = 0.0f32;
-    for x in 0..d {
-        let qx = f32::cast_from(sq[my_row * d + x]);
-        norm2 += qx * qx;
-    }
-    norm2 *= scale * scale;
-    let mut row_factor = 1.0f32;
+    // row factor 1/(σ|q_i|)², as the query-state part (a zero row has zero weights anyway)
+    let norm2 = scaled_norm2::<F>(&sq, my_row * d, scale, d);
+    let mut intra_factor = 1.0f32;
     if norm2 > 0.0 {
-        row_factor = gamma / norm2;
+        intra_factor = 1.0 / norm2;
     }
-    let inv_gamma = 1.0 / gamma;
 
     let mut accf = Array::<f32>::new(per_unit);
     #[unroll]
@@ -124,7 +114,6 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     }
     let mut lsum = 0.0f32;
 
-    let intra_factor = row_factor * inv_gamma;
     let mut last = tile_start + BQ as u32;
     if last > chunk {
         last = chunk;

@@ -132,6 +132,47 @@ impl OutputTiles {
     }
 }
 
+/// Tiles of the chunked form's kernels, planned together: the tensor-core output kernel takes
+/// its state part from the query-state kernel, so it is chosen only where that kernel fits;
+/// otherwise the FMA output kernel computes the state part itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkedTiles {
+    /// Chunk contributions `ΔS`, `Δz`.
+    pub state: StateTiles,
+    /// Query–state product (`None`: inside the FMA output kernel).
+    pub query: Option<QueryStateTiles>,
+    /// Intra-chunk part and normalisation.
+    pub output: OutputTiles,
+}
+
+impl ChunkedTiles {
+    /// Tiles for degree 2, inputs of `dtype` on `client`; `None` when some kernel does not fit
+    /// (run the reference instead).
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        dtype: StorageType,
+        strategy: Strategy,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Option<Self> {
+        let state = StateTiles::plan(client, dtype, strategy, head_dim, value_dim)?;
+        let query = QueryStateTiles::plan(client, dtype, strategy, head_dim, value_dim);
+        let output_strategy = if query.is_some() {
+            strategy
+        } else {
+            Strategy::Fma
+        };
+        let output = OutputTiles::plan(client, dtype, output_strategy, head_dim, value_dim, 2)?;
+        // both or neither: the tensor-core output kernel has no state loop of its own
+        let query = query.filter(|_| output.mma);
+        Some(Self {
+            state,
+            query,
+            output,
+        })
+    }
+}
+
 /// Tiles of the tensor-core query-state kernel (`φ_Q(q̃)ᵀ S_in`, `φ_Q(q̃)·z_in`), which the
 /// chunked form runs beside the tensor-core output kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,11 +209,10 @@ impl QueryStateTiles {
 
     /// Shared memory of one cube, in bytes, for inputs of `el` bytes.
     pub fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usize {
-        use crate::query_state::{BF, BQ, PLANE, PLANES, PS};
-        el * BQ * (head_dim + 8)
-            + 2 * 2 * BQ * PS
-            + 2 * 2 * BF * (value_dim + 8)
-            + 4 * (BQ + (PLANES * PLANE) as usize * 9)
+        use crate::block_mma::{A_STRIDE, DEPTH, ROWS, STAGE, UNITS, b_stride};
+        el * ROWS * (head_dim + 8)
+            + 2 * (2 * ROWS * A_STRIDE + 2 * DEPTH * b_stride(value_dim))
+            + 4 * (2 * ROWS + UNITS + STAGE)
     }
 }
 
@@ -206,7 +246,7 @@ impl StateTiles {
     ) -> Option<Self> {
         let tiles = |block_k: usize, mma: bool| Self {
             block_f: if mma {
-                crate::chunk_state_mma::BF as u32
+                crate::block_mma::ROWS as u32
             } else {
                 64
             },
@@ -224,7 +264,7 @@ impl StateTiles {
             && value_dim <= 128
             && mma_bytes <= shared_memory_max(client)
         {
-            return Some(tiles(crate::chunk_state_mma::BT, true));
+            return Some(tiles(crate::block_mma::DEPTH, true));
         }
         let budget = shared_memory_budget(shared_memory_max(client));
         [64usize, 32, 16, 8]

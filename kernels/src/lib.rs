@@ -19,6 +19,7 @@
 // (merging them makes the whole condition runtime), and runtime integers have no `div_ceil`.
 #![allow(clippy::collapsible_if, clippy::manual_div_ceil)]
 
+mod block_mma;
 pub mod chunk_output;
 mod chunk_output_mma;
 pub mod chunk_state;
@@ -33,7 +34,7 @@ pub mod query_state;
 pub mod tile_load;
 
 pub use config::{
-    DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy, mma_supported,
+    ChunkedTiles, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy, mma_supported,
     shared_memory_budget,
 };
 pub use cubecl;

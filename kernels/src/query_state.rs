@@ -1,7 +1,7 @@
 //! Query–state product of the chunked form on tensor cores: for every query row `i` of chunk
 //! `u`, `num_i = φ_Q(q̃_i)ᵀ S_in[u]` and `den_i = φ_Q(q̃_i)·z_in[u]`, each times the row factor
-//! `c_i = 1/(σ|q_i|)²` (it cancels in the normalisation, and keeps the half-precision operands
-//! in range). The output kernel adds the intra-chunk part and divides.
+//! `1/(σ|q_i|)²` (it cancels in the normalisation, and keeps the half-precision operands in
+//! range). The output kernel adds the intra-chunk part and divides.
 //!
 //! A cube owns 128 rows of the `r·c` rows of a chunk that read one key/value head's state
 //! (the `r = hq/h` query heads of a GQA group folded into the row dimension, row
@@ -9,26 +9,28 @@
 //! value columns. It walks the features 32 at a time (two 16-feature groups: one query
 //! coordinate `x` times 16 consecutive coordinates, see [`feature_pairs`](crate::feature_pairs)):
 //! the units build the f16 feature tile from the query tile in shared memory and stage the
-//! f16 state block (written as `S/γ` by the scan) with 16-byte loads, double-buffered so one
-//! barrier per step separates producing the next block from multiplying the current one.
-//! Plane `p` accumulates rows `32·(p mod 4)..` × columns `(e/2)·(p / 4)..` in `f32` fragments.
+//! f16 state block (`S/γ`, [`state_scale`], written by the scan) with 16-byte loads,
+//! double-buffered so one barrier per step separates producing the next block from
+//! multiplying the previous one ([`block_mma`](crate::block_mma)).
 
 use cubecl::prelude::*;
 use half::f16;
 
+use crate::block_mma::{
+    A_STRIDE, DEPTH, ROWS, SKIP_ROW, STAGE, UNITS, b_stride, cube_dim, multiply_step,
+    store_accumulators, zero_accumulators,
+};
 use crate::chunk_output::OutputDims;
 use crate::config::QueryStateTiles;
 use crate::feature_pairs::feature_pair;
+use crate::tile_load::{fetch_rows, row_registers, rows_present, scaled_norm2, store_rows};
 
-pub(crate) const BQ: usize = 128;
-/// Features per pipeline step: two groups of 16.
-pub(crate) const BF: usize = 32;
-/// Row stride of the feature tile (halves): 40 keeps 16-byte alignment and spreads banks.
-pub(crate) const PS: usize = BF + 8;
-pub(crate) const PLANES: u32 = 8;
-pub(crate) const PLANE: u32 = 32;
+/// The factor `1/γ = 1/√D` of the half-precision states this kernel reads.
+pub fn state_scale(expanded_dim: usize) -> f32 {
+    1.0 / (expanded_dim as f32).sqrt()
+}
 
-/// Builds the feature tile of step `step` (features `32·step..`) into `sphi[buf]`: unit
+/// Builds the feature tile of step `step` (features `32·step..`) into `sphi[offset..]`: unit
 /// `(row, group)` forms `c_row q_x · q[16m .. 16m+16]` for its row and group, rounds it to
 /// f16 and adds `φ·z/γ` to its running denominator.
 #[cube]
@@ -43,13 +45,13 @@ fn build_features<F: Float>(
     groups: u32,
     inv_gamma: f32,
     dsum: &mut f32,
-    buf: usize,
+    offset: usize,
     #[comptime] ds: usize,
 ) {
     let row = UNIT_POS as usize / 2;
     let kk = UNIT_POS as usize % 2;
     let g = step * 2 + kk as u32;
-    let dst = buf * BQ * PS + row * PS + kk * 16;
+    let dst = offset + row * A_STRIDE + kk * 16;
     if g < groups {
         let pair = feature_pair(g * 16, 16u32);
         let x = (pair >> 16) as usize;
@@ -68,55 +70,6 @@ fn build_features<F: Float>(
         #[unroll]
         for r in 0..16usize {
             sphi[dst + r] = f16::cast_from(0.0f32);
-        }
-    }
-}
-
-/// Loads the state rows of step `step` (features `32·step..`) into registers.
-#[cube]
-fn fetch_state(
-    states: &Array<Vector<f16, Const<8>>>,
-    regs: &mut Array<Vector<f16, Const<8>>>,
-    base: usize,
-    step: u32,
-    big_d: u32,
-    #[comptime] e: usize,
-    #[comptime] per_unit: usize,
-) {
-    let vecs_per_row = comptime!(e / 8);
-    #[unroll]
-    for i in 0..per_unit {
-        let idx = UNIT_POS as usize + i * (PLANES * PLANE) as usize;
-        let f = step as usize * BF + idx / vecs_per_row;
-        let mut v = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
-        if idx < BF * vecs_per_row && f < big_d as usize {
-            v = states[(base + f) * vecs_per_row + idx % vecs_per_row];
-        }
-        regs[i] = v;
-    }
-}
-
-/// Writes the fetched state rows into `sst[buf]` (row stride `e + 8`).
-#[cube]
-fn store_state(
-    regs: &Array<Vector<f16, Const<8>>>,
-    sst: &mut SharedMemory<f16>,
-    buf: usize,
-    #[comptime] e: usize,
-    #[comptime] per_unit: usize,
-) {
-    let vecs_per_row = comptime!(e / 8);
-    let ss = comptime!(e + 8);
-    #[unroll]
-    for i in 0..per_unit {
-        let idx = UNIT_POS as usize + i * (PLANES * PLANE) as usize;
-        if idx < BF * vecs_per_row {
-            let dst = buf * BF * ss + (idx / vecs_per_row) * ss + (idx % vecs_per_row) * 8;
-            let v = regs[i];
-            #[unroll]
-            for j in 0..8usize {
-                sst[dst + j] = v[j];
-            }
         }
     }
 }
@@ -143,62 +96,54 @@ fn query_state_kernel<F: Float>(
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
     let ds = comptime!(cfg.head_dim as usize + 8);
-    let ss = comptime!(cfg.value_dim as usize + 8);
-    let col_tiles = comptime!(cfg.value_dim as usize / 32);
-    let threads = comptime!((PLANES * PLANE) as usize);
-    let per_unit = comptime!((BF * cfg.value_dim as usize / 8).div_ceil(256));
+    let ss = comptime!(b_stride(cfg.value_dim as usize));
 
     let ratio = q_heads / kv_heads;
-    let rows_total = ratio * chunk;
-    let row0 = CUBE_POS_X * BQ as u32;
+    let row0 = CUBE_POS_X * ROWS as u32;
     let u = CUBE_POS_Y % n_chunks;
     let kvh = CUBE_POS_Y / n_chunks;
     let bi = CUBE_POS_Z;
     let chunk_start = u * chunk;
     let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
     let state_base = (((bi * kv_heads + kvh) * n_chunks + u) * big_d) as usize;
-    let plane = UNIT_POS_Y as usize;
-    let rg = plane % 4;
-    let cg = plane / 4;
 
-    let mut sq = SharedMemory::<F>::new(BQ * ds);
-    let mut sfac = SharedMemory::<f32>::new(BQ);
-    let mut sphi = SharedMemory::<f16>::new(2 * BQ * PS);
-    let mut sst = SharedMemory::<f16>::new(2 * BF * ss);
-    let mut dpart = SharedMemory::<f32>::new(threads);
-    let mut stage = SharedMemory::<f32>::new(threads * 8);
+    let mut sq = SharedMemory::<F>::new(ROWS * ds);
+    let mut sfac = SharedMemory::<f32>::new(ROWS);
+    let mut row_index = SharedMemory::<u32>::new(ROWS);
+    let mut sphi = SharedMemory::<f16>::new(2 * ROWS * A_STRIDE);
+    let mut sst = SharedMemory::<f16>::new(2 * DEPTH * ss);
+    let mut dpart = SharedMemory::<f32>::new(UNITS);
+    let mut stage = SharedMemory::<f32>::new(STAGE);
 
-    // the query rows of this tile: row ρ is position ρ / r, head kvh·r + ρ mod r
-    let mut idx = UNIT_POS as usize;
-    while idx < BQ * d {
-        let row = idx / d;
-        let rho = row0 + row as u32;
+    // row ρ of the tile is position ρ / r of head kvh·r + ρ mod r: its `[b, t, hq]` index
+    if UNIT_POS < ROWS as u32 {
+        let rho = row0 + UNIT_POS;
         let pos = rho / ratio;
-        let tok = chunk_start + pos;
+        let at = (bi * seq + chunk_start + pos) * q_heads + kvh * ratio + rho % ratio;
+        row_index[UNIT_POS as usize] = select(pos < chunk && chunk_start + pos < seq, at, SKIP_ROW);
+    }
+    sync_cube();
+    let mut idx = UNIT_POS as usize;
+    while idx < ROWS * d {
+        let at = row_index[idx / d];
         let mut val = F::cast_from(0.0f32);
-        if rho < rows_total && tok < seq {
-            let head = kvh * ratio + rho % ratio;
-            val = q[((bi * seq + tok) * q_heads + head) as usize * d + idx % d];
+        if at != SKIP_ROW {
+            val = q[at as usize * d + idx % d];
         }
-        sq[row * ds + idx % d] = val;
-        idx += threads;
+        sq[(idx / d) * ds + idx % d] = val;
+        idx += UNITS;
     }
     sync_cube();
 
-    // row factor: σ² e^{ā} · γ/(σ|q|)², the f16 features are then ≤ γ e^{ā} in magnitude
+    // row factor σ² e^{ā} · γ/(σ|q|)²: the f16 features stay ≤ γ e^{ā} in magnitude
     let gamma = f32::sqrt(f32::cast_from(big_d));
     let inv_gamma = 1.0 / gamma;
-    if UNIT_POS < BQ as u32 {
+    if UNIT_POS < ROWS as u32 {
         let row = UNIT_POS as usize;
-        let mut norm2 = 0.0f32;
-        for x in 0..d {
-            let qx = f32::cast_from(sq[row * ds + x]);
-            norm2 += qx * qx;
-        }
-        norm2 *= scale * scale;
-        let mut fac = scale * scale;
+        let norm2 = scaled_norm2::<F>(&sq, row * ds, scale, d);
+        let mut fac = 0.0f32;
         if norm2 > 0.0 {
-            fac *= gamma / norm2;
+            fac = scale * scale * gamma / norm2;
         }
         if comptime!(cfg.gated) {
             let pos = (row0 + UNIT_POS) / ratio;
@@ -208,95 +153,57 @@ fn query_state_kernel<F: Float>(
         }
         sfac[row] = fac;
     }
+    sync_cube();
 
     let groups = big_d / 16;
     let steps = (groups + 1) / 2;
-    let mut regs = Array::<Vector<f16, Const<8>>>::new(per_unit);
+    let mut regs = row_registers::<f16>(DEPTH, e, UNITS);
     let mut dsum = 0.0f32;
+    let mut acc = zero_accumulators(e);
 
-    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
-    #[unroll]
-    for _ in 0..2 * col_tiles {
-        acc.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        ));
-    }
-
-    fetch_state(states, &mut regs, state_base, 0, big_d, e, per_unit);
-    sync_cube();
-    build_features::<F>(
-        &sq, &sfac, &mut sphi, sums, state_base, 0, groups, inv_gamma, &mut dsum, 0, ds,
-    );
-    store_state(&regs, &mut sst, 0, e, per_unit);
-    sync_cube();
-
-    for step in 0..steps {
-        let cur = (step % 2) as usize;
-        let nxt = 1 - cur;
-        let more = step + 1 < steps;
-        if more {
-            fetch_state(states, &mut regs, state_base, step + 1, big_d, e, per_unit);
-        }
-        #[unroll]
-        for ks in 0..2usize {
-            let a0 = cmma::Matrix::<f16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &sphi.slice(cur * BQ * PS + rg * 32 * PS + ks * 16, 2 * BQ * PS),
-                PS as u32,
+    // step s produces block s into buffer s mod 2 while the matrix units take block s − 1
+    for step in 0..steps + 1 {
+        let producing = step < steps;
+        if producing {
+            let first = step * DEPTH as u32;
+            fetch_rows::<f16>(
+                states,
+                &mut regs,
+                (state_base + first as usize) * (e / 8),
+                e / 8,
+                rows_present(first, big_d),
+                DEPTH,
+                e,
+                UNITS,
             );
-            let a1 = cmma::Matrix::<f16>::from_slice(
-                cmma::MatrixIdent::A,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::RowMajor,
-                &sphi.slice(cur * BQ * PS + (rg * 32 + 16) * PS + ks * 16, 2 * BQ * PS),
-                PS as u32,
-            );
-            #[unroll]
-            for ct in 0..col_tiles {
-                let b = cmma::Matrix::<f16>::from_slice(
-                    cmma::MatrixIdent::B,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &sst.slice(
-                        cur * BF * ss + ks * 16 * ss + cg * (e / 2) + ct * 16,
-                        2 * BF * ss,
-                    ),
-                    ss as u32,
-                );
-                let c0 = acc.index(ct);
-                cmma::execute::<f16, f16, f32, f32>(&a0, &b, c0, c0);
-                let c1 = acc.index(col_tiles + ct);
-                cmma::execute::<f16, f16, f32, f32>(&a1, &b, c1, c1);
-            }
         }
-        if more {
+        if step > 0 {
+            let prev = ((step - 1) % 2) as usize;
+            multiply_step(
+                &mut acc,
+                &sphi,
+                prev * ROWS * A_STRIDE,
+                &sst,
+                prev * DEPTH * ss,
+                e,
+            );
+        }
+        if producing {
+            let buf = (step % 2) as usize;
             build_features::<F>(
                 &sq,
                 &sfac,
                 &mut sphi,
                 sums,
                 state_base,
-                step + 1,
+                step,
                 groups,
                 inv_gamma,
                 &mut dsum,
-                nxt,
+                buf * ROWS * A_STRIDE,
                 ds,
             );
-            store_state(&regs, &mut sst, nxt, e, per_unit);
+            store_rows::<f16, f16>(&regs, &mut sst, buf * DEPTH * ss, DEPTH, e, ss, UNITS);
         }
         sync_cube();
     }
@@ -304,47 +211,13 @@ fn query_state_kernel<F: Float>(
     // denominators: the two units of a row
     dpart[UNIT_POS as usize] = dsum;
     sync_cube();
-    if UNIT_POS < BQ as u32 {
-        let rho = row0 + UNIT_POS;
-        let pos = rho / ratio;
-        let tok = chunk_start + pos;
-        if rho < rows_total && tok < seq {
-            let head = kvh * ratio + rho % ratio;
-            let at = ((bi * seq + tok) * q_heads + head) as usize;
-            den[at] = dpart[2 * UNIT_POS as usize] + dpart[2 * UNIT_POS as usize + 1];
+    if UNIT_POS < ROWS as u32 {
+        let at = row_index[UNIT_POS as usize];
+        if at != SKIP_ROW {
+            den[at as usize] = dpart[2 * UNIT_POS as usize] + dpart[2 * UNIT_POS as usize + 1];
         }
     }
-
-    // numerators: each fragment through this plane's 16×16 staging tile
-    let lane = UNIT_POS_X as usize;
-    let st = plane * 256;
-    #[unroll]
-    for half_rows in 0..2usize {
-        #[unroll]
-        for ct in 0..col_tiles {
-            cmma::store(
-                &mut stage.slice_mut(st, st + 256),
-                acc.index(half_rows * col_tiles + ct),
-                16u32,
-                cmma::MatrixLayout::RowMajor,
-            );
-            sync_plane();
-            #[unroll]
-            for m in 0..8usize {
-                let i = lane + 32 * m;
-                let row = rg * 32 + half_rows * 16 + i / 16;
-                let rho = row0 + row as u32;
-                let pos = rho / ratio;
-                let tok = chunk_start + pos;
-                if rho < rows_total && tok < seq {
-                    let head = kvh * ratio + rho % ratio;
-                    let at = ((bi * seq + tok) * q_heads + head) as usize * e;
-                    num[at + cg * (e / 2) + ct * 16 + i % 16] = stage[st + i];
-                }
-            }
-            sync_plane();
-        }
-    }
+    store_accumulators(&acc, &mut stage, &row_index, num, e);
 }
 
 /// Buffers of a query-state launch (flat, contiguous, row-major).
@@ -380,7 +253,7 @@ pub unsafe fn launch_query_state<R: Runtime>(
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     let ratio = dims.q_heads / dims.kv_heads;
     let count = CubeCount::Static(
-        (ratio * dims.chunk).div_ceil(BQ) as u32,
+        (ratio * dims.chunk).div_ceil(ROWS) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
@@ -388,7 +261,7 @@ pub unsafe fn launch_query_state<R: Runtime>(
         query_state_kernel::launch_unchecked::<R>(
             client,
             count,
-            CubeDim::new_2d(PLANE, PLANES),
+            cube_dim(),
             args.q,
             args.gates.unwrap_or_else(dummy),
             args.states,

@@ -152,3 +152,94 @@ pub fn load_gates(
         dst[UNIT_POS as usize] = g;
     }
 }
+
+/// Rows of a row block that exist: `min(limit − first, rows)`, 0 past `limit`.
+#[cube]
+pub fn rows_present(first: u32, limit: u32) -> u32 {
+    let mut n = 0u32;
+    if first < limit {
+        n = limit - first;
+    }
+    n
+}
+
+/// Fetches `rows` rows of `width` elements into registers with 16-byte loads: row `i` starts
+/// at vector `first + i·stride` of `src`; rows `present..` are zeros. Pair with [`store_rows`]
+/// (issue the loads, do other work, then store).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_rows<F: Float>(
+    src: &Array<Vector<F, Const<8>>>,
+    regs: &mut Array<Vector<F, Const<8>>>,
+    first: usize,
+    stride: usize,
+    present: u32,
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] threads: usize,
+) {
+    let vecs = comptime!(width / 8);
+    #[unroll]
+    for i in 0..comptime!((rows * width / 8).div_ceil(threads)) {
+        let idx = UNIT_POS as usize + i * threads;
+        let row = idx / vecs;
+        let mut val = Vector::<F, Const<8>>::new(F::cast_from(0.0f32));
+        if idx < rows * vecs && (row as u32) < present {
+            val = src[first + row * stride + idx % vecs];
+        }
+        regs[i] = val;
+    }
+}
+
+/// Stores rows fetched by [`fetch_rows`] into `dst[offset..]` (row stride `dst_stride`),
+/// converted to `S`.
+#[cube]
+pub fn store_rows<F: Float, S: Float>(
+    regs: &Array<Vector<F, Const<8>>>,
+    dst: &mut SharedMemory<S>,
+    offset: usize,
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] dst_stride: usize,
+    #[comptime] threads: usize,
+) {
+    let vecs = comptime!(width / 8);
+    #[unroll]
+    for i in 0..comptime!((rows * width / 8).div_ceil(threads)) {
+        let idx = UNIT_POS as usize + i * threads;
+        if idx < rows * vecs {
+            let at = offset + (idx / vecs) * dst_stride + (idx % vecs) * 8;
+            let val = regs[i];
+            #[unroll]
+            for j in 0..8usize {
+                dst[at + j] = S::cast_from(val[j]);
+            }
+        }
+    }
+}
+
+/// Registers for [`fetch_rows`] of `rows × width` elements.
+#[cube]
+pub fn row_registers<F: Float>(
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] threads: usize,
+) -> Array<Vector<F, Const<8>>> {
+    Array::<Vector<F, Const<8>>>::new(comptime!((rows * width / 8).div_ceil(threads)))
+}
+
+/// `(σ|x|)²` of the row of `d` elements at `src[offset..]`.
+#[cube]
+pub fn scaled_norm2<F: Float>(
+    src: &SharedMemory<F>,
+    offset: usize,
+    scale: f32,
+    #[comptime] d: usize,
+) -> f32 {
+    let mut norm2 = 0.0f32;
+    for x in 0..d {
+        let v = f32::cast_from(src[offset + x]);
+        norm2 += v * v;
+    }
+    norm2 * scale * scale
+}

@@ -1,26 +1,28 @@
 //! Every kernel writes every element of its outputs: outputs are filled with NaN before the
-//! launch and must come back finite. Runs on wgpu (Mesa lavapipe in CI).
-#![cfg(feature = "wgpu")]
+//! launch and must come back finite. Runs the FMA kernels on wgpu (Mesa lavapipe in CI) with
+//! f32 inputs, and with `--features cuda` the tensor-core kernels on CUDA with bf16 inputs.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 use cubecl::prelude::*;
-use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use half::{bf16, f16};
 use retention_kernels::{
-    Buffer, DecodeTiles, OutputTiles, StateTiles, Strategy,
+    Buffer, ChunkedTiles, DecodeTiles, OutputTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     decode::{DecodeArgs, DecodeDims, launch_decode},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    query_state::{QueryStateArgs, launch_query_state, state_scale},
 };
 
-type R = WgpuRuntime;
-
-/// A client, or `None` (loudly) without an adapter; under `CI` a missing adapter fails.
-fn client() -> Option<ComputeClient<R>> {
-    match std::panic::catch_unwind(|| R::client(&WgpuDevice::default())) {
+/// A client, or `None` (loudly) without a device; under `CI` a missing wgpu adapter fails.
+fn client<R: Runtime>(device: &R::Device, required_in_ci: bool) -> Option<ComputeClient<R>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device))) {
         Ok(c) => Some(c),
-        Err(_) if std::env::var_os("CI").is_some() => panic!("no wgpu adapter and CI is set"),
+        Err(_) if required_in_ci && std::env::var_os("CI").is_some() => {
+            panic!("no device and CI is set")
+        }
         Err(_) => {
-            eprintln!("SKIPPED: no wgpu adapter found (set CI=1 to make this a failure)");
+            eprintln!("SKIPPED: no device found (set CI=1 to make this a failure on wgpu)");
             None
         }
     }
@@ -38,23 +40,55 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// Element types of the buffers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // bf16 inputs: the CUDA test
+enum Elem {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Elem {
+    fn storage(self) -> StorageType {
+        match self {
+            Self::F32 => f32::as_type_native_unchecked().storage_type(),
+            Self::F16 => f16::as_type_native_unchecked().storage_type(),
+            Self::Bf16 => bf16::as_type_native_unchecked().storage_type(),
+        }
+    }
+}
+
 struct Buf {
     handle: cubecl::server::Handle,
     len: usize,
+    elem: Elem,
 }
 
 impl Buf {
-    fn new(client: &ComputeClient<R>, data: &[f32]) -> Self {
+    fn new<R: Runtime>(client: &ComputeClient<R>, data: &[f32], elem: Elem) -> Self {
+        let handle = match elem {
+            Elem::F32 => client.create_from_slice(f32::as_bytes(data)),
+            Elem::F16 => {
+                let v: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                client.create_from_slice(f16::as_bytes(&v))
+            }
+            Elem::Bf16 => {
+                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                client.create_from_slice(bf16::as_bytes(&v))
+            }
+        };
         Self {
-            handle: client.create_from_slice(f32::as_bytes(data)),
+            handle,
             len: data.len(),
+            elem,
         }
     }
-    fn poisoned(client: &ComputeClient<R>, len: usize) -> Self {
-        Self::new(client, &vec![f32::NAN; len])
+    fn poisoned<R: Runtime>(client: &ComputeClient<R>, len: usize, elem: Elem) -> Self {
+        Self::new(client, &vec![f32::NAN; len], elem)
     }
-    fn arg(&self) -> ArrayArg<R> {
-        // SAFETY: the handle holds `len` f32 values.
+    fn arg<R: Runtime>(&self) -> ArrayArg<R> {
+        // SAFETY: the handle holds `len` elements.
         unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len) }
     }
     fn buffer(&self) -> Buffer {
@@ -63,13 +97,20 @@ impl Buf {
             len: self.len,
         }
     }
-    fn read(&self, client: &ComputeClient<R>) -> Vec<f32> {
+    fn read<R: Runtime>(&self, client: &ComputeClient<R>) -> Vec<f32> {
         let bytes = client.read_one(self.handle.clone()).expect("readback");
-        f32::from_bytes(&bytes).to_vec()
+        match self.elem {
+            Elem::F32 => f32::from_bytes(&bytes).to_vec(),
+            Elem::F16 => f16::from_bytes(&bytes).iter().map(|x| x.to_f32()).collect(),
+            Elem::Bf16 => bf16::from_bytes(&bytes)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        }
     }
 }
 
-fn assert_written(name: &str, client: &ComputeClient<R>, buf: &Buf) {
+fn assert_written<R: Runtime>(name: &str, client: &ComputeClient<R>, buf: &Buf) {
     let data = buf.read(client);
     let unwritten = data.iter().filter(|x| !x.is_finite()).count();
     assert_eq!(
@@ -85,30 +126,56 @@ const T: usize = 37;
 const HQ: usize = 4;
 const H: usize = 2;
 const D: usize = 16;
-const E: usize = 12;
-const BIG_D: usize = D * (D + 1) / 2;
+const BIG_D: usize = D * (D + 16) / 2;
 const C: usize = 8;
 const N: usize = T.div_ceil(C);
 
-fn dtype() -> StorageType {
-    f32::as_type_native_unchecked().storage_type()
+#[cfg(feature = "wgpu")]
+#[test]
+fn every_fma_kernel_writes_every_output_element() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    let Some(client) = client::<WgpuRuntime>(&WgpuDevice::default(), true) else {
+        return;
+    };
+    // an awkward value dim: the FMA tiles take any
+    every_kernel_writes_every_output_element(&client, Elem::F32, Strategy::Fma, 12);
 }
 
+#[cfg(feature = "cuda")]
 #[test]
-fn every_kernel_writes_every_output_element() {
-    let Some(client) = client() else { return };
-    let q = Buf::new(&client, &values(B * T * HQ * D, 1));
-    let k = Buf::new(&client, &values(B * T * H * D, 2));
-    let v = Buf::new(&client, &values(B * T * H * E, 3));
+fn every_tensor_core_kernel_writes_every_output_element() {
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    let Some(client) = client::<CudaRuntime>(&CudaDevice::default(), false) else {
+        return;
+    };
+    every_kernel_writes_every_output_element(&client, Elem::Bf16, Strategy::Mma, 32);
+}
+
+fn every_kernel_writes_every_output_element<R: Runtime>(
+    client: &ComputeClient<R>,
+    elem: Elem,
+    strategy: Strategy,
+    e: usize,
+) {
+    let dtype = elem.storage();
+    let q = Buf::new(client, &values(B * T * HQ * D, 1), elem);
+    let k = Buf::new(client, &values(B * T * H * D, 2), elem);
+    let v = Buf::new(client, &values(B * T * H * e, 3), elem);
     let gates: Vec<f32> = values(B * H * N * C, 4)
         .iter()
         .map(|x| -0.1 * x.abs())
         .collect();
-    let gates = Buf::new(&client, &gates);
+    let gates = Buf::new(client, &gates, Elem::F32);
+    let tiles = ChunkedTiles::plan(client, dtype, strategy, D, e).expect("tiles fit");
+    assert_eq!(
+        tiles.query.is_some(),
+        strategy == Strategy::Mma,
+        "the tensor-core path runs where asked"
+    );
 
     // chunk states
-    let states = Buf::poisoned(&client, B * H * N * BIG_D * E);
-    let sums = Buf::poisoned(&client, B * H * N * BIG_D);
+    let states = Buf::poisoned(client, B * H * N * BIG_D * e, Elem::F32);
+    let sums = Buf::poisoned(client, B * H * N * BIG_D, Elem::F32);
     let dims = StateDims {
         batch: B,
         seq: T,
@@ -124,37 +191,49 @@ fn every_kernel_writes_every_output_element() {
         states: states.arg(),
         sums: sums.arg(),
     };
-    let tiles = StateTiles::plan(&client, dtype(), Strategy::Auto, D, E).expect("tiles fit");
     // SAFETY: sizes as documented.
-    unsafe { launch_chunk_state(&client, dtype(), dims, tiles, args) };
-    assert_written("chunk_state states", &client, &states);
-    assert_written("chunk_state sums", &client, &sums);
+    unsafe { launch_chunk_state(client, dtype, dims, tiles.state, args) };
+    assert_written("chunk_state states", client, &states);
+    assert_written("chunk_state sums", client, &sums);
 
-    // scan, with an initial state
-    let last = Buf::poisoned(&client, B * H * BIG_D * E);
-    let initial = Buf::new(&client, &values(B * H * BIG_D * E, 5));
-    let dims = ScanDims {
-        sequences: B * H,
-        width: BIG_D * E,
-        n_chunks: N,
-        chunk: C,
-    };
-    let args = ScanArgs {
-        chunks: states.arg(),
-        half: None,
-        half_scale: 1.0,
-        initial: Some(initial.arg()),
-        gates: Some(gates.arg()),
-        last: last.arg(),
-    };
-    // SAFETY: sizes as documented.
-    unsafe { launch_discumsum(&client, dims, args) };
-    assert_written("discumsum last", &client, &last);
-    assert_written("discumsum entering states", &client, &states);
+    // scans, with an initial state; states to f16 where the query-state kernel reads them
+    let half = tiles
+        .query
+        .map(|_| Buf::poisoned(client, B * H * N * BIG_D * e, Elem::F16));
+    let last = Buf::poisoned(client, B * H * BIG_D * e, Elem::F32);
+    let last_sum = Buf::poisoned(client, B * H * BIG_D, Elem::F32);
+    let initial = Buf::new(client, &values(B * H * BIG_D * e, 5), Elem::F32);
+    let initial_sum = Buf::new(client, &values(B * H * BIG_D, 6), Elem::F32);
+    for (chunks, init, out, width, to_half) in [
+        (&states, &initial, &last, BIG_D * e, half.as_ref()),
+        (&sums, &initial_sum, &last_sum, BIG_D, None),
+    ] {
+        let dims = ScanDims {
+            sequences: B * H,
+            width,
+            n_chunks: N,
+            chunk: C,
+        };
+        let args = ScanArgs {
+            chunks: chunks.arg(),
+            half: to_half.map(Buf::arg),
+            half_scale: state_scale(BIG_D),
+            initial: Some(init.arg()),
+            gates: Some(gates.arg()),
+            last: out.arg(),
+        };
+        // SAFETY: sizes as documented.
+        unsafe { launch_discumsum(client, dims, args) };
+        assert_written("discumsum last", client, out);
+        assert_written(
+            "discumsum entering states",
+            client,
+            to_half.unwrap_or(chunks),
+        );
+    }
 
-    // output, chunked and attention form
+    // output, chunked (after the query-state product where it runs apart) and attention form
     for with_state in [true, false] {
-        let out = Buf::poisoned(&client, B * T * HQ * E);
         let (chunk, n_chunks) = if with_state { (C, N) } else { (T, 1) };
         let dims = OutputDims {
             batch: B,
@@ -166,40 +245,67 @@ fn every_kernel_writes_every_output_element() {
             expanded_dim: BIG_D,
             scale: 0.25,
         };
+        let state_part = match (with_state, tiles.query, &half) {
+            (false, ..) => None,
+            (true, Some(query), Some(half)) => {
+                let num = Buf::poisoned(client, B * T * HQ * e, Elem::F32);
+                let den = Buf::poisoned(client, B * T * HQ, Elem::F32);
+                let args = QueryStateArgs {
+                    q: q.arg(),
+                    gates: Some(gates.arg()),
+                    states: half.arg(),
+                    sums: sums.arg(),
+                    num: num.arg(),
+                    den: den.arg(),
+                };
+                // SAFETY: sizes as documented.
+                unsafe { launch_query_state(client, dtype, dims, query, args) };
+                assert_written("query_state numerators", client, &num);
+                assert_written("query_state denominators", client, &den);
+                Some((num, den))
+            }
+            (true, ..) => None,
+        };
+        let out = Buf::poisoned(client, B * T * HQ * e, elem);
+        let states_arg = match (&state_part, with_state) {
+            (Some((num, den)), _) => Some((num.arg(), den.arg())),
+            (None, true) => Some((states.arg(), sums.arg())),
+            (None, false) => None,
+        };
         let args = OutputArgs {
             q: q.arg(),
             k: k.arg(),
             v: v.arg(),
             gates: with_state.then(|| gates.arg()),
-            states: with_state.then(|| (states.arg(), sums.arg())),
+            states: states_arg,
             out: out.arg(),
         };
-        let tiles =
-            OutputTiles::plan(&client, dtype(), Strategy::Auto, D, E, 2).expect("tiles fit");
+        let output = if with_state {
+            tiles.output
+        } else {
+            OutputTiles::plan(client, dtype, strategy, D, e, 2).expect("tiles fit")
+        };
         // SAFETY: sizes as documented.
-        unsafe { launch_output(&client, dtype(), dims, tiles, args) };
-        assert_written(
-            if with_state {
-                "output (chunked)"
-            } else {
-                "output (attention)"
-            },
-            &client,
-            &out,
-        );
+        unsafe { launch_output(client, dtype, dims, output, args) };
+        let name = if with_state {
+            "output (chunked)"
+        } else {
+            "output (attention)"
+        };
+        assert_written(name, client, &out);
     }
 
     // decode step
-    let out = Buf::poisoned(&client, B * HQ * E);
-    let new_state = Buf::poisoned(&client, B * H * BIG_D * E);
-    let new_sum = Buf::poisoned(&client, B * H * BIG_D);
+    let out = Buf::poisoned(client, B * HQ * e, elem);
+    let new_state = Buf::poisoned(client, B * H * BIG_D * e, Elem::F32);
+    let new_sum = Buf::poisoned(client, B * H * BIG_D, Elem::F32);
     let sum0: Vec<f32> = values(B * H * BIG_D, 6).iter().map(|x| x.abs()).collect();
-    let sum0 = Buf::new(&client, &sum0);
-    let q1 = Buf::new(&client, &values(B * HQ * D, 7));
-    let k1 = Buf::new(&client, &values(B * H * D, 8));
-    let v1 = Buf::new(&client, &values(B * H * E, 9));
-    let g1 = Buf::new(&client, &[-0.1f32; B * H]);
-    let tiles = DecodeTiles::plan(&client, D, E, HQ / H).expect("tiles fit");
+    let sum0 = Buf::new(client, &sum0, Elem::F32);
+    let q1 = Buf::new(client, &values(B * HQ * D, 7), elem);
+    let k1 = Buf::new(client, &values(B * H * D, 8), elem);
+    let v1 = Buf::new(client, &values(B * H * e, 9), elem);
+    let g1 = Buf::new(client, &[-0.1f32; B * H], Elem::F32);
+    let decode = DecodeTiles::plan(client, D, e, HQ / H).expect("tiles fit");
     let dims = DecodeDims {
         batch: B,
         q_heads: HQ,
@@ -208,8 +314,8 @@ fn every_kernel_writes_every_output_element() {
         scale: 0.25,
         slices: 3,
     };
-    let partial_num = Buf::poisoned(&client, 3 * B * HQ * E);
-    let partial_den = Buf::poisoned(&client, 3 * B * HQ);
+    let partial_num = Buf::poisoned(client, 3 * B * HQ * e, Elem::F32);
+    let partial_den = Buf::poisoned(client, 3 * B * HQ, Elem::F32);
     let args = DecodeArgs {
         q: q1.buffer(),
         k: k1.buffer(),
@@ -224,8 +330,8 @@ fn every_kernel_writes_every_output_element() {
         partial_den: partial_den.buffer(),
     };
     // SAFETY: sizes as documented.
-    unsafe { launch_decode(&client, dtype(), dims, tiles, args) };
-    assert_written("decode output", &client, &out);
-    assert_written("decode state", &client, &new_state);
-    assert_written("decode key-sum", &client, &new_sum);
+    unsafe { launch_decode(client, dtype, dims, decode, args) };
+    assert_written("decode output", client, &out);
+    assert_written("decode state", client, &new_state);
+    assert_written("decode key-sum", client, &new_sum);
 }

@@ -10,13 +10,13 @@ use burn_cubecl::{
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
-    Buffer, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy,
+    Buffer, ChunkedTiles, DecodeTiles, OutputTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
     decode::{DecodeArgs, DecodeDims, launch_decode},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
-    query_state::{QueryStateArgs, launch_query_state},
+    query_state::{QueryStateArgs, launch_query_state, state_scale},
 };
 
 use crate::RetentionOptions;
@@ -153,23 +153,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let dtype = q.dtype;
         let client = q.client.clone();
         let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
-            .then(|| {
-                let mut out = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, 2)?;
-                let state = StateTiles::plan(&client, dtype.into(), Strategy::Auto, d, e)?;
-                // the tensor-core output kernel takes its state part from the query-state kernel
-                let query = if out.mma {
-                    let query = QueryStateTiles::plan(&client, dtype.into(), Strategy::Auto, d, e);
-                    if query.is_none() {
-                        out = OutputTiles::plan(&client, dtype.into(), Strategy::Fma, d, e, 2)?;
-                    }
-                    query
-                } else {
-                    None
-                };
-                Some((out, state, query))
-            })
+            .then(|| ChunkedTiles::plan(&client, dtype.into(), Strategy::Auto, d, e))
             .flatten();
-        let Some((out_tiles, state_tiles, query_tiles)) = plans else {
+        let Some(ChunkedTiles {
+            state: state_tiles,
+            query: query_tiles,
+            output: out_tiles,
+        }) = plans
+        else {
             return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
         };
         let c = chunk_size;
@@ -211,7 +202,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         };
         // the query-state kernel reads the entering states as f16 `S/γ`
         let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
-        let inv_gamma = 1.0 / (big_d as f32).sqrt();
         for (chunks, init, last, width, half) in [
             (&states, s0, &final_state, big_d * e, half_states.clone()),
             (&sums, z0, &final_sum, big_d, None),
@@ -225,7 +215,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             let args = ScanArgs {
                 chunks: arg(chunks.clone()),
                 half: half.map(arg),
-                half_scale: inv_gamma,
+                half_scale: state_scale(big_d),
                 initial: init.map(arg),
                 gates: gates.clone().map(arg),
                 last: arg(last.clone()),
