@@ -107,12 +107,13 @@ impl OutputTiles {
             with_state: false,
             mma,
         };
-        let f16 = half::f16::as_type_native_unchecked().storage_type();
-        if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
-            && Self::mma_shared_bytes(head_dim, value_dim, dtype.size())
+        let bf16 = half::bf16::as_type_native_unchecked().storage_type();
+        if use_mma(client, strategy, dtype, &[bf16], head_dim, value_dim)
+            && value_dim <= 128
+            && crate::chunk_output_mma::shared_bytes(head_dim, value_dim, dtype.size())
                 <= shared_memory_max(client)
         {
-            return Some(tiles(64, 64, true));
+            return Some(tiles(crate::chunk_output_mma::BQ, 64, true));
         }
         let budget = shared_memory_budget(shared_memory_max(client));
         [(64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8)]
@@ -123,12 +124,6 @@ impl OutputTiles {
 
     fn fma_shared_bytes(bq: usize, bk: usize, d: usize, e: usize) -> usize {
         4 * (bq * (d + 1) + bk * (d + 1) + bk * e + bq * bk + 3 * bk + bq)
-    }
-
-    /// Shared memory of the tensor-core variant (64×64 tiles, `el` bytes per input element).
-    fn mma_shared_bytes(d: usize, e: usize, el: usize) -> usize {
-        let (bq, bk) = (64, 64);
-        el * (bq * d + bk * d + bk * e) + 4 * (bq * 68) + 4 * (bq + bk + 256)
     }
 }
 
