@@ -194,7 +194,7 @@ impl QueryStateTiles {
         let f16 = half::f16::as_type_native_unchecked().storage_type();
         (use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
             && value_dim <= 128
-            && Self::shared_bytes(head_dim, value_dim, dtype.size()) <= shared_memory_max(client))
+            && Self::shared_bytes(head_dim, value_dim) <= shared_memory_max(client))
         .then_some(Self {
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
@@ -202,12 +202,13 @@ impl QueryStateTiles {
         })
     }
 
-    /// Shared memory of one cube, in bytes, for inputs of `el` bytes.
-    pub fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usize {
+    /// Shared memory of one cube, in bytes (the query tile is staged as f16 whatever the
+    /// input dtype).
+    pub fn shared_bytes(head_dim: usize, value_dim: usize) -> usize {
         use crate::block_mma::{A_STRIDE, DEPTH, ROWS, STAGE, UNITS, b_stride};
-        el * ROWS * (head_dim + 8)
+        2 * ROWS * (head_dim + 8)
             + 2 * (2 * ROWS * A_STRIDE + 2 * DEPTH * b_stride(value_dim))
-            + 4 * (2 * ROWS + UNITS + STAGE)
+            + 4 * (ROWS + UNITS + STAGE)
     }
 }
 

@@ -23,53 +23,63 @@ use crate::block_mma::{
 use crate::chunk_output::OutputDims;
 use crate::config::QueryStateTiles;
 use crate::feature_pairs::feature_pair;
-use crate::tile_load::{fetch_rows, row_registers, rows_present, scaled_norm2, store_rows};
+use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
 /// The factor `1/γ = 1/√D` of the half-precision states this kernel reads.
 pub fn state_scale(expanded_dim: usize) -> f32 {
     1.0 / (expanded_dim as f32).sqrt()
 }
 
-/// Builds the feature tile of step `step` (features `32·step..`) into `sphi[offset..]`: unit
-/// `(row, group)` forms `c_row q_x · q[16m .. 16m+16]` for its row and group, rounds it to
-/// f16 and adds `φ·z/γ` to its running denominator.
+/// Builds the feature tile of step `step` (features `32·step..`, two 16-feature groups
+/// `(x, m)`) into `sphi[offset..]`: `q'_x q'_{16m + r}` rounded to f16, `q'` the pre-scaled
+/// query rows. Plane `p` writes rows `16p..16p + 16`; lane `(rq, fo)` rows `rq + 4j` and
+/// features `fo + 8b` of each group, so every store and load of the plane touches 4 rows × 8
+/// consecutive halves (conflict-free banks), and adds `φ·z/γ` to its row partials `dacc[j]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn build_features<F: Float>(
-    sq: &SharedMemory<F>,
-    sfac: &SharedMemory<f32>,
+fn build_features(
+    sq: &SharedMemory<f16>,
     sphi: &mut SharedMemory<f16>,
     sums: &Array<f32>,
     zbase: usize,
     step: u32,
     groups: u32,
     inv_gamma: f32,
-    dsum: &mut f32,
+    dacc: &mut Array<f32>,
     offset: usize,
     #[comptime] ds: usize,
 ) {
-    let row = UNIT_POS as usize / 2;
-    let kk = UNIT_POS as usize % 2;
-    let g = step * 2 + kk as u32;
-    let dst = offset + row * A_STRIDE + kk * 16;
-    if g < groups {
-        let pair = feature_pair(g * 16, 16u32);
-        let x = (pair >> 16) as usize;
-        let inner = (pair & 0xffff) as usize;
-        let a = f32::cast_from(sq[row * ds + x]) * sfac[row];
-        let zb = zbase + g as usize * 16;
-        let mut acc = 0.0f32;
-        #[unroll]
-        for r in 0..16usize {
-            let phi = f16::cast_from(a * f32::cast_from(sq[row * ds + inner + r]));
-            acc += f32::cast_from(phi) * sums[zb + r];
-            sphi[dst + r] = phi;
-        }
-        *dsum += acc * inv_gamma;
-    } else {
-        #[unroll]
-        for r in 0..16usize {
-            sphi[dst + r] = f16::cast_from(0.0f32);
+    let rq = UNIT_POS_X as usize / 8;
+    let fo = UNIT_POS_X as usize % 8;
+    let row0 = UNIT_POS_Y as usize * 16 + rq;
+    #[unroll]
+    for gi in 0..2usize {
+        let g = step * 2 + gi as u32;
+        if g < groups {
+            let pair = feature_pair(g * 16, 16u32);
+            let x = (pair >> 16) as usize;
+            let inner = (pair & 0xffff) as usize + fo;
+            let zb = zbase + g as usize * 16 + fo;
+            let z0 = sums[zb] * inv_gamma;
+            let z1 = sums[zb + 8] * inv_gamma;
+            #[unroll]
+            for j in 0..4usize {
+                let src = (row0 + 4 * j) * ds;
+                let a = f32::cast_from(sq[src + x]);
+                let p0 = f16::cast_from(a * f32::cast_from(sq[src + inner]));
+                let p1 = f16::cast_from(a * f32::cast_from(sq[src + inner + 8]));
+                dacc[j] += f32::cast_from(p0) * z0 + f32::cast_from(p1) * z1;
+                let dst = offset + (row0 + 4 * j) * A_STRIDE + gi * 16 + fo;
+                sphi[dst] = p0;
+                sphi[dst + 8] = p1;
+            }
+        } else {
+            #[unroll]
+            for j in 0..4usize {
+                let dst = offset + (row0 + 4 * j) * A_STRIDE + gi * 16 + fo;
+                sphi[dst] = f16::cast_from(0.0f32);
+                sphi[dst + 8] = f16::cast_from(0.0f32);
+            }
         }
     }
 }
@@ -77,7 +87,7 @@ fn build_features<F: Float>(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn query_state_kernel<F: Float>(
-    q: &Array<F>,
+    q: &Array<Vector<F, Const<8>>>,
     gates: &Array<f32>,
     states: &Array<Vector<f16, Const<8>>>,
     sums: &Array<f32>,
@@ -89,7 +99,7 @@ fn query_state_kernel<F: Float>(
     chunk: u32,
     n_chunks: u32,
     big_d: u32,
-    scale: f32,
+    _scale: f32,
     #[comptime] cfg: QueryStateTiles,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -97,6 +107,7 @@ fn query_state_kernel<F: Float>(
     let e = comptime!(cfg.value_dim as usize);
     let ds = comptime!(cfg.head_dim as usize + 8);
     let ss = comptime!(b_stride(cfg.value_dim as usize));
+    let half_vecs = comptime!(cfg.head_dim as usize / 16);
 
     let ratio = q_heads / kv_heads;
     let row0 = CUBE_POS_X * ROWS as u32;
@@ -107,12 +118,11 @@ fn query_state_kernel<F: Float>(
     let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
     let state_base = (((bi * kv_heads + kvh) * n_chunks + u) * big_d) as usize;
 
-    let mut sq = SharedMemory::<F>::new(ROWS * ds);
-    let mut sfac = SharedMemory::<f32>::new(ROWS);
+    let mut sq = SharedMemory::<f16>::new(ROWS * ds);
     let mut row_index = SharedMemory::<u32>::new(ROWS);
     let mut sphi = SharedMemory::<f16>::new(2 * ROWS * A_STRIDE);
     let mut sst = SharedMemory::<f16>::new(2 * DEPTH * ss);
-    let mut dpart = SharedMemory::<f32>::new(UNITS);
+    let mut npart = SharedMemory::<f32>::new(UNITS);
     let mut stage = SharedMemory::<f32>::new(STAGE);
 
     // row ρ of the tile is position ρ / r of head kvh·r + ρ mod r: its `[b, t, hq]` index
@@ -123,42 +133,59 @@ fn query_state_kernel<F: Float>(
         row_index[UNIT_POS as usize] = select(pos < chunk && chunk_start + pos < seq, at, SKIP_ROW);
     }
     sync_cube();
-    let mut idx = UNIT_POS as usize;
-    while idx < ROWS * d {
-        let at = row_index[idx / d];
-        let mut val = F::cast_from(0.0f32);
-        if at != SKIP_ROW {
-            val = q[at as usize * d + idx % d];
-        }
-        sq[(idx / d) * ds + idx % d] = val;
-        idx += UNITS;
-    }
-    sync_cube();
 
-    // row factor σ² e^{ā} · γ/(σ|q|)²: the f16 features stay ≤ γ e^{ā} in magnitude
+    // units 2ρ, 2ρ + 1 hold the two halves of query row ρ; its squared norm sets the row
+    // factor σ² e^{ā} · γ/(σ|q|)², and the tile keeps `q' = q·√factor` in f16, so the
+    // features `q'_x q'_y` stay ≤ γ e^{ā} in magnitude
+    let row = UNIT_POS as usize / 2;
+    let half = UNIT_POS as usize % 2;
+    let at = row_index[row];
+    let mut qv = Array::<Vector<F, Const<8>>>::new(half_vecs);
+    let mut norm2 = 0.0f32;
+    #[unroll]
+    for j in 0..half_vecs {
+        let mut val = Vector::<F, Const<8>>::new(F::cast_from(0.0f32));
+        if at != SKIP_ROW {
+            val = q[at as usize * (d / 8) + half * half_vecs + j];
+        }
+        qv[j] = val;
+        #[unroll]
+        for i in 0..8usize {
+            let x = f32::cast_from(val[i]);
+            norm2 += x * x;
+        }
+    }
+    npart[UNIT_POS as usize] = norm2;
+    sync_cube();
     let gamma = f32::sqrt(f32::cast_from(big_d));
     let inv_gamma = 1.0 / gamma;
-    if UNIT_POS < ROWS as u32 {
-        let row = UNIT_POS as usize;
-        let norm2 = scaled_norm2::<F>(&sq, row * ds, scale, d);
-        let mut fac = 0.0f32;
-        if norm2 > 0.0 {
-            fac = scale * scale * gamma / norm2;
+    let norm2 = npart[2 * row] + npart[2 * row + 1];
+    let mut fac = select(norm2 > 0.0, gamma / norm2, 0.0f32);
+    if comptime!(cfg.gated) {
+        let pos = (row0 + row as u32) / ratio;
+        if pos < chunk {
+            fac *= f32::exp(gates[gate_base + (chunk_start + pos) as usize]);
         }
-        if comptime!(cfg.gated) {
-            let pos = (row0 + UNIT_POS) / ratio;
-            if pos < chunk {
-                fac *= f32::exp(gates[gate_base + (chunk_start + pos) as usize]);
-            }
+    }
+    let root = f32::sqrt(fac);
+    #[unroll]
+    for j in 0..half_vecs {
+        #[unroll]
+        for i in 0..8usize {
+            sq[row * ds + (half * half_vecs + j) * 8 + i] =
+                f16::cast_from(f32::cast_from(qv[j][i]) * root);
         }
-        sfac[row] = fac;
     }
     sync_cube();
 
     let groups = big_d / 16;
     let steps = (groups + 1) / 2;
     let mut regs = row_registers::<f16>(DEPTH, e, UNITS);
-    let mut dsum = 0.0f32;
+    let mut dacc = Array::<f32>::new(4usize);
+    #[unroll]
+    for j in 0..4usize {
+        dacc[j] = 0.0;
+    }
     let mut acc = zero_accumulators(e);
 
     // step s produces block s into buffer s mod 2 while the matrix units take block s − 1
@@ -190,16 +217,15 @@ fn query_state_kernel<F: Float>(
         }
         if producing {
             let buf = (step % 2) as usize;
-            build_features::<F>(
+            build_features(
                 &sq,
-                &sfac,
                 &mut sphi,
                 sums,
                 state_base,
                 step,
                 groups,
                 inv_gamma,
-                &mut dsum,
+                &mut dacc,
                 buf * ROWS * A_STRIDE,
                 ds,
             );
@@ -208,13 +234,16 @@ fn query_state_kernel<F: Float>(
         sync_cube();
     }
 
-    // denominators: the two units of a row
-    dpart[UNIT_POS as usize] = dsum;
-    sync_cube();
-    if UNIT_POS < ROWS as u32 {
-        let at = row_index[UNIT_POS as usize];
-        if at != SKIP_ROW {
-            den[at as usize] = dpart[2 * UNIT_POS as usize] + dpart[2 * UNIT_POS as usize + 1];
+    // denominators: lanes `8·rq..8·rq + 8` hold partials of rows `rq + 4j`
+    #[unroll]
+    for j in 0..4usize {
+        let mut total = dacc[j];
+        total += plane_shuffle_xor(total, 1u32);
+        total += plane_shuffle_xor(total, 2u32);
+        total += plane_shuffle_xor(total, 4u32);
+        let at = row_index[UNIT_POS_Y as usize * 16 + UNIT_POS_X as usize / 8 + 4 * j];
+        if UNIT_POS_X % 8 == 0 && at != SKIP_ROW {
+            den[at as usize] = total;
         }
     }
     store_accumulators(&acc, &mut stage, &row_index, num, e);
