@@ -5,8 +5,8 @@
 //! one chunk's `ΔS`, accumulated by the block product of [`block_mma`](crate::block_mma). It
 //! walks the chunk 32 tokens at a time: the units build `φ_K(k̃)ᵀ` (features × tokens,
 //! discounted to the chunk end, key-side weights included) in f16 whatever the input dtype
-//! (bf16 products lose too much of `ΔS` under strong gates) from the key rows in shared
-//! memory, and stage the value rows (as f16) with 16-byte loads; feature and value tiles are
+//! (bf16 products lose too much of `ΔS` under strong gates) from the key rows staged as f16
+//! in shared memory (one f16 multiply per feature), and stage the value rows (as f16) with 16-byte loads; feature and value tiles are
 //! double-buffered so the matrix units take block `s − 1` while block `s` is produced. `Δz`
 //! (the feature rows' sums) accumulates in `f32` per unit and is summed across each plane.
 
@@ -21,9 +21,10 @@ use crate::config::StateTiles;
 use crate::feature_pairs::{feature_pair, pair_weight};
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
-/// Shared memory of one cube, in bytes, for inputs of `el` bytes.
-pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usize {
-    el * DEPTH * (head_dim + 2)
+/// Shared memory of one cube, in bytes (key and value rows are staged as f16 whatever the
+/// input dtype).
+pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize) -> usize {
+    2 * DEPTH * (head_dim + 2)
         + 2 * (2 * ROWS * A_STRIDE + 2 * DEPTH * b_stride(value_dim))
         + 4 * (DEPTH + ROWS + STAGE)
 }
@@ -32,8 +33,8 @@ pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usiz
 /// writes the 16 features of its group for its token and adds them to its `Δz` partials.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn build_features<F: Float>(
-    sk: &SharedMemory<F>,
+fn build_features(
+    sk: &SharedMemory<f16>,
     disc: &SharedMemory<f32>,
     sphi: &mut SharedMemory<f16>,
     zpart: &mut Array<f32>,
@@ -45,11 +46,12 @@ fn build_features<F: Float>(
 ) {
     let group = UNIT_POS as usize / DEPTH;
     let tok = UNIT_POS as usize % DEPTH;
-    let a = weight * disc[tok] * f32::cast_from(sk[tok * ds + x]);
+    let a = f16::cast_from(weight * disc[tok] * f32::cast_from(sk[tok * ds + x]));
     let dst = offset + group * 16 * A_STRIDE + tok;
     #[unroll]
     for r in 0..16usize {
-        let phi = f16::cast_from(a * f32::cast_from(sk[tok * ds + inner + r]));
+        // one f16 multiply per feature (the key rows are staged as f16)
+        let phi = a * sk[tok * ds + inner + r];
         zpart[r] += f32::cast_from(phi);
         sphi[dst + r * A_STRIDE] = phi;
     }
@@ -108,7 +110,7 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
         chunk_total = gates[gate_base + (chunk_start + chunk - 1) as usize];
     }
 
-    let mut sk = SharedMemory::<F>::new(DEPTH * ds);
+    let mut sk = SharedMemory::<f16>::new(DEPTH * ds);
     let mut disc = SharedMemory::<f32>::new(DEPTH);
     let mut sphi = SharedMemory::<f16>::new(2 * ROWS * A_STRIDE);
     let mut sv = SharedMemory::<f16>::new(2 * DEPTH * vs);
@@ -168,7 +170,7 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
         }
         if producing {
             let buf = (step % 2) as usize;
-            store_rows::<F, F>(&kregs, &mut sk, 0, DEPTH, d, ds, UNITS);
+            store_rows::<F, f16>(&kregs, &mut sk, 0, DEPTH, d, ds, UNITS);
             store_rows::<F, f16>(&vregs, &mut sv, buf * DEPTH * vs, DEPTH, e, vs, UNITS);
             if UNIT_POS < DEPTH as u32 {
                 let pos = first + UNIT_POS;
@@ -183,7 +185,7 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
                 disc[UNIT_POS as usize] = dec;
             }
             sync_cube();
-            build_features::<F>(
+            build_features(
                 &sk,
                 &disc,
                 &mut sphi,

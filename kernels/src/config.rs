@@ -253,8 +253,7 @@ impl StateTiles {
             gated: false,
             mma,
         };
-        let el = dtype.size();
-        let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim, el);
+        let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim);
         let f16 = half::f16::as_type_native_unchecked().storage_type();
         if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
             && value_dim <= 128
@@ -270,44 +269,100 @@ impl StateTiles {
     }
 }
 
-/// Tiles of the decode-step kernel.
+/// What a decode launch does with the state (see [`decode`](crate::decode)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DecodeMode {
+    /// Read the state and write it advanced by the window (a one-token step).
+    Step,
+    /// Read the state only: the output of the window's last token.
+    Read,
+    /// Write the state advanced by the window, no output.
+    Absorb,
+}
+
+impl DecodeMode {
+    /// Whether the queries read the state.
+    pub fn reads(self) -> bool {
+        matches!(self, Self::Step | Self::Read)
+    }
+
+    /// Whether the state is written advanced by the window.
+    pub fn advances(self) -> bool {
+        matches!(self, Self::Step | Self::Absorb)
+    }
+}
+
+/// Tiles of the decode kernels: each lane streams 4 value columns of a state row (16-byte
+/// loads and stores), `32 / lanes_per_row` rows per plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DecodeTiles {
-    /// Value columns per cube (units along x).
+    /// Value columns per cube: `4 ·` lanes per row (a power of two, at most 128).
     pub block_e: u32,
-    /// Feature-row groups per cube (units along y).
+    /// Planes per cube.
     pub rows: u32,
     /// `d`.
     pub head_dim: u32,
-    /// `e`.
+    /// `e` (a multiple of 4).
     pub value_dim: u32,
     /// Query heads per key/value head.
     pub ratio: u32,
     /// `p`.
     pub degree: u32,
+    /// What the launch does.
+    pub mode: DecodeMode,
+    /// Window tokens the state kernel absorbs (0 unless the mode advances the state).
+    pub window: u32,
     /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
 }
 
 impl DecodeTiles {
-    /// Tiles for one decode step on `client`; `None` when the queries sharing a state do not
-    /// fit in shared memory (run the reference instead).
+    /// Tiles for a decode launch of `mode` over `window` tokens on `client`; `None` when `e` is
+    /// not a multiple of 4, the window is empty or longer than
+    /// [`MAX_WINDOW`](crate::decode::MAX_WINDOW), or the queries and window do not fit in
+    /// shared memory (run the reference instead).
     pub fn plan<R: Runtime>(
         client: &ComputeClient<R>,
         head_dim: usize,
         value_dim: usize,
         ratio: usize,
+        mode: DecodeMode,
+        window: usize,
     ) -> Option<Self> {
-        let (block_e, rows) = (32, 8);
-        let bytes = 4 * (ratio * head_dim + head_dim + rows * ratio * block_e + rows * ratio);
+        if value_dim % 4 != 0
+            || value_dim == 0
+            || window == 0
+            || window > crate::decode::MAX_WINDOW
+            || (mode == DecodeMode::Step && window != 1)
+        {
+            return None;
+        }
+        let lanes_per_row = (value_dim / 4).next_power_of_two().min(32);
+        let block_e = 4 * lanes_per_row;
+        let planes = 8;
+        let slots = planes * (32 / lanes_per_row);
+        let absorbed = if mode.advances() { window } else { 0 };
+        let read = if mode.reads() {
+            ratio * head_dim + slots * ratio * (block_e + 1)
+        } else {
+            0
+        };
+        let bytes = 4 * (read + absorbed * (head_dim + value_dim) + crate::decode::MAX_WINDOW + 1);
         (bytes <= shared_memory_budget(shared_memory_max(client))).then_some(Self {
             block_e: block_e as u32,
-            rows: rows as u32,
+            rows: planes as u32,
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
             ratio: ratio as u32,
             degree: 2,
+            mode,
+            window: absorbed as u32,
             gated: false,
         })
+    }
+
+    /// Row slots per cube (planes × rows per plane).
+    pub fn slots(&self) -> u32 {
+        self.rows * (128 / self.block_e)
     }
 }

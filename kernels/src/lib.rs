@@ -10,7 +10,8 @@
 //! - [`query_state`]: the query–state product `φ_Q(q̃)ᵀS_in` (tensor-core path);
 //! - [`chunk_output`]: intra-chunk attention + normalisation (+ the query–state product on the
 //!   FMA path); with no state it is the attention form (any even `p`);
-//! - [`decode`]: one recurrent step for a batch of sequences.
+//! - [`decode`]: recurrent steps for a batch of sequences (one token, or a window of recent
+//!   tokens kept beside the state, read and absorbed separately).
 //!
 //! f16/bf16 inputs use tensor cores (`cmma`) where the runtime has them (CUDA; HIP untested);
 //! everything else (f32, wgpu/lavapipe) runs FMA register tiles. A [`Strategy`] forces either.
@@ -34,8 +35,8 @@ pub mod query_state;
 pub mod tile_load;
 
 pub use config::{
-    ChunkedTiles, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy, mma_supported,
-    shared_memory_budget,
+    ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy,
+    mma_supported, shared_memory_budget,
 };
 pub use cubecl;
 

@@ -6,7 +6,7 @@
 use cubecl::prelude::*;
 use half::{bf16, f16};
 use retention_kernels::{
-    Buffer, ChunkedTiles, DecodeTiles, OutputTiles, Strategy,
+    Buffer, ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     decode::{DecodeArgs, DecodeDims, launch_decode},
@@ -295,43 +295,56 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
         assert_written(name, client, &out);
     }
 
-    // decode step
-    let out = Buf::poisoned(client, B * HQ * e, elem);
-    let new_state = Buf::poisoned(client, B * H * BIG_D * e, Elem::F32);
-    let new_sum = Buf::poisoned(client, B * H * BIG_D, Elem::F32);
+    // decode: a one-token step, a window read and a window absorption
     let sum0: Vec<f32> = values(B * H * BIG_D, 6).iter().map(|x| x.abs()).collect();
     let sum0 = Buf::new(client, &sum0, Elem::F32);
     let q1 = Buf::new(client, &values(B * HQ * D, 7), elem);
-    let k1 = Buf::new(client, &values(B * H * D, 8), elem);
-    let v1 = Buf::new(client, &values(B * H * e, 9), elem);
-    let g1 = Buf::new(client, &[-0.1f32; B * H], Elem::F32);
-    let decode = DecodeTiles::plan(client, D, e, HQ / H).expect("tiles fit");
-    let dims = DecodeDims {
-        batch: B,
-        q_heads: HQ,
-        kv_heads: H,
-        expanded_dim: BIG_D,
-        scale: 0.25,
-        slices: 3,
-    };
-    let partial_num = Buf::poisoned(client, 3 * B * HQ * e, Elem::F32);
-    let partial_den = Buf::poisoned(client, 3 * B * HQ, Elem::F32);
-    let args = DecodeArgs {
-        q: q1.buffer(),
-        k: k1.buffer(),
-        v: v1.buffer(),
-        log_g: Some(g1.buffer()),
-        state: last.buffer(),
-        key_sum: sum0.buffer(),
-        out: out.buffer(),
-        new_state: new_state.buffer(),
-        new_key_sum: new_sum.buffer(),
-        partial_num: partial_num.buffer(),
-        partial_den: partial_den.buffer(),
-    };
-    // SAFETY: sizes as documented.
-    unsafe { launch_decode(client, dtype, dims, decode, args) };
-    assert_written("decode output", client, &out);
-    assert_written("decode state", client, &new_state);
-    assert_written("decode key-sum", client, &new_sum);
+    let scale = 0.25;
+    for (mode, window) in [
+        (DecodeMode::Step, 1),
+        (DecodeMode::Read, 3),
+        (DecodeMode::Absorb, 3),
+    ] {
+        let keys = Buf::new(client, &values(B * window * H * D, 8), elem);
+        let vals = Buf::new(client, &values(B * window * H * e, 9), elem);
+        let gates = Buf::new(client, &vec![-0.1f32; B * window * H], Elem::F32);
+        let out = Buf::poisoned(client, B * HQ * e, elem);
+        let new_state = Buf::poisoned(client, B * H * BIG_D * e, Elem::F32);
+        let new_sum = Buf::poisoned(client, B * H * BIG_D, Elem::F32);
+        let tiles = DecodeTiles::plan(client, D, e, HQ / H, mode, window).expect("tiles fit");
+        let dims = DecodeDims {
+            batch: B,
+            q_heads: HQ,
+            kv_heads: H,
+            expanded_dim: BIG_D,
+            scale,
+            slices: 3,
+            window,
+        };
+        let partial_num = Buf::poisoned(client, 3 * B * HQ * e, Elem::F32);
+        let partial_den = Buf::poisoned(client, 3 * B * HQ, Elem::F32);
+        let args = DecodeArgs {
+            q: q1.buffer(),
+            keys: keys.buffer(),
+            values: vals.buffer(),
+            log_g: Some(gates.buffer()),
+            state: last.buffer(),
+            key_sum: sum0.buffer(),
+            out: mode.reads().then(|| out.buffer()),
+            new_state: mode
+                .advances()
+                .then(|| (new_state.buffer(), new_sum.buffer())),
+            partial_num: partial_num.buffer(),
+            partial_den: partial_den.buffer(),
+        };
+        // SAFETY: sizes as documented.
+        unsafe { launch_decode(client, dtype, dims, tiles, args) };
+        if mode.reads() {
+            assert_written(&format!("decode output ({mode:?})"), client, &out);
+        }
+        if mode.advances() {
+            assert_written(&format!("decode state ({mode:?})"), client, &new_state);
+            assert_written(&format!("decode key-sum ({mode:?})"), client, &new_sum);
+        }
+    }
 }

@@ -9,8 +9,9 @@ use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use retention::{
-    RetentionBackend, RetentionOptions, RetentionState, power_retention, power_retention_step,
-    power_retention_with_state, reference,
+    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
+    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
+    reference,
 };
 
 use crate::CliError;
@@ -81,6 +82,8 @@ pub struct BenchArgs {
     pub decode_batches: Vec<usize>,
     /// Contexts the decode step is timed after (a prefill of that many tokens).
     pub decode_contexts: Vec<usize>,
+    /// Window of the deferred-rewrite decode rows (`decode_window`; 0: none).
+    pub fold_every: usize,
     /// CSV file to write (rows are also printed).
     pub out: Option<String>,
     /// Element type of q, k, v.
@@ -92,7 +95,8 @@ pub struct BenchArgs {
 pub struct BenchRow {
     /// `burn_retention` or `burn_reference`.
     pub implementation: &'static str,
-    /// `fwd` or `decode`.
+    /// `fwd`, `decode` (one-token step) or `decode_window` (steps on a
+    /// [`DecodeState`](retention::DecodeState), its rewrite amortised).
     pub mode: &'static str,
     /// Shape name.
     pub shape: &'static str,
@@ -137,21 +141,40 @@ impl BenchRow {
     }
 }
 
+/// Decode steps per timed run (one device sync per run).
+pub const DECODE_CALLS: usize = 20;
+
 /// The CSV header of the anchor script.
 pub const CSV_HEADER: &str = "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops";
 
 /// Median of host-timed, device-synced runs of `f`, in milliseconds.
-fn time_ms<B: Backend>(dev: &B::Device, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+fn time_ms<B: Backend>(dev: &B::Device, warmup: usize, reps: usize, f: impl FnMut()) -> f64 {
+    time_ms_per_call::<B>(dev, warmup, reps, 1, f)
+}
+
+/// Median over `reps` runs of `calls` back-to-back calls of `f` and one device sync, divided
+/// by `calls`, in milliseconds: the cost of a call inside a longer stream of work (a decode
+/// step of one layer among many), without one host round trip per call.
+fn time_ms_per_call<B: Backend>(
+    dev: &B::Device,
+    warmup: usize,
+    reps: usize,
+    calls: usize,
+    mut f: impl FnMut(),
+) -> f64 {
     for _ in 0..warmup {
         f();
     }
     let _ = B::sync(dev);
+    let calls = calls.max(1);
     let mut times: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let start = Instant::now();
-            f();
+            for _ in 0..calls {
+                f();
+            }
             let _ = B::sync(dev);
-            start.elapsed().as_secs_f64() * 1e3
+            start.elapsed().as_secs_f64() * 1e3 / calls as f64
         })
         .collect();
     times.sort_by(f64::total_cmp);
@@ -293,7 +316,7 @@ pub fn bench<B: RetentionBackend>(
                 .map(drop)
             };
             step()?;
-            let ms = time_ms::<B>(dev, args.warmup, args.reps, || {
+            let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, DECODE_CALLS, || {
                 let _ = step();
             });
             rows.push(BenchRow {
@@ -311,6 +334,45 @@ pub fn bench<B: RetentionBackend>(
                 tokens: b,
             });
             bar.inc(1);
+            if args.fold_every > 0 {
+                // steps carry the state forward, so the window fills and is absorbed in turn;
+                // runs of a multiple of the window average the absorptions in
+                let calls = DECODE_CALLS.div_ceil(args.fold_every) * args.fold_every;
+                let mut carried = Some(DecodeState::new(state.clone(), args.fold_every)?);
+                let mut step = || -> Result<(), RetentionError> {
+                    let current = carried.take().ok_or(RetentionError::Config(
+                        "decode state lost by a failed step".into(),
+                    ))?;
+                    let (_, next) = power_retention_decode(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        Some(g.clone()),
+                        current,
+                        &opts,
+                    )?;
+                    carried = Some(next);
+                    Ok(())
+                };
+                step()?;
+                let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, calls, || {
+                    let _ = step();
+                });
+                rows.push(BenchRow {
+                    implementation: BenchImpl::BurnRetention.name(),
+                    mode: "decode_window",
+                    shape: args.shape.name(),
+                    b,
+                    t: ctx,
+                    hq,
+                    hk,
+                    d,
+                    chunk: Some(args.fold_every),
+                    ms,
+                    flops: decode_flops(b, hq, hk, d),
+                    tokens: b,
+                });
+            }
         }
     }
     bar.finish_and_clear();
@@ -339,8 +401,10 @@ fn prefill_state<B: RetentionBackend>(
     opts: &RetentionOptions,
     dev: &B::Device,
 ) -> Result<RetentionState<B>, CliError> {
+    // one sequence's prefill, its state repeated over the batch: a batch of long prefills
+    // would hold `b` times the chunk states at once (tens of GB at Brumby heads)
     let piece = context.min(65_536);
-    let (q, k, v, g) = inputs::<B>(b, piece, heads, args.dtype, dev);
+    let (q, k, v, g) = inputs::<B>(1, piece, heads, args.dtype, dev);
     let mut state = None;
     let mut done = 0;
     while done < context {
@@ -355,7 +419,11 @@ fn prefill_state<B: RetentionBackend>(
         state = Some(s);
         done += piece;
     }
-    state.ok_or_else(|| CliError::Device("empty prefill".into()))
+    let state = state.ok_or_else(|| CliError::Device("empty prefill".into()))?;
+    Ok(RetentionState {
+        state: state.state.repeat_dim(0, b),
+        key_sum: state.key_sum.repeat_dim(0, b),
+    })
 }
 
 fn print_table(rows: &[BenchRow]) {

@@ -107,12 +107,16 @@ enum Command {
             default_value = "burn-retention"
         )]
         impls: Vec<BenchImpl>,
-        /// Decode-step batch sizes, comma-separated (empty: none).
-        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        /// Decode-step batch sizes, comma-separated (the flag alone: no decode rows).
+        #[arg(long, value_delimiter = ',', default_value = "1,32", num_args = 0..)]
         decode_batches: Vec<usize>,
         /// Contexts behind the decode state, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1024,65536")]
         decode_contexts: Vec<usize>,
+        /// Tokens a deferred-rewrite decode state keeps before absorbing them (rows
+        /// `decode_window`; 0: none).
+        #[arg(long, default_value_t = 16)]
+        fold_every: usize,
         /// Input dtype.
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: DtypeChoice,
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             impls,
             decode_batches,
             decode_contexts,
+            fold_every,
             dtype,
             out,
         } => {
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 impls,
                 decode_batches,
                 decode_contexts,
+                fold_every,
                 out,
                 dtype: dtype.dtype(),
             };

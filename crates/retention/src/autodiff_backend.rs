@@ -7,7 +7,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::ops::FloatTensor;
 
 use crate::RetentionOptions;
-use crate::backend::{RetentionBackend, reference_attention, reference_chunked, reference_step};
+use crate::backend::{
+    RetentionBackend, reference_absorb, reference_attention, reference_chunked, reference_step,
+    reference_window,
+};
 
 type Ad<B, C> = Autodiff<B, C>;
 
@@ -106,5 +109,65 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
             options,
         );
         (wrap::<B, C>(y), wrap::<B, C>(s), wrap::<B, C>(z))
+    }
+
+    fn retention_window(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        let tracked = !untracked::<B, C>(&[
+            Some(&q),
+            Some(&keys),
+            Some(&values),
+            log_g.as_ref(),
+            Some(&state),
+            Some(&key_sum),
+        ]);
+        if tracked {
+            return reference_window::<Self>(q, keys, values, log_g, state, key_sum, options);
+        }
+        wrap::<B, C>(B::retention_window(
+            q.primitive,
+            keys.primitive,
+            values.primitive,
+            log_g.map(|g| g.primitive),
+            state.primitive,
+            key_sum.primitive,
+            options,
+        ))
+    }
+
+    fn retention_absorb(
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let tracked = !untracked::<B, C>(&[
+            Some(&keys),
+            Some(&values),
+            log_g.as_ref(),
+            Some(&state),
+            Some(&key_sum),
+        ]);
+        if tracked {
+            return reference_absorb::<Self>(keys, values, log_g, state, key_sum, options);
+        }
+        let (s, z) = B::retention_absorb(
+            keys.primitive,
+            values.primitive,
+            log_g.map(|g| g.primitive),
+            state.primitive,
+            key_sum.primitive,
+            options,
+        );
+        (wrap::<B, C>(s), wrap::<B, C>(z))
     }
 }

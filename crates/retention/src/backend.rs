@@ -55,6 +55,91 @@ pub trait RetentionBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference_step::<Self>(q, k, v, log_g, state, key_sum, options)
     }
+
+    /// The output of the last token of a window of `n` recent tokens (`keys [b, n, h, d]`,
+    /// `values [b, n, h, e]`, `log_g [b, n, h]`), read with `q [b, 1, hq, d]` from
+    /// `(state, key_sum)` before the window; the state is not changed. Returns `[b, 1, hq, e]`.
+    ///
+    /// A decoder that keeps its last tokens beside the state reads the state once per step
+    /// this way and rewrites it only when it absorbs the window ([`Self::retention_absorb`]).
+    fn retention_window(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        reference_window::<Self>(q, keys, values, log_g, state, key_sum, options)
+    }
+
+    /// `(state, key_sum)` after the `n` tokens of a window (shapes as
+    /// [`Self::retention_window`]).
+    fn retention_absorb(
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference_absorb::<Self>(keys, values, log_g, state, key_sum, options)
+    }
+}
+
+/// The plain-tensor window read (the trait's default body): the chunked form over the window
+/// from the state, with `q` at every window position, keeping the last row.
+pub(crate) fn reference_window<B: Backend>(
+    q: FloatTensor<B>,
+    keys: FloatTensor<B>,
+    values: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    state: FloatTensor<B>,
+    key_sum: FloatTensor<B>,
+    options: &RetentionOptions,
+) -> FloatTensor<B> {
+    let keys = float::<B, 4>(keys);
+    let n = keys.dims()[1];
+    let q = float::<B, 4>(q).repeat_dim(1, n);
+    let scale = options.scale_for(q.dims()[3]);
+    let (y, _, _) = reference::chunked_form(
+        q,
+        keys,
+        float(values),
+        log_g.map(float),
+        Some((float(state), float(key_sum))),
+        n,
+        options.degree,
+        scale,
+    );
+    prim(y.narrow(1, n - 1, 1))
+}
+
+/// The plain-tensor window absorption (the trait's default body): the final state of the
+/// chunked form over the window from the state.
+pub(crate) fn reference_absorb<B: Backend>(
+    keys: FloatTensor<B>,
+    values: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    state: FloatTensor<B>,
+    key_sum: FloatTensor<B>,
+    options: &RetentionOptions,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let keys = float::<B, 4>(keys);
+    let n = keys.dims()[1];
+    let scale = options.scale_for(keys.dims()[3]);
+    let (_, s, z) = reference::chunked_form(
+        keys.zeros_like(),
+        keys,
+        float(values),
+        log_g.map(float),
+        Some((float(state), float(key_sum))),
+        n,
+        options.degree,
+        scale,
+    );
+    (prim(s), prim(z))
 }
 
 /// The plain-tensor attention form on primitives (the trait's default body).

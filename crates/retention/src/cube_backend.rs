@@ -10,7 +10,7 @@ use burn_cubecl::{
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
-    Buffer, ChunkedTiles, DecodeTiles, OutputTiles, Strategy,
+    Buffer, ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, Strategy,
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
@@ -21,7 +21,8 @@ use retention_kernels::{
 
 use crate::RetentionOptions;
 use crate::backend::{
-    RetentionBackend, float, prim, reference_attention, reference_chunked, reference_step,
+    RetentionBackend, float, prim, reference_absorb, reference_attention, reference_chunked,
+    reference_step, reference_window,
 };
 use crate::feature_map::expanded_dim;
 use crate::reference::{ToDtype, pad_seq};
@@ -276,57 +277,185 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         key_sum: FloatTensor<Self>,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [b, _, hq, d] = dims4(&q);
-        let [_, _, h, e] = dims4(&v);
-        let dtype = q.dtype;
-        let client = q.client.clone();
-        let state_ok = state.dtype != DType::F64 && key_sum.dtype != DType::F64;
-        let tiles = (options.degree == 2 && kernel_dtype(dtype) && state_ok)
-            .then(|| DecodeTiles::plan(&client, d, e, hq / h))
-            .flatten();
-        let Some(tiles) = tiles else {
+        let Some(tiles) = decode_tiles(DecodeMode::Step, &q, &k, &v, &state, &key_sum, options)
+        else {
             return reference_step::<Self>(q, k, v, log_g, state, key_sum, options);
         };
-        let big_d = expanded_dim(d, 2);
-        let log_g = log_g.map(to_f32_contiguous::<R, F, I, BT, 3>);
-        let state = to_f32_contiguous::<R, F, I, BT, 4>(state);
-        let key_sum = to_f32_contiguous::<R, F, I, BT, 3>(key_sum);
-        let out = empty(&q, &[b, 1, hq, e], dtype);
-        let new_state = empty_f32(&q, &[b, h, big_d, e]);
-        let new_sum = empty_f32(&q, &[b, h, big_d]);
-        let mut dims = DecodeDims {
-            batch: b,
-            q_heads: hq,
-            kv_heads: h,
-            expanded_dim: big_d,
-            scale: options.scale_for(d) as f32,
-            slices: 1,
+        let window = Window {
+            keys: k,
+            values: v,
+            log_g,
         };
-        let units = client
-            .properties()
-            .hardware
-            .num_streaming_multiprocessors
-            .unwrap_or(32);
-        dims.slices = dims.slices_for(&tiles, 8 * units as usize);
-        let partial_num = empty_f32(&q, &[dims.slices, b, hq, e]);
-        let partial_den = empty_f32(&q, &[dims.slices, b, hq]);
-        let args = DecodeArgs {
-            q: buffer(into_contiguous(q)),
-            k: buffer(into_contiguous(k)),
-            v: buffer(into_contiguous(v)),
-            log_g: log_g.map(buffer),
-            state: buffer(state),
-            key_sum: buffer(key_sum),
-            out: buffer(out.clone()),
-            new_state: buffer(new_state.clone()),
-            new_key_sum: buffer(new_sum.clone()),
-            partial_num: buffer(partial_num),
-            partial_den: buffer(partial_den),
-        };
-        // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_decode(&client, dtype.into(), dims, tiles, args) };
-        (out, new_state, new_sum)
+        match decode::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
+            (Some(y), Some((s, z))) => (y, s, z),
+            _ => unreachable!("a step returns an output and a state"),
+        }
     }
+
+    fn retention_window(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        let Some(tiles) = decode_tiles(
+            DecodeMode::Read,
+            &q,
+            &keys,
+            &values,
+            &state,
+            &key_sum,
+            options,
+        ) else {
+            return reference_window::<Self>(q, keys, values, log_g, state, key_sum, options);
+        };
+        let window = Window {
+            keys,
+            values,
+            log_g,
+        };
+        match decode::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
+            (Some(y), _) => y,
+            _ => unreachable!("a window read returns an output"),
+        }
+    }
+
+    fn retention_absorb(
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(tiles) = decode_tiles(
+            DecodeMode::Absorb,
+            &keys,
+            &keys,
+            &values,
+            &state,
+            &key_sum,
+            options,
+        ) else {
+            return reference_absorb::<Self>(keys, values, log_g, state, key_sum, options);
+        };
+        let window = Window {
+            keys,
+            values,
+            log_g,
+        };
+        match decode::<R, F, I, BT>(tiles, None, window, state, key_sum, options) {
+            (_, Some(state)) => state,
+            _ => unreachable!("an absorption returns a state"),
+        }
+    }
+}
+
+/// The tokens a decode launch absorbs or reads beside the state: `[b, n, h, ·]`.
+struct Window<R: CubeRuntime> {
+    keys: CubeTensor<R>,
+    values: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+}
+
+/// What [`decode`] returns: the output (modes that read) and the new state (modes that
+/// advance).
+type Decoded<R> = (
+    Option<CubeTensor<R>>,
+    Option<(CubeTensor<R>, CubeTensor<R>)>,
+);
+
+/// Tiles of a decode launch of `mode` (queries `q`, or the keys when the mode reads none), or
+/// `None` where the kernels do not take the inputs (degree ≠ 2, f64, `e` not a multiple of 4, a
+/// window over the limit, tiles too large): run the reference then.
+fn decode_tiles<R: CubeRuntime>(
+    mode: DecodeMode,
+    q: &CubeTensor<R>,
+    keys: &CubeTensor<R>,
+    values: &CubeTensor<R>,
+    state: &CubeTensor<R>,
+    key_sum: &CubeTensor<R>,
+    options: &RetentionOptions,
+) -> Option<DecodeTiles> {
+    let [_, n, h, d] = dims4(keys);
+    let e = dims4(values)[3];
+    let hq = dims4(q)[2];
+    let state_ok = state.dtype != DType::F64 && key_sum.dtype != DType::F64;
+    (options.degree == 2 && kernel_dtype(keys.dtype) && state_ok)
+        .then(|| DecodeTiles::plan(&keys.client, d, e, hq / h, mode, n))
+        .flatten()
+}
+
+/// One decode launch with `tiles` (from [`decode_tiles`]).
+fn decode<R, F, I, BT>(
+    tiles: DecodeTiles,
+    q: Option<CubeTensor<R>>,
+    window: Window<R>,
+    state: CubeTensor<R>,
+    key_sum: CubeTensor<R>,
+    options: &RetentionOptions,
+) -> Decoded<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let mode = tiles.mode;
+    let [b, n, h, d] = dims4(&window.keys);
+    let e = dims4(&window.values)[3];
+    let hq = q.as_ref().map_or(h, |q| dims4(q)[2]);
+    let dtype = window.keys.dtype;
+    let client = window.keys.client.clone();
+    let big_d = expanded_dim(d, 2);
+    let log_g = window.log_g.map(to_f32_contiguous::<R, F, I, BT, 3>);
+    let state = to_f32_contiguous::<R, F, I, BT, 4>(state);
+    let key_sum = to_f32_contiguous::<R, F, I, BT, 3>(key_sum);
+    let like = window.keys.clone();
+    let out = mode.reads().then(|| empty(&like, &[b, 1, hq, e], dtype));
+    let new_state = mode.advances().then(|| {
+        (
+            empty_f32(&like, &[b, h, big_d, e]),
+            empty_f32(&like, &[b, h, big_d]),
+        )
+    });
+    let mut dims = DecodeDims {
+        batch: b,
+        q_heads: hq,
+        kv_heads: h,
+        expanded_dim: big_d,
+        scale: options.scale_for(d) as f32,
+        slices: 1,
+        window: n,
+    };
+    let units = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(32);
+    dims.slices = dims.slices_for(&tiles, 4 * units as usize);
+    let partials = if mode.reads() { dims.slices } else { 1 };
+    let partial_num = empty_f32(&like, &[partials, b, hq, e]);
+    let partial_den = empty_f32(&like, &[partials, b, hq]);
+    let q = q.map_or_else(|| like.clone(), into_contiguous);
+    let args = DecodeArgs {
+        q: buffer(q),
+        keys: buffer(into_contiguous(window.keys)),
+        values: buffer(into_contiguous(window.values)),
+        log_g: log_g.map(buffer),
+        state: buffer(state),
+        key_sum: buffer(key_sum),
+        out: out.clone().map(buffer),
+        new_state: new_state.clone().map(|(s, z)| (buffer(s), buffer(z))),
+        partial_num: buffer(partial_num),
+        partial_den: buffer(partial_den),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_decode(&client, dtype.into(), dims, tiles, args) };
+    (out, new_state)
 }
 
 fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

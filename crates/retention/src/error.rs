@@ -107,6 +107,14 @@ pub enum RetentionError {
         /// Sequence length given.
         got: usize,
     },
+    /// A decode state's window length is out of range.
+    #[error("`fold_every` must be in 1..={max}, got {got}")]
+    FoldEvery {
+        /// Given value.
+        got: usize,
+        /// Largest allowed.
+        max: usize,
+    },
     /// A module configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -21,6 +21,8 @@ enum Form {
     Attention,
     Chunked { chunk: usize, initial: bool },
     Step,
+    Window,
+    Absorb,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,16 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
             .collect::<Vec<_>>()
             .into_iter();
         let mut next = || inputs.next().expect("input count fixed at registration");
+        if let Form::Absorb = self.form {
+            let (keys, values) = (next(), next());
+            let log_g = self.gated.then(&mut next);
+            let (s0, z0) = (next(), next());
+            let (s, z) = B::retention_absorb(keys, values, log_g, s0, z0, &self.options);
+            for (ir, tensor) in self.desc.outputs.iter().zip([s, z]) {
+                handles.register_float_tensor::<B>(&ir.id, tensor);
+            }
+            return;
+        }
         let (q, k, v) = (next(), next(), next());
         let log_g = self.gated.then(&mut next);
         let outputs: Vec<FloatTensor<B>> = match self.form {
@@ -59,6 +71,11 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 let (y, s, z) = B::retention_step(q, k, v, log_g, s, z, &self.options);
                 vec![y, s, z]
             }
+            Form::Window => {
+                let (s, z) = (next(), next());
+                vec![B::retention_window(q, k, v, log_g, s, z, &self.options)]
+            }
+            Form::Absorb => unreachable!("handled above"),
         };
         for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
             handles.register_float_tensor::<B>(&ir.id, tensor);
@@ -202,6 +219,81 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
             options,
         );
         three(outs)
+    }
+
+    fn retention_window(
+        q: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> FloatTensor<Self> {
+        let (b, hq) = (q.shape[0], q.shape[2]);
+        let out = (Shape::from(vec![b, 1, hq, values.shape[3]]), q.dtype);
+        let gated = log_g.is_some();
+        let inputs = [
+            Some(q),
+            Some(keys),
+            Some(values),
+            log_g,
+            Some(state),
+            Some(key_sum),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut outs = register::<B>(
+            "power_retention_window",
+            Form::Window,
+            inputs,
+            gated,
+            vec![out],
+            options,
+        );
+        outs.remove(0)
+    }
+
+    fn retention_absorb(
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        state: FloatTensor<Self>,
+        key_sum: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let state_dtype = if state.dtype == DType::F64 {
+            DType::F64
+        } else {
+            compute_dtype(keys.dtype)
+        };
+        let outputs = vec![
+            (state.shape.clone(), state_dtype),
+            (key_sum.shape.clone(), state_dtype),
+        ];
+        let gated = log_g.is_some();
+        let inputs = [Some(keys), Some(values), log_g, Some(state), Some(key_sum)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let outs = register::<B>(
+            "power_retention_absorb",
+            Form::Absorb,
+            inputs,
+            gated,
+            outputs,
+            options,
+        );
+        two(outs)
+    }
+}
+
+fn two<T>(v: Vec<T>) -> (T, T) {
+    let mut it = v.into_iter();
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("two outputs were registered"),
     }
 }
 

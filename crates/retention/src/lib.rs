@@ -6,7 +6,9 @@
 //! - [`power_retention`]: the op, `[batch, seq, heads, head_dim]` in and out, generic over
 //!   [`RetentionBackend`] (every Burn backend; kernel backends override its methods).
 //! - Three equivalent forms: attention (quadratic, `chunk_size: None`), chunked (linear), and the
-//!   recurrent step ([`power_retention_step`] on a [`RetentionState`]).
+//!   recurrent step ([`power_retention_step`] on a [`RetentionState`], or
+//!   [`power_retention_decode`] on a [`DecodeState`], which rewrites the state only every few
+//!   tokens).
 //! - [`PowerRetention`]: a Burn module with `query`/`key`/`value`/`output`/`gate` projections,
 //!   and [`SequenceMixer`] to swap it for attention with one config line.
 //!
@@ -20,6 +22,7 @@ mod autodiff_backend;
 mod backend;
 #[cfg(feature = "cube")]
 mod cube_backend;
+mod decode_state;
 mod error;
 mod feature_map;
 #[cfg(feature = "cube")]
@@ -34,6 +37,7 @@ mod state;
 pub mod validation;
 
 pub use backend::RetentionBackend;
+pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, expanded_dim, pair_block};
 pub use mixer::{SequenceMixer, SequenceMixerConfig};

@@ -6,8 +6,8 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 
 use crate::{
-    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention,
-    power_retention_step, power_retention_with_state,
+    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
+    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
 };
 
 /// Configuration of a [`PowerRetention`] layer.
@@ -251,6 +251,31 @@ impl<B: RetentionBackend> PowerRetention<B> {
         }
         let (q, k, v, log_g) = self.project(x)?;
         let (y, next) = power_retention_step(q, k, v, log_g, state.clone(), &self.options)?;
+        *state = next;
+        Ok(self.merge(y))
+    }
+
+    /// Mixes one new token on a [`DecodeState`], which keeps the last tokens beside the state
+    /// and rewrites it only every [`DecodeState::fold_every`] tokens (a step then reads the
+    /// state once instead of reading and writing it); outputs equal
+    /// [`forward_step`](Self::forward_step)'s up to rounding.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 1, d_model]` → `[batch, 1, d_model]`
+    ///
+    /// # Errors
+    /// As [`forward_step`](Self::forward_step). On error `state` is left unchanged.
+    pub fn forward_decode(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut DecodeState<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        let [_, t, _] = x.dims();
+        if t != 1 {
+            return Err(RetentionError::StepLength { arg: "x", got: t });
+        }
+        let (q, k, v, log_g) = self.project(x)?;
+        let (y, next) = power_retention_decode(q, k, v, log_g, state.clone(), &self.options)?;
         *state = next;
         Ok(self.merge(y))
     }

@@ -6,7 +6,7 @@ use crate::{
     RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
 };
 
-fn dims_of<B: RetentionBackend>(
+pub(crate) fn dims_of<B: RetentionBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -23,7 +23,7 @@ fn dims_of<B: RetentionBackend>(
     )
 }
 
-fn float<B: RetentionBackend, const N: usize>(
+pub(crate) fn float<B: RetentionBackend, const N: usize>(
     t: burn::tensor::ops::FloatTensor<B>,
 ) -> Tensor<B, N> {
     Tensor::from_primitive(TensorPrimitive::Float(t))

@@ -8,8 +8,9 @@ use crate::{RetentionDims, RetentionError, expanded_dim};
 /// `z = Σ_j e^{G_T − G_j} φ_K(k_j)`, per batch element and key/value head.
 ///
 /// Its size does not depend on how many tokens it summarises; a decode step reads and updates
-/// it in O(1) of the context. φ uses the exact layout of [`SympowLayout`](crate::SympowLayout)
-/// (`D = C(d+p−1, p)`).
+/// it in O(1) of the context. φ uses the layout of [`SympowLayout`](crate::SympowLayout): for
+/// degree 2 the block layout `D = d(d+β)/2` ([`pair_block`](crate::pair_block)), otherwise
+/// `D = C(d+p−1, p)`; [`expanded_dim`](crate::expanded_dim) gives `D`.
 ///
 /// # Shapes
 /// - `state`: `[batch, kv_heads, D, value_dim]`

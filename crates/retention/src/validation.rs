@@ -13,8 +13,8 @@ use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
-    RetentionBackend, RetentionError, RetentionOptions, RetentionState, SympowLayout,
-    power_retention, power_retention_step, power_retention_with_state,
+    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState, SympowLayout,
+    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
 };
 
 /// Host-side inputs of one problem, `[b, t, heads, dim]` row-major.
@@ -404,6 +404,11 @@ pub enum Check {
     Step,
     /// State after that decode step.
     StepState,
+    /// Outputs of decode steps on a [`DecodeState`](crate::DecodeState) (a window of recent
+    /// tokens read beside the state and absorbed every few steps).
+    WindowDecode,
+    /// State after those steps, the waiting tokens absorbed.
+    WindowState,
 }
 
 impl Check {
@@ -417,6 +422,8 @@ impl Check {
             Check::InitialState => "prefill from a state",
             Check::Step => "decode step output",
             Check::StepState => "decode step state",
+            Check::WindowDecode => "windowed decode output",
+            Check::WindowState => "windowed decode state",
         }
     }
 }
@@ -479,6 +486,32 @@ pub fn check_case<B: RetentionBackend>(
             max_rel(&to_vec(y), &p.rows(&oracle, width, p.t - 1, p.t)),
         ));
         out.push((Check::StepState, state_error(next, &p)));
+    }
+    if p.t >= 2 && case.index % 2 == 0 {
+        // the last m tokens decoded on a window absorbed every 1, 3 or 5 steps
+        let m = (p.t - 1).min(7);
+        let fold_every = [1, 3, 5][(case.index / 2 % 3) as usize];
+        let (q, k, v, g) = p.slice(0, p.t - m).tensors::<B>(dev, dtype);
+        let (_, prefix) = power_retention_with_state(q, k, v, g, None, &opts)?;
+        let mut state = DecodeState::new(prefix, fold_every)?;
+        // rows by batch element, then position (the oracle's order)
+        let mut ys = vec![Vec::new(); p.b];
+        for i in p.t - m..p.t {
+            let (q, k, v, g) = p.slice(i, i + 1).tensors::<B>(dev, dtype);
+            let (y, next) = power_retention_decode(q, k, v, g, state, &opts)?;
+            for (bi, row) in to_vec(y).chunks(width).enumerate() {
+                ys[bi].extend_from_slice(row);
+            }
+            state = next;
+        }
+        out.push((
+            Check::WindowDecode,
+            max_rel(&ys.concat(), &p.rows(&oracle, width, p.t - m, p.t)),
+        ));
+        out.push((
+            Check::WindowState,
+            state_error(state.into_state(&opts)?, &p),
+        ));
     }
     if p.t >= 4 && case.index % 3 == 0 {
         let t1 = p.t / 2;

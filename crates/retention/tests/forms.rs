@@ -7,8 +7,9 @@ use burn::tensor::{DType, Tensor};
 use common::{Gates, Problem, max_rel, tensor, to_vec};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use retention::{
-    RetentionBackend, RetentionOptions, RetentionState, SympowLayout, expanded_dim,
-    power_retention, power_retention_step, power_retention_with_state, reference,
+    DecodeState, RetentionBackend, RetentionOptions, RetentionState, SympowLayout, expanded_dim,
+    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
+    reference,
 };
 
 /// Number of randomized cases per dtype.
@@ -204,6 +205,57 @@ pub fn prefill_then_step<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol
     }
 }
 
+/// Prefill, then decode on a [`DecodeState`] whose window is absorbed every 1…5 tokens (steps
+/// with and without gates mixed): outputs equal the full-sequence output, and the absorbed
+/// state equals the prefill of the whole sequence.
+pub fn windowed_decode<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
+    for (i, (gates, fold_every)) in [
+        (Gates::Typical, 3),
+        (Gates::None, 1),
+        (Gates::Strong, 5),
+        (Gates::Weak, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = Problem::random(300 + i as u64, 2, 31, 4, 2, 16, 8, gates);
+        let full = to_vec({
+            let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+            power_retention(q, k, v, g, &RetentionOptions::new()).expect("valid")
+        });
+        let t1 = 18;
+        let opts = RetentionOptions::new().with_chunk_size(Some(5));
+        let (q, k, v, g) = p.slice(0, t1).tensors::<B>(dev, dtype);
+        let (y, prefix) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
+        let mut state = DecodeState::new(prefix, fold_every).expect("in range");
+        let w = p.hq * p.e;
+        let mut got: Vec<Vec<f64>> = to_vec(y).chunks(t1 * w).map(|c| c.to_vec()).collect();
+        for s in t1..p.t {
+            assert_eq!(state.pending(), (s - t1) % fold_every);
+            let (q, k, v, g) = p.slice(s, s + 1).tensors::<B>(dev, dtype);
+            let (y, next) = power_retention_decode(q, k, v, g, state, &opts).expect("valid");
+            state = next;
+            for (bi, row) in to_vec(y).chunks(w).enumerate() {
+                got[bi].extend_from_slice(row);
+            }
+        }
+        let err = max_rel(&got.concat(), &full);
+        assert!(
+            err <= tol,
+            "windowed decode vs full ({gates:?}, every {fold_every}): {err:e}"
+        );
+        let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+        let (_, want) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
+        let have = state.into_state(&opts).expect("valid");
+        let err = max_rel(&to_vec(have.state), &to_vec(want.state))
+            .max(max_rel(&to_vec(have.key_sum), &to_vec(want.key_sum)));
+        assert!(
+            err <= tol,
+            "windowed decode state ({gates:?}, every {fold_every}): {err:e}"
+        );
+    }
+}
+
 /// Output on `[t1, t)` from the state of `[0, t1)` equals the single pass; final states agree,
 /// and the final state is `Σ_j e^{G_T − G_j} φ_K(k_j) v_jᵀ` (layout check).
 pub fn state_continuation<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
@@ -320,6 +372,7 @@ macro_rules! backend_suite {
             #[test] fn feature_map_inner_product_is_power_of_dot() { each(super::feature_map_identity::<B>) }
             #[test] fn prefill_then_step_matches_full_sequence() { each(super::prefill_then_step::<B>) }
             #[test] fn state_continuation_and_layout() { each(super::state_continuation::<B>) }
+            #[test] fn windowed_decode_matches_full_sequence() { each(super::windowed_decode::<B>) }
             #[test] fn gates_scale_and_degenerate_rows() { each(super::gate_and_scale_properties::<B>) }
         }
     };

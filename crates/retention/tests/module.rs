@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::attention::MultiHeadAttentionConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor, backend::AutodiffBackend};
-use retention::{PowerRetention, PowerRetentionConfig, SequenceMixerConfig};
+use retention::{DecodeState, PowerRetention, PowerRetentionConfig, SequenceMixerConfig};
 
 type B = NdArray;
 type AD = Autodiff<NdArray>;
@@ -145,6 +145,41 @@ fn prefill_and_steps_match_forward() {
     assert!(
         layer.forward_step(x.narrow(1, 0, 2), &mut state).is_err(),
         "two tokens are not a step"
+    );
+}
+
+#[test]
+fn prefill_and_windowed_decode_match_forward() {
+    let dev = Default::default();
+    let layer: PowerRetention<B> = config().init(&dev).expect("valid config");
+    let x = input::<B>(2, 17, &dev);
+    let full = layer.forward(x.clone()).expect("valid");
+    let (head, state) = layer
+        .prefill(x.clone().narrow(1, 0, 9), None)
+        .expect("valid");
+    let mut window = DecodeState::new(state, 3).expect("in range");
+    let mut outs = vec![head];
+    for i in 9..17 {
+        outs.push(
+            layer
+                .forward_decode(x.clone().narrow(1, i, 1), &mut window)
+                .expect("valid"),
+        );
+    }
+    assert_eq!(window.pending(), 2, "8 tokens: two windows of 3 absorbed");
+    full.into_data().assert_approx_eq::<f32>(
+        &Tensor::cat(outs, 1).into_data(),
+        burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+    );
+    assert!(
+        layer
+            .forward_decode(x.narrow(1, 0, 2), &mut window)
+            .is_err(),
+        "two tokens are not a step"
+    );
+    assert!(
+        DecodeState::new(layer.init_state(2, &dev), 0).is_err(),
+        "an empty window is rejected"
     );
 }
 
