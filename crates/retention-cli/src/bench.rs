@@ -76,6 +76,8 @@ pub struct BenchArgs {
     pub reps: usize,
     /// Untimed runs first.
     pub warmup: usize,
+    /// Forward calls per timed run (one device sync per run; the time is divided by it).
+    pub calls_per_sync: usize,
     /// Implementations to time.
     pub impls: Vec<BenchImpl>,
     /// Decode-step batch sizes (empty: no decode rows).
@@ -146,11 +148,6 @@ pub const DECODE_CALLS: usize = 20;
 
 /// The CSV header of the anchor script.
 pub const CSV_HEADER: &str = "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops";
-
-/// Median of host-timed, device-synced runs of `f`, in milliseconds.
-fn time_ms<B: Backend>(dev: &B::Device, warmup: usize, reps: usize, f: impl FnMut()) -> f64 {
-    time_ms_per_call::<B>(dev, warmup, reps, 1, f)
-}
 
 /// Median over `reps` runs of `calls` back-to-back calls of `f` and one device sync, divided
 /// by `calls`, in milliseconds: the cost of a call inside a longer stream of work (a decode
@@ -279,9 +276,10 @@ pub fn bench<B: RetentionBackend>(
                 }
             };
             run()?;
-            let ms = time_ms::<B>(dev, args.warmup, args.reps, || {
-                let _ = run();
-            });
+            let ms =
+                time_ms_per_call::<B>(dev, args.warmup, args.reps, args.calls_per_sync, || {
+                    let _ = run();
+                });
             rows.push(BenchRow {
                 implementation: imp.name(),
                 mode: "fwd",

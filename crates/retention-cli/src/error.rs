@@ -50,6 +50,16 @@ pub enum CliError {
     /// The kernel-vs-oracle suite found disagreements.
     #[error("selftest failed:\n{0}")]
     SelftestFailed(String),
+    /// The backend does not compute in the requested input dtype.
+    #[error("backend `{backend}` does not take {dtype:?} inputs; use one of {supported}")]
+    UnsupportedDtype {
+        /// The backend.
+        backend: String,
+        /// The dtype asked for.
+        dtype: burn::tensor::DType,
+        /// What it takes.
+        supported: String,
+    },
     /// The requested backend is not compiled into this binary.
     #[error(
         "backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)"

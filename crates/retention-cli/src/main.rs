@@ -107,6 +107,10 @@ enum Command {
             default_value = "burn-retention"
         )]
         impls: Vec<BenchImpl>,
+        /// Forward calls per timed run, one device sync per run (the time is divided by it:
+        /// the cost of a call among others, not of a host round trip).
+        #[arg(long, default_value_t = 5)]
+        calls_per_sync: usize,
         /// Decode-step batch sizes, comma-separated (the flag alone: no decode rows).
         #[arg(long, value_delimiter = ',', default_value = "1,32", num_args = 0..)]
         decode_batches: Vec<usize>,
@@ -124,6 +128,27 @@ enum Command {
         #[arg(long)]
         out: Option<String>,
     },
+}
+
+/// The input dtypes `backend` computes in: a half dtype on a CPU backend (or f64 on a GPU one)
+/// gets an error naming these instead of a panic inside the backend.
+fn check_dtype(backend: BackendChoice, dtype: DtypeChoice) -> Result<(), CliError> {
+    let supported = match backend {
+        BackendChoice::Ndarray | BackendChoice::Tch => vec![DtypeChoice::F64, DtypeChoice::F32],
+        _ => default_dtypes(backend),
+    };
+    if supported.contains(&dtype) {
+        return Ok(());
+    }
+    Err(CliError::UnsupportedDtype {
+        backend: backend.name().to_string(),
+        dtype: dtype.dtype(),
+        supported: supported
+            .iter()
+            .map(|d| format!("{:?}", d.dtype()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 fn default_dtypes(backend: BackendChoice) -> Vec<DtypeChoice> {
@@ -178,14 +203,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
             dtype,
             cases,
         } => {
-            let dtypes: Vec<_> = if dtype.is_empty() {
+            let choices = if dtype.is_empty() {
                 default_dtypes(backend)
             } else {
                 dtype
+            };
+            for &choice in &choices {
+                check_dtype(backend, choice)?;
             }
-            .into_iter()
-            .map(DtypeChoice::dtype)
-            .collect();
+            let dtypes: Vec<_> = choices.into_iter().map(DtypeChoice::dtype).collect();
             with_backend!(backend, |Bk, dev| selftest::<Bk>(
                 &dev,
                 backend.name(),
@@ -202,6 +228,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             chunk,
             reps,
             warmup,
+            calls_per_sync,
             impls,
             decode_batches,
             decode_contexts,
@@ -209,6 +236,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             dtype,
             out,
         } => {
+            check_dtype(backend, dtype)?;
             let args = BenchArgs {
                 shape,
                 seqs,
@@ -216,6 +244,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 chunk,
                 reps,
                 warmup,
+                calls_per_sync,
                 impls,
                 decode_batches,
                 decode_contexts,
