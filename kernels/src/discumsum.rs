@@ -2,8 +2,9 @@
 //! `S_in[0] = S₀ (or 0)`, `S_in[u+1] = e^{A_u} S_in[u] + ΔS_u`. The states *entering* each chunk
 //! either overwrite the chunk slots (`f32`, in place) or go to a separate half-precision buffer
 //! as `S_in/γ` (what the tensor-core query-state kernel reads); the state after the last chunk
-//! goes to `last` in `f32`. Memory-bound: each unit walks the chunks for four state elements
-//! with `f32` running values, the four loads of a chunk in flight together.
+//! goes to `last` in `f32`. Memory-bound: each unit walks the chunks for one or four state
+//! elements (one for narrow states such as key-sums, so they still spread over many cubes) with
+//! `f32` running values, loading four chunks ahead so their loads are in flight together.
 
 use cubecl::prelude::*;
 use half::f16;
@@ -38,8 +39,14 @@ pub struct ScanArgs<R: Runtime> {
 }
 
 const UNITS: u32 = 256;
-/// State elements per unit.
-const PER_UNIT: u32 = 4;
+/// Chunks whose loads are issued together.
+const AHEAD: u32 = 4;
+
+/// State elements per unit for a state of `width` elements: four for wide states (fewer, fuller
+/// cubes), one for narrow ones (more cubes).
+fn per_unit(width: usize) -> u32 {
+    if width >= 65_536 { 4 } else { 1 }
+}
 
 /// Launches the scan.
 ///
@@ -50,8 +57,9 @@ pub unsafe fn launch_discumsum<R: Runtime>(
     dims: ScanDims,
     args: ScanArgs<R>,
 ) {
+    let per_unit = per_unit(dims.width);
     let count = CubeCount::Static(
-        dims.width.div_ceil((UNITS * PER_UNIT) as usize) as u32,
+        dims.width.div_ceil((UNITS * per_unit) as usize) as u32,
         dims.sequences as u32,
         1,
     );
@@ -76,6 +84,7 @@ pub unsafe fn launch_discumsum<R: Runtime>(
             has_initial,
             gated,
             to_half,
+            per_unit,
         )
     }
 }
@@ -95,12 +104,15 @@ fn discumsum_kernel(
     #[comptime] has_initial: bool,
     #[comptime] gated: bool,
     #[comptime] to_half: bool,
+    #[comptime] per_unit: u32,
 ) {
+    let pu = comptime!(per_unit as usize);
+    let ahead = comptime!(AHEAD as usize);
     let seq = CUBE_POS_Y;
-    let x0 = CUBE_POS_X * UNITS * PER_UNIT + UNIT_POS;
-    let mut running = Array::<f32>::new(PER_UNIT as usize);
+    let x0 = CUBE_POS_X * UNITS * per_unit + UNIT_POS;
+    let mut running = Array::<f32>::new(pu);
     #[unroll]
-    for j in 0..PER_UNIT as usize {
+    for j in 0..pu {
         running[j] = 0.0;
         if comptime!(has_initial) {
             let x = x0 + j as u32 * UNITS;
@@ -111,36 +123,52 @@ fn discumsum_kernel(
     }
     let base = (seq * n_chunks) as usize * width as usize;
     let gate_base = (seq * n_chunks * chunk) as usize;
-    let mut delta = Array::<f32>::new(PER_UNIT as usize);
-    for u in 0..n_chunks {
-        let row = base + u as usize * width as usize;
+    let mut delta = Array::<f32>::new(comptime!(pu * ahead));
+    let mut decay = Array::<f32>::new(ahead);
+    let groups = (n_chunks + AHEAD - 1) / AHEAD;
+    for gi in 0..groups {
+        // the loads of `AHEAD` chunks first, then the dependent updates
         #[unroll]
-        for j in 0..PER_UNIT as usize {
-            let x = x0 + j as u32 * UNITS;
-            delta[j] = 0.0;
-            if x < width {
-                delta[j] = chunks[row + x as usize];
-            }
-        }
-        let mut decay = 1.0f32;
-        if comptime!(gated) {
-            decay = f32::exp(gates[gate_base + ((u + 1) * chunk - 1) as usize]);
-        }
-        #[unroll]
-        for j in 0..PER_UNIT as usize {
-            let x = x0 + j as u32 * UNITS;
-            if x < width {
-                if comptime!(to_half) {
-                    half[row + x as usize] = f16::cast_from(running[j] * half_scale);
-                } else {
-                    chunks[row + x as usize] = running[j];
+        for a in 0..ahead {
+            let u = gi * AHEAD + a as u32;
+            decay[a] = 1.0;
+            if comptime!(gated) {
+                if u < n_chunks {
+                    decay[a] = f32::exp(gates[gate_base + ((u + 1) * chunk - 1) as usize]);
                 }
             }
-            running[j] = running[j] * decay + delta[j];
+            let row = base + u as usize * width as usize;
+            #[unroll]
+            for j in 0..pu {
+                let x = x0 + j as u32 * UNITS;
+                delta[a * pu + j] = 0.0;
+                if u < n_chunks && x < width {
+                    delta[a * pu + j] = chunks[row + x as usize];
+                }
+            }
+        }
+        #[unroll]
+        for a in 0..ahead {
+            let u = gi * AHEAD + a as u32;
+            let row = base + u as usize * width as usize;
+            if u < n_chunks {
+                #[unroll]
+                for j in 0..pu {
+                    let x = x0 + j as u32 * UNITS;
+                    if x < width {
+                        if comptime!(to_half) {
+                            half[row + x as usize] = f16::cast_from(running[j] * half_scale);
+                        } else {
+                            chunks[row + x as usize] = running[j];
+                        }
+                    }
+                    running[j] = running[j] * decay[a] + delta[a * pu + j];
+                }
+            }
         }
     }
     #[unroll]
-    for j in 0..PER_UNIT as usize {
+    for j in 0..pu {
         let x = x0 + j as u32 * UNITS;
         if x < width {
             last[(seq * width + x) as usize] = running[j];

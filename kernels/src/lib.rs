@@ -5,6 +5,7 @@
 //!
 //! Degree `p = 2` in the block feature layout (`D = d(d+β)/2`, see [`feature_pairs`]); inputs in
 //! f32/f16/bf16 (chosen at launch), accumulation in `f32`:
+//! - [`chunk_gates`]: the log-gates' cumulative sums inside chunks;
 //! - [`chunk_state`]: per-chunk `ΔS = φ_K(K̃)ᵀV`, `Δz`, with φ formed on chip;
 //! - [`discumsum`]: the discounted scan of chunk states across chunks;
 //! - [`query_state`]: the query–state product `φ_Q(q̃)ᵀS_in` (tensor-core path);
@@ -21,6 +22,7 @@
 #![allow(clippy::collapsible_if, clippy::manual_div_ceil)]
 
 mod block_mma;
+pub mod chunk_gates;
 pub mod chunk_output;
 mod chunk_output_mma;
 pub mod chunk_state;

@@ -7,6 +7,7 @@ use cubecl::prelude::*;
 use half::{bf16, f16};
 use retention_kernels::{
     Buffer, ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, Strategy,
+    chunk_gates::{GateDims, launch_chunk_gates},
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     decode::{DecodeArgs, DecodeDims, launch_decode},
@@ -166,6 +167,25 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
         .map(|x| -0.1 * x.abs())
         .collect();
     let gates = Buf::new(client, &gates, Elem::F32);
+
+    // chunked cumulative log-gates from per-token gates in the input dtype
+    let log_g: Vec<f32> = values(B * T * H, 10)
+        .iter()
+        .map(|x| -0.1 * x.abs())
+        .collect();
+    let log_g = Buf::new(client, &log_g, elem);
+    let cumulative = Buf::poisoned(client, B * H * N * C, Elem::F32);
+    let dims = GateDims {
+        batch: B,
+        seq: T,
+        kv_heads: H,
+        chunk: C,
+        n_chunks: N,
+    };
+    // SAFETY: sizes as documented.
+    unsafe { launch_chunk_gates(client, dtype, dims, log_g.arg(), cumulative.arg()) };
+    assert_written("chunk gates", client, &cumulative);
+
     let tiles = ChunkedTiles::plan(client, dtype, strategy, D, e).expect("tiles fit");
     assert_eq!(
         tiles.query.is_some(),

@@ -4,13 +4,14 @@
 //! kernel takes any even degree), and head dims whose tiles do not fit the device's shared
 //! memory (the kernels' `plan` functions decide before anything is launched).
 
-use burn::tensor::{DType, Shape, Tensor, ops::FloatTensor};
+use burn::tensor::{DType, Shape, ops::FloatTensor};
 use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
     ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
 };
 use retention_kernels::{
     Buffer, ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, Strategy,
+    chunk_gates::{GateDims, launch_chunk_gates},
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
@@ -25,7 +26,7 @@ use crate::backend::{
     reference_step, reference_window,
 };
 use crate::feature_map::expanded_dim;
-use crate::reference::{ToDtype, pad_seq};
+use crate::reference::ToDtype;
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -61,7 +62,7 @@ fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTenso
 }
 
 /// `log_g [b, t, h]` → cumulative log-gates inside chunks of `chunk`, `f32 [b, h, n·chunk]`,
-/// zero-padded past `t` (padding neither adds nor decays).
+/// constant past `t` (padding neither adds nor decays): one kernel launch.
 fn chunk_gates<R, F, I, BT>(log_g: CubeTensor<R>, chunk: usize, n_chunks: usize) -> CubeTensor<R>
 where
     R: CubeRuntime,
@@ -69,14 +70,28 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let g = float::<Cube<R, F, I, BT>, 3>(log_g);
-    let [b, t, h] = g.dims();
-    let g: Tensor<Cube<R, F, I, BT>, 3> = pad_seq(g.to_dtype(DType::F32), n_chunks * chunk - t)
-        .swap_dims(1, 2) // [b, h, n·chunk]
-        .reshape([b * h, n_chunks, chunk])
-        .cumsum(2)
-        .reshape([b, h, n_chunks * chunk]);
-    into_contiguous(prim(g))
+    // the kernel reads f32/f16/bf16 gates as they are; anything else is converted first
+    let log_g = if kernel_dtype(log_g.dtype) {
+        into_contiguous(log_g)
+    } else {
+        to_f32_contiguous::<R, F, I, BT, 3>(log_g)
+    };
+    let [b, t, h] = {
+        let s = log_g.meta.shape();
+        [s[0], s[1], s[2]]
+    };
+    let out = empty_f32(&log_g, &[b, h, n_chunks * chunk]);
+    let dims = GateDims {
+        batch: b,
+        seq: t,
+        kv_heads: h,
+        chunk,
+        n_chunks,
+    };
+    let (client, dtype) = (log_g.client.clone(), log_g.dtype);
+    // SAFETY: `log_g` is contiguous `[b, t, h]`, `out` holds `b·h·n·c` f32.
+    unsafe { launch_chunk_gates(&client, dtype.into(), dims, arg(log_g), arg(out.clone())) };
+    out
 }
 
 fn to_f32_contiguous<R, F, I, BT, const N: usize>(t: CubeTensor<R>) -> CubeTensor<R>
