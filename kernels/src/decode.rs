@@ -26,7 +26,7 @@ use crate::config::DecodeTiles;
 use crate::feature_pairs::{feature_pair, pair_block, pair_weight};
 
 /// The most tokens a window may hold.
-pub const MAX_WINDOW: usize = 32;
+pub const MAX_WINDOW: usize = 64;
 
 /// Units of the reduction cube.
 const REDUCE_UNITS: usize = 128;

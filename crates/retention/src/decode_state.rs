@@ -5,8 +5,13 @@ use burn::tensor::{Tensor, backend::Backend};
 use crate::op::{dims_of, float};
 use crate::{RetentionBackend, RetentionError, RetentionOptions, RetentionState};
 
-/// The most tokens a [`DecodeState`] keeps beside its state before absorbing them.
-pub const MAX_FOLD_EVERY: usize = 32;
+/// The most tokens a [`DecodeState`] keeps beside its state before absorbing them (64: the
+/// token cache of Brumby-14B's decoder, `chunk_size = 64`).
+pub const MAX_FOLD_EVERY: usize = 64;
+
+/// Tokens absorbed per backend call (a longer window is absorbed in pieces, in order): what
+/// the absorption kernel stages in shared memory at head dims up to 128.
+const ABSORB_PIECE: usize = 32;
 
 /// The tokens kept beside the state, `[batch, n, kv_heads, ·]`.
 #[derive(Debug, Clone)]
@@ -18,6 +23,11 @@ struct Window<B: Backend> {
 
 /// Recurrent state for decoding that defers the rewrite of `S`: the last tokens' keys, values
 /// and log-gates wait beside a [`RetentionState`] and are absorbed every `fold_every` tokens.
+///
+/// This is the token-cache protocol of Brumby-14B's decoder (Manifest's
+/// `power_retention_inference` with a cache of `chunk_size = 64` tokens): every token is either
+/// in the state or in the window, and the state is discounted to just before the window's first
+/// token; `DecodeState::new(state, 64)` decodes as Brumby does.
 ///
 /// [`power_retention_decode`] then reads `S` once per token (shared by every query head of a
 /// group) and writes only the token itself; `S` is rewritten once per `fold_every` tokens. A
@@ -104,23 +114,42 @@ impl<B: RetentionBackend> DecodeState<B> {
     }
 }
 
+/// `base` advanced by the window's tokens, [`ABSORB_PIECE`] at a time.
 fn absorb<B: RetentionBackend>(
     w: Window<B>,
     base: RetentionState<B>,
     options: &RetentionOptions,
 ) -> RetentionState<B> {
-    let (s, z) = B::retention_absorb(
-        w.keys.into_primitive().tensor(),
-        w.values.into_primitive().tensor(),
-        w.log_g.map(|g| g.into_primitive().tensor()),
-        base.state.into_primitive().tensor(),
-        base.key_sum.into_primitive().tensor(),
-        options,
-    );
-    RetentionState {
-        state: float(s),
-        key_sum: float(z),
+    let n = w.keys.dims()[1];
+    let mut state = base;
+    let mut from = 0;
+    while from < n {
+        let len = ABSORB_PIECE.min(n - from);
+        let (s, z) = B::retention_absorb(
+            w.keys
+                .clone()
+                .narrow(1, from, len)
+                .into_primitive()
+                .tensor(),
+            w.values
+                .clone()
+                .narrow(1, from, len)
+                .into_primitive()
+                .tensor(),
+            w.log_g
+                .clone()
+                .map(|g| g.narrow(1, from, len).into_primitive().tensor()),
+            state.state.into_primitive().tensor(),
+            state.key_sum.into_primitive().tensor(),
+            options,
+        );
+        state = RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        };
+        from += len;
     }
+    state
 }
 
 /// One decode step on a [`DecodeState`]: the token's output, and the state with the token
