@@ -100,7 +100,6 @@ fn query_state_kernel<F: Float>(
     chunk: u32,
     n_chunks: u32,
     big_d: u32,
-    _scale: f32,
     #[comptime] cfg: QueryStateTiles,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -304,7 +303,6 @@ pub unsafe fn launch_query_state<R: Runtime>(
             dims.chunk as u32,
             dims.n_chunks as u32,
             dims.expanded_dim as u32,
-            dims.scale,
             tiles,
             dtype,
         )

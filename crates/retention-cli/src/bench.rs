@@ -9,9 +9,8 @@ use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use retention::{
-    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
-    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
-    reference,
+    DecodeState, RetentionBackend, RetentionOptions, RetentionState, power_retention,
+    power_retention_decode, power_retention_step, power_retention_with_state, reference,
 };
 
 use crate::CliError;
@@ -112,7 +111,8 @@ pub struct BenchRow {
     pub hk: usize,
     /// Head dim.
     pub d: usize,
-    /// Chunk (`None`: attention form, or not applicable).
+    /// Chunk (`None`: attention form, or not applicable); for `decode_window` rows the window
+    /// length (`fold_every`).
     pub chunk: Option<usize>,
     /// Median milliseconds per call.
     pub ms: f64,
@@ -317,30 +317,31 @@ pub fn bench<B: RetentionBackend>(
             let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, DECODE_CALLS, || {
                 let _ = step();
             });
-            rows.push(BenchRow {
+            let decode_row = |mode: &'static str, chunk: Option<usize>, ms: f64| BenchRow {
                 implementation: BenchImpl::BurnRetention.name(),
-                mode: "decode",
+                mode,
                 shape: args.shape.name(),
                 b,
                 t: ctx,
                 hq,
                 hk,
                 d,
-                chunk: None,
+                chunk,
                 ms,
                 flops: decode_flops(b, hq, hk, d),
                 tokens: b,
-            });
+            };
+            rows.push(decode_row("decode", None, ms));
             bar.inc(1);
             if args.fold_every > 0 {
                 // steps carry the state forward, so the window fills and is absorbed in turn;
                 // runs of a multiple of the window average the absorptions in
                 let calls = DECODE_CALLS.div_ceil(args.fold_every) * args.fold_every;
                 let mut carried = Some(DecodeState::new(state.clone(), args.fold_every)?);
-                let mut step = || -> Result<(), RetentionError> {
-                    let current = carried.take().ok_or(RetentionError::Config(
-                        "decode state lost by a failed step".into(),
-                    ))?;
+                let mut step = || -> Result<(), CliError> {
+                    let current = carried.take().ok_or_else(|| {
+                        CliError::Device("a decode step failed and lost its state".into())
+                    })?;
                     let (_, next) = power_retention_decode(
                         q.clone(),
                         k.clone(),
@@ -356,20 +357,7 @@ pub fn bench<B: RetentionBackend>(
                 let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, calls, || {
                     let _ = step();
                 });
-                rows.push(BenchRow {
-                    implementation: BenchImpl::BurnRetention.name(),
-                    mode: "decode_window",
-                    shape: args.shape.name(),
-                    b,
-                    t: ctx,
-                    hq,
-                    hk,
-                    d,
-                    chunk: Some(args.fold_every),
-                    ms,
-                    flops: decode_flops(b, hq, hk, d),
-                    tokens: b,
-                });
+                rows.push(decode_row("decode_window", Some(args.fold_every), ms));
             }
         }
     }
@@ -426,12 +414,12 @@ fn prefill_state<B: RetentionBackend>(
 
 fn print_table(rows: &[BenchRow]) {
     println!(
-        "{:<15} {:<7} {:<7} {:>4} {:>7} {:>6} {:>10} {:>14} {:>9}",
+        "{:<15} {:<13} {:<7} {:>4} {:>7} {:>6} {:>10} {:>14} {:>9}",
         "impl", "mode", "shape", "b", "t", "chunk", "ms", "tokens/s", "TFLOP/s"
     );
     for r in rows {
         println!(
-            "{:<15} {:<7} {:<7} {:>4} {:>7} {:>6} {:>10.4} {:>14.0} {:>9.1}",
+            "{:<15} {:<13} {:<7} {:>4} {:>7} {:>6} {:>10.4} {:>14.0} {:>9.1}",
             r.implementation,
             r.mode,
             r.shape,

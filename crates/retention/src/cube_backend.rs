@@ -452,9 +452,15 @@ where
         .num_streaming_multiprocessors
         .unwrap_or(32);
     dims.slices = dims.slices_for(&tiles, 4 * units as usize);
-    let partials = if mode.reads() { dims.slices } else { 1 };
-    let partial_num = empty_f32(&like, &[partials, b, hq, e]);
-    let partial_den = empty_f32(&like, &[partials, b, hq]);
+    // the partial products exist only when the queries read the state
+    let (partial_num, partial_den) = if mode.reads() {
+        (
+            empty_f32(&like, &[dims.slices, b, hq, e]),
+            empty_f32(&like, &[dims.slices, b, hq]),
+        )
+    } else {
+        (empty_f32(&like, &[4]), empty_f32(&like, &[1]))
+    };
     let q = q.map_or_else(|| like.clone(), into_contiguous);
     let args = DecodeArgs {
         q: buffer(q),

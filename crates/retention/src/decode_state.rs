@@ -2,7 +2,7 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::op::{dims_of, float};
+use crate::op::{check_step, float};
 use crate::{RetentionBackend, RetentionError, RetentionOptions, RetentionState};
 
 /// The most tokens a [`DecodeState`] keeps beside its state before absorbing them (64: the
@@ -33,7 +33,9 @@ struct Window<B: Backend> {
 /// group) and writes only the token itself; `S` is rewritten once per `fold_every` tokens. A
 /// step is bound by the state's bytes on a GPU, and [`power_retention_step`](crate::power_retention_step)
 /// reads and writes all of them, so this roughly halves a step's cost at large batch. Outputs
-/// are the same as the step's, up to rounding.
+/// are the same as the step's, up to rounding. Backends without the decode kernels (ndarray,
+/// tch) read the window through the plain-tensor chunked form, which costs more per token than
+/// [`power_retention_step`](crate::power_retention_step): use that there.
 ///
 /// ```
 /// use burn::backend::NdArray;
@@ -101,7 +103,7 @@ impl<B: RetentionBackend> DecodeState<B> {
     /// The state after every token seen (absorbs the waiting ones).
     ///
     /// # Errors
-    /// None in practice (the shapes were checked by each step); kept for symmetry with the op.
+    /// [`RetentionError`] for invalid `options` (the shapes were checked by each step).
     pub fn into_state(
         self,
         options: &RetentionOptions,
@@ -170,14 +172,7 @@ pub fn power_retention_decode<B: RetentionBackend>(
     state: DecodeState<B>,
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, DecodeState<B>), RetentionError> {
-    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
-    if dims.seq != 1 {
-        return Err(RetentionError::StepLength {
-            arg: "q",
-            got: dims.seq,
-        });
-    }
-    state.base.check(&dims, options.degree)?;
+    check_step(&q, &k, &v, log_g.as_ref(), &state.base, options)?;
     let DecodeState {
         base,
         window,

@@ -197,6 +197,16 @@ impl<B: RetentionBackend> PowerRetention<B> {
         Ok((q, k, v, log_g))
     }
 
+    /// [`project`](Self::project) for one new token (`x` of one position, else
+    /// [`RetentionError::StepLength`]).
+    fn project_token(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
+        let [_, t, _] = x.dims();
+        if t != 1 {
+            return Err(RetentionError::StepLength { arg: "x", got: t });
+        }
+        self.project(x)
+    }
+
     fn merge(&self, y: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, t, hq, d] = y.dims();
         self.output.forward(y.reshape([b, t, hq * d]))
@@ -245,11 +255,7 @@ impl<B: RetentionBackend> PowerRetention<B> {
         x: Tensor<B, 3>,
         state: &mut RetentionState<B>,
     ) -> Result<Tensor<B, 3>, RetentionError> {
-        let [_, t, _] = x.dims();
-        if t != 1 {
-            return Err(RetentionError::StepLength { arg: "x", got: t });
-        }
-        let (q, k, v, log_g) = self.project(x)?;
+        let (q, k, v, log_g) = self.project_token(x)?;
         let (y, next) = power_retention_step(q, k, v, log_g, state.clone(), &self.options)?;
         *state = next;
         Ok(self.merge(y))
@@ -270,11 +276,7 @@ impl<B: RetentionBackend> PowerRetention<B> {
         x: Tensor<B, 3>,
         state: &mut DecodeState<B>,
     ) -> Result<Tensor<B, 3>, RetentionError> {
-        let [_, t, _] = x.dims();
-        if t != 1 {
-            return Err(RetentionError::StepLength { arg: "x", got: t });
-        }
-        let (q, k, v, log_g) = self.project(x)?;
+        let (q, k, v, log_g) = self.project_token(x)?;
         let (y, next) = power_retention_decode(q, k, v, log_g, state.clone(), &self.options)?;
         *state = next;
         Ok(self.merge(y))

@@ -6,7 +6,7 @@ use crate::{
     RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
 };
 
-pub(crate) fn dims_of<B: RetentionBackend>(
+fn dims_of<B: RetentionBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -21,6 +21,26 @@ pub(crate) fn dims_of<B: RetentionBackend>(
         g.as_ref().map(|g| g.as_slice()),
         options,
     )
+}
+
+/// Checks the inputs of one recurrent step: the shapes as the op's, one token, and a state that
+/// matches them.
+pub(crate) fn check_step<B: RetentionBackend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    log_g: Option<&Tensor<B, 3>>,
+    state: &RetentionState<B>,
+    options: &RetentionOptions,
+) -> Result<(), RetentionError> {
+    let dims = dims_of(q, k, v, log_g, options)?;
+    if dims.seq != 1 {
+        return Err(RetentionError::StepLength {
+            arg: "q",
+            got: dims.seq,
+        });
+    }
+    state.check(&dims, options.degree)
 }
 
 pub(crate) fn float<B: RetentionBackend, const N: usize>(
@@ -190,14 +210,7 @@ pub fn power_retention_step<B: RetentionBackend>(
     state: RetentionState<B>,
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
-    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
-    if dims.seq != 1 {
-        return Err(RetentionError::StepLength {
-            arg: "q",
-            got: dims.seq,
-        });
-    }
-    state.check(&dims, options.degree)?;
+    check_step(&q, &k, &v, log_g.as_ref(), &state, options)?;
     let g = log_g.map(|g| g.into_primitive().tensor());
     Ok(from_parts(B::retention_step(
         q.into_primitive().tensor(),
