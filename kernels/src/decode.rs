@@ -31,6 +31,9 @@ pub const MAX_WINDOW: usize = 64;
 /// Units of the reduction cube.
 const REDUCE_UNITS: usize = 128;
 
+/// State rows a lane loads before it uses the first.
+const ROW_LOADS: usize = 4;
+
 /// Scalar sizes of a decode launch.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeDims {
@@ -51,17 +54,31 @@ pub struct DecodeDims {
 }
 
 impl DecodeDims {
-    /// Slices giving about `target_cubes` cubes in the state launch (at least four rows per
-    /// slot of a cube per slice).
-    pub fn slices_for(&self, tiles: &DecodeTiles, target_cubes: usize) -> usize {
+    /// Slices for a GPU of `units` multiprocessors: at least one wave of four cubes per unit,
+    /// and up to eight such waves (a launch of 1.45 waves runs its second wave half empty: at
+    /// batch 32 and Brumby heads that tail cost a quarter of the step) while every row slot
+    /// keeps four rows and, when the queries read the state, the slices' partial products stay
+    /// under 1/32 of the state's bytes.
+    pub fn slices_for(&self, tiles: &DecodeTiles, units: usize) -> usize {
         let col_blocks = (tiles.value_dim as usize).div_ceil(tiles.block_e as usize);
-        let per_slice = col_blocks * self.batch * self.kv_heads;
-        target_cubes.div_ceil(per_slice).clamp(
-            1,
-            self.expanded_dim
-                .div_ceil(4 * tiles.slots() as usize)
-                .max(1),
-        )
+        let per_slice = (col_blocks * self.batch * self.kv_heads).max(1);
+        let wave = 4 * units.max(1);
+        let by_rows = self
+            .expanded_dim
+            .div_ceil(4 * tiles.slots() as usize)
+            .max(1);
+        let by_partials = if tiles.mode.reads() {
+            (self.expanded_dim / (32 * tiles.ratio.max(1) as usize)).max(1)
+        } else {
+            by_rows
+        };
+        let one_wave = wave.div_ceil(per_slice);
+        let eight_waves = (8 * wave).div_ceil(per_slice);
+        eight_waves
+            .min(by_partials)
+            .max(one_wave)
+            .min(by_rows)
+            .max(1)
     }
 }
 
@@ -305,46 +322,65 @@ fn decode_state_kernel<F: Float>(
         den[m] = 0.0;
     }
     let state_base = seq_head * big_d as usize;
+    // `ROW_LOADS` rows per lane per pass, their loads issued before any is used: a lane keeps
+    // several 16-byte loads in flight (one is not enough to cover the memory latency)
+    let mut s_rows = Array::<Vector<f32, Const<4>>>::new(ROW_LOADS);
+    let mut z_rows = Array::<f32>::new(ROW_LOADS);
     let mut f = f_start + slot as u32;
     while f < f_end {
-        let at = (state_base + f as usize) * ev + cv;
-        let mut s_old = Vector::<f32, Const<4>>::new(0.0);
-        if col_ok {
-            s_old = state[at];
-        }
-        let z_old = key_sum[state_base + f as usize];
-        let pair = feature_pair(f, beta);
-        let a = (pair >> 16) as usize;
-        let b = (pair & 0xffff) as usize;
-        if comptime!(advance) {
-            let decay = sc[n];
-            let weight = pair_weight(a as u32, b as u32, beta);
-            let mut s_new = s_old * Vector::new(decay);
-            let mut z_new = z_old * decay;
-            #[unroll]
-            for j in 0..n {
-                let phi = sk[j * d + a] * sk[j * d + b] * weight * sc[j];
-                z_new += phi;
+        #[unroll]
+        for u in 0..ROW_LOADS {
+            let fu = f + (u * slots) as u32;
+            s_rows[u] = Vector::new(0.0);
+            z_rows[u] = 0.0;
+            if fu < f_end {
                 if col_ok {
-                    s_new += sv[j * ev + cv] * Vector::new(phi);
+                    s_rows[u] = state[(state_base + fu as usize) * ev + cv];
+                }
+                z_rows[u] = key_sum[state_base + fu as usize];
+            }
+        }
+        #[unroll]
+        for u in 0..ROW_LOADS {
+            let fu = f + (u * slots) as u32;
+            if fu < f_end {
+                let at = (state_base + fu as usize) * ev + cv;
+                let s_old = s_rows[u];
+                let z_old = z_rows[u];
+                let pair = feature_pair(fu, beta);
+                let a = (pair >> 16) as usize;
+                let b = (pair & 0xffff) as usize;
+                if comptime!(advance) {
+                    let decay = sc[n];
+                    let weight = pair_weight(a as u32, b as u32, beta);
+                    let mut s_new = s_old * Vector::new(decay);
+                    let mut z_new = z_old * decay;
+                    #[unroll]
+                    for j in 0..n {
+                        let phi = sk[j * d + a] * sk[j * d + b] * weight * sc[j];
+                        z_new += phi;
+                        if col_ok {
+                            s_new += sv[j * ev + cv] * Vector::new(phi);
+                        }
+                    }
+                    if col_ok {
+                        new_state[at] = s_new;
+                    }
+                    if writes_sum {
+                        new_key_sum[state_base + fu as usize] = z_new;
+                    }
+                }
+                if comptime!(read) {
+                    #[unroll]
+                    for m in 0..ratio {
+                        let phi_q = sq[m * d + a] * sq[m * d + b];
+                        num[m] += s_old * Vector::new(phi_q);
+                        den[m] += phi_q * z_old;
+                    }
                 }
             }
-            if col_ok {
-                new_state[at] = s_new;
-            }
-            if writes_sum {
-                new_key_sum[state_base + f as usize] = z_new;
-            }
         }
-        if comptime!(read) {
-            #[unroll]
-            for m in 0..ratio {
-                let phi_q = sq[m * d + a] * sq[m * d + b];
-                num[m] += s_old * Vector::new(phi_q);
-                den[m] += phi_q * z_old;
-            }
-        }
-        f += slots as u32;
+        f += (ROW_LOADS * slots) as u32;
     }
     if comptime!(read) {
         #[unroll]

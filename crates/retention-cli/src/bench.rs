@@ -3,7 +3,7 @@
 //! (`impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) and FLOP formulas.
 
 use std::io::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
@@ -149,9 +149,15 @@ pub const DECODE_CALLS: usize = 20;
 /// The CSV header of the anchor script.
 pub const CSV_HEADER: &str = "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops";
 
+/// Least warm-up time before a row is timed: a few calls of a 60 µs decode step leave the
+/// GPU's clocks and the memory pool cold (the first decode row came out 10–14 % slower than
+/// the same step timed after it).
+const MIN_WARMUP: Duration = Duration::from_millis(500);
+
 /// Median over `reps` runs of `calls` back-to-back calls of `f` and one device sync, divided
 /// by `calls`, in milliseconds: the cost of a call inside a longer stream of work (a decode
-/// step of one layer among many), without one host round trip per call.
+/// step of one layer among many), without one host round trip per call. At least `warmup`
+/// untimed calls run first, and untimed calls go on until [`MIN_WARMUP`] has passed.
 fn time_ms_per_call<B: Backend>(
     dev: &B::Device,
     warmup: usize,
@@ -159,8 +165,14 @@ fn time_ms_per_call<B: Backend>(
     calls: usize,
     mut f: impl FnMut(),
 ) -> f64 {
-    for _ in 0..warmup {
+    let started = Instant::now();
+    let mut done = 0;
+    while done < warmup || started.elapsed() < MIN_WARMUP {
         f();
+        done += 1;
+        if done % 16 == 0 {
+            let _ = B::sync(dev);
+        }
     }
     let _ = B::sync(dev);
     let calls = calls.max(1);
@@ -302,16 +314,24 @@ pub fn bench<B: RetentionBackend>(
             bar.set_message(format!("decode b={b} context={ctx}"));
             let state = prefill_state::<B>(b, ctx, (hq, hk, d), args, &opts, dev)?;
             let (q, k, v, g) = inputs::<B>(b, 1, (hq, hk, d), args.dtype, dev);
-            let step = || {
-                power_retention_step(
+            // each step carries the state forward, as a decoder does: the state a step reads
+            // is the one the previous step wrote (the prefill's state, repeated over the
+            // batch, is a strided view that a step would otherwise copy every call)
+            let mut carried = Some(state.clone());
+            let mut step = || -> Result<(), CliError> {
+                let current = carried.take().ok_or_else(|| {
+                    CliError::Device("a decode step failed and lost its state".into())
+                })?;
+                let (_, next) = power_retention_step(
                     q.clone(),
                     k.clone(),
                     v.clone(),
                     Some(g.clone()),
-                    state.clone(),
+                    current,
                     &opts,
-                )
-                .map(drop)
+                )?;
+                carried = Some(next);
+                Ok(())
             };
             step()?;
             let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, DECODE_CALLS, || {

@@ -80,11 +80,12 @@ enum Command {
         /// Head shape: mha64 (8/8 heads, d=64) or brumby (40/8 heads, d=128).
         #[arg(long, value_enum, default_value = "mha64")]
         shape: BenchShape,
-        /// Sequence lengths, comma-separated.
+        /// Sequence lengths of the forward rows, comma-separated (the flag alone: none).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "1024,2048,4096,8192,16384,32768,65536"
+            default_value = "1024,2048,4096,8192,16384,32768,65536",
+            num_args = 0..
         )]
         seqs: Vec<usize>,
         /// Tokens per call (batch = tokens / t).

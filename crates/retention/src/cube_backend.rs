@@ -451,7 +451,7 @@ where
         .hardware
         .num_streaming_multiprocessors
         .unwrap_or(32);
-    dims.slices = dims.slices_for(&tiles, 4 * units as usize);
+    dims.slices = dims.slices_for(&tiles, units as usize);
     // the partial products exist only when the queries read the state
     let (partial_num, partial_den) = if mode.reads() {
         (
