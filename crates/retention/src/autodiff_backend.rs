@@ -1,16 +1,21 @@
 //! `Autodiff<B>`: inference (no input tracked) runs the inner backend's forms, so
-//! `Autodiff<Cuda>` uses the kernels; tracked inputs differentiate through the plain-tensor
+//! `Autodiff<Cuda>` uses the kernels. With tracked inputs the attention and chunked forms are
+//! single graph nodes: the forward pass runs the inner backend and keeps only the inputs, the
+//! backward pass calls the inner backend's `retention_*_backward` (kernels where the backend
+//! has them, else the reference). The decode forms differentiate through the plain-tensor
 //! reference.
 
 use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 
 use crate::RetentionOptions;
-use crate::backend::{
-    RetentionBackend, reference_absorb, reference_attention, reference_chunked, reference_step,
-    reference_window,
-};
+use crate::backend::{RetentionBackend, reference_absorb, reference_step, reference_window};
+use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 
 type Ad<B, C> = Autodiff<B, C>;
 
@@ -36,7 +41,7 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
         options: &RetentionOptions,
     ) -> FloatTensor<Self> {
         if !untracked::<B, C>(&[Some(&q), Some(&k), Some(&v), log_g.as_ref()]) {
-            return reference_attention::<Self>(q, k, v, log_g, options);
+            return tracked_attention::<B, C>(q, k, v, log_g, options);
         }
         wrap::<B, C>(B::retention_attention(
             q.primitive,
@@ -65,7 +70,7 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
             initial.as_ref().map(|(_, z)| z),
         ]);
         if tracked {
-            return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
+            return tracked_chunked::<B, C>(q, k, v, log_g, initial, chunk_size, options);
         }
         let (y, s, z) = B::retention_chunked(
             q.primitive,
@@ -170,4 +175,204 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
         );
         (wrap::<B, C>(s), wrap::<B, C>(z))
     }
+}
+
+/// Registers the gradients of the parents that are tracked. `parents` follow the order
+/// `q, k, v, log_g, state, key_sum`; absent inputs stand in as `q`'s node and get nothing.
+fn register<B: RetentionBackend, const N: usize>(
+    parents: [Option<NodeId>; N],
+    g: RetentionGrads<B>,
+    grads: &mut Gradients,
+) {
+    let mut parents = parents.into_iter();
+    let mut next = |value: Option<FloatTensor<B>>, grads: &mut Gradients| {
+        if let (Some(Some(id)), Some(value)) = (parents.next(), value) {
+            grads.register::<B>(id, value);
+        }
+    };
+    next(Some(g.q), grads);
+    next(Some(g.k), grads);
+    next(Some(g.v), grads);
+    next(g.log_g, grads);
+    let (s, z) = g.initial.unzip();
+    next(s, grads);
+    next(z, grads);
+}
+
+/// The saved inputs of an attention node.
+#[derive(Debug, Clone)]
+struct AttentionSaved<B: RetentionBackend> {
+    inputs: RetentionInputs<B>,
+    options: RetentionOptions,
+}
+
+/// Backward step of the attention form (parents `q, k, v, log_g`).
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: RetentionBackend> Backward<B, 4> for AttentionBackward {
+    type State = AttentionSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_output = grads.consume::<B>(&ops.node);
+        let saved = ops.state;
+        let g = B::retention_attention_backward(saved.inputs, d_output, &saved.options);
+        register::<B, 4>(ops.parents.map(|p| p.map(|n| n.id)), g, grads);
+    }
+}
+
+fn tracked_attention<B: RetentionBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Ad<B, C>>,
+    k: FloatTensor<Ad<B, C>>,
+    v: FloatTensor<Ad<B, C>>,
+    log_g: Option<FloatTensor<Ad<B, C>>>,
+    options: &RetentionOptions,
+) -> FloatTensor<Ad<B, C>> {
+    let dummy = q.node.clone();
+    let nodes = [
+        q.node.clone(),
+        k.node.clone(),
+        v.node.clone(),
+        log_g.as_ref().map_or(dummy, |g| g.node.clone()),
+    ];
+    let inputs: RetentionInputs<B> = RetentionInputs {
+        q: q.primitive,
+        k: k.primitive,
+        v: v.primitive,
+        log_g: log_g.map(|g| g.primitive),
+        initial: None,
+    };
+    let y = <B as RetentionBackend>::retention_attention(
+        inputs.q.clone(),
+        inputs.k.clone(),
+        inputs.v.clone(),
+        inputs.log_g.clone(),
+        options,
+    );
+    match AttentionBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            AttentionSaved {
+                inputs,
+                options: options.clone(),
+            },
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
+/// Which output of the chunked form a backward step belongs to.
+#[derive(Debug, Clone, Copy)]
+enum ChunkedOutput {
+    Output,
+    State,
+    KeySum,
+}
+
+/// The saved inputs of a chunked node.
+#[derive(Debug, Clone)]
+struct ChunkedSaved<B: RetentionBackend> {
+    inputs: RetentionInputs<B>,
+    chunk_size: usize,
+    options: RetentionOptions,
+}
+
+/// Backward step of one output of the chunked form (parents `q, k, v, log_g, state,
+/// key_sum`): each output that receives a gradient runs its own backward call, and the
+/// gradients add up.
+#[derive(Debug)]
+struct ChunkedBackward(ChunkedOutput);
+
+impl<B: RetentionBackend> Backward<B, 6> for ChunkedBackward {
+    type State = ChunkedSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 6>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = Some(grads.consume::<B>(&ops.node));
+        let upstream = match self.0 {
+            ChunkedOutput::Output => ChunkedUpstream {
+                output: grad,
+                state: None,
+                key_sum: None,
+            },
+            ChunkedOutput::State => ChunkedUpstream {
+                output: None,
+                state: grad,
+                key_sum: None,
+            },
+            ChunkedOutput::KeySum => ChunkedUpstream {
+                output: None,
+                state: None,
+                key_sum: grad,
+            },
+        };
+        let saved = ops.state;
+        let g =
+            B::retention_chunked_backward(saved.inputs, saved.chunk_size, upstream, &saved.options);
+        register::<B, 6>(ops.parents.map(|p| p.map(|n| n.id)), g, grads);
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn tracked_chunked<B: RetentionBackend, C: CheckpointStrategy>(
+    q: FloatTensor<Ad<B, C>>,
+    k: FloatTensor<Ad<B, C>>,
+    v: FloatTensor<Ad<B, C>>,
+    log_g: Option<FloatTensor<Ad<B, C>>>,
+    initial: Option<(FloatTensor<Ad<B, C>>, FloatTensor<Ad<B, C>>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+) -> (
+    FloatTensor<Ad<B, C>>,
+    FloatTensor<Ad<B, C>>,
+    FloatTensor<Ad<B, C>>,
+) {
+    let dummy = q.node.clone();
+    let nodes = [
+        q.node.clone(),
+        k.node.clone(),
+        v.node.clone(),
+        log_g.as_ref().map_or(dummy.clone(), |g| g.node.clone()),
+        initial
+            .as_ref()
+            .map_or(dummy.clone(), |(s, _)| s.node.clone()),
+        initial.as_ref().map_or(dummy, |(_, z)| z.node.clone()),
+    ];
+    let inputs: RetentionInputs<B> = RetentionInputs {
+        q: q.primitive,
+        k: k.primitive,
+        v: v.primitive,
+        log_g: log_g.map(|g| g.primitive),
+        initial: initial.map(|(s, z)| (s.primitive, z.primitive)),
+    };
+    let saved = ChunkedSaved {
+        inputs: inputs.clone(),
+        chunk_size,
+        options: options.clone(),
+    };
+    let (y, s, z) = B::retention_chunked(
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.log_g,
+        inputs.initial,
+        chunk_size,
+        options,
+    );
+    let node = |which: ChunkedOutput, out: FloatTensor<B>| match ChunkedBackward(which)
+        .prepare::<C>(nodes.clone())
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(saved.clone(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    (
+        node(ChunkedOutput::Output, y),
+        node(ChunkedOutput::State, s),
+        node(ChunkedOutput::KeySum, z),
+    )
 }

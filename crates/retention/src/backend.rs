@@ -3,6 +3,10 @@
 
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend, ops::FloatTensor};
 
+use crate::backward::{
+    ChunkedUpstream, RetentionGrads, RetentionInputs, reference_attention_backward,
+    reference_chunked_backward,
+};
 use crate::{RetentionOptions, reference};
 
 /// A backend that can run power retention.
@@ -85,6 +89,30 @@ pub trait RetentionBackend: Backend {
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference_absorb::<Self>(keys, values, log_g, state, key_sum, options)
+    }
+
+    /// Gradients of [`Self::retention_attention`]'s inputs for the output gradient
+    /// `d_output [b, t, hq, e]`. `Autodiff<Self>` calls it in its backward pass with the inputs
+    /// it kept (nothing else of the forward pass is kept).
+    fn retention_attention_backward(
+        inputs: RetentionInputs<Self>,
+        d_output: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        reference_attention_backward::<Self>(inputs, d_output, options)
+    }
+
+    /// Gradients of [`Self::retention_chunked`]'s inputs for the gradients arriving at its
+    /// outputs. `Autodiff<Self>` calls it once per output that received a gradient (the
+    /// gradients add up), with the inputs it kept: the chunk states are recomputed, never
+    /// kept between the passes.
+    fn retention_chunked_backward(
+        inputs: RetentionInputs<Self>,
+        chunk_size: usize,
+        upstream: ChunkedUpstream<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options)
     }
 }
 

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, backend::Backend};
 
 /// `β`, the coordinate-block width of the degree-2 layout: the largest power of two ≤ 16 that
 /// divides `head_dim` (1 for odd head dims).
@@ -183,6 +183,57 @@ impl SympowLayout {
     /// `φ_K(x)`: expands the last dimension of `x` (`[.., d]` → `[.., D]`), times `m(α)`.
     pub fn expand_key<B: Backend, const N: usize>(&self, x: Tensor<B, N>) -> Tensor<B, N> {
         self.expand(x, true)
+    }
+
+    /// The gradient of `x` through [`Self::expand_query`] (`weighted` false) or
+    /// [`Self::expand_key`] (`weighted` true), for the gradient `d_features` (`[.., D]`) of
+    /// the features: each feature `m(α)·Π_k x_{α_k}` sends `d·m(α)·Π_{k'≠k} x_{α_k'}` to every
+    /// coordinate `α_k` it multiplies.
+    pub fn expand_backward<B: Backend, const N: usize>(
+        &self,
+        x: Tensor<B, N>,
+        d_features: Tensor<B, N>,
+        weighted: bool,
+    ) -> Tensor<B, N> {
+        let device = x.device();
+        let dim = self.dim();
+        let mut out_shape = x.dims();
+        out_shape[N - 1] = dim;
+        let mut idx_shape = [1; N];
+        idx_shape[N - 1] = dim;
+        let indices: Vec<Tensor<B, N, Int>> = self
+            .indices
+            .iter()
+            .map(|ix| {
+                Tensor::<B, 1, Int>::from_data(TensorData::new(ix.clone(), [dim]), &device)
+                    .reshape(idx_shape)
+                    .expand(out_shape)
+            })
+            .collect();
+        let factors: Vec<Tensor<B, N>> = indices
+            .iter()
+            .map(|idx| x.clone().gather(N - 1, idx.clone()))
+            .collect();
+        let d_features = if weighted && self.weights.iter().any(|&w| w != 1.0) {
+            let w = Tensor::<B, 1>::from_data(
+                TensorData::new(self.weights.clone(), [dim]),
+                (&device, x.dtype()),
+            );
+            d_features * w.unsqueeze::<N>()
+        } else {
+            d_features
+        };
+        let mut dx = x.zeros_like();
+        for (k, idx) in indices.iter().enumerate() {
+            let mut part = d_features.clone();
+            for (k2, factor) in factors.iter().enumerate() {
+                if k2 != k {
+                    part = part * factor.clone();
+                }
+            }
+            dx = dx.scatter(N - 1, idx.clone(), part, IndexingUpdateOp::Add);
+        }
+        dx
     }
 
     fn expand<B: Backend, const N: usize>(&self, x: Tensor<B, N>, weighted: bool) -> Tensor<B, N> {

@@ -20,6 +20,7 @@
 
 mod autodiff_backend;
 mod backend;
+mod backward;
 #[cfg(feature = "cube")]
 mod cube_backend;
 mod decode_state;
@@ -37,6 +38,7 @@ mod state;
 pub mod validation;
 
 pub use backend::RetentionBackend;
+pub use backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, expanded_dim, pair_block};

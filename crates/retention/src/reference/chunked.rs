@@ -1,7 +1,9 @@
 //! Chunked (linear-cost) form: per-chunk states, a discounted scan across chunks, and
 //! query-state plus intra-chunk attention.
 
-use burn::tensor::{Bool, Tensor, TensorData, backend::Backend};
+use std::sync::Arc;
+
+use burn::tensor::{Bool, DType, Tensor, TensorData, backend::Backend};
 
 use super::{
     NEG_LARGE, ToDtype, compute_dtype, gate_or_zeros, log_nonneg, log_power, normalise, pad_seq,
@@ -38,119 +40,273 @@ pub fn chunked_form<B: Backend>(
     degree: usize,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 3>) {
-    let out_dtype = q.dtype();
-    let dt = compute_dtype(out_dtype);
-    let device = q.device();
-    let [b, t, hq, d] = q.dims();
-    let [_, _, h, e] = v.dims();
-    let r = hq / h;
-    let c = chunk_size;
-    let n = t.div_ceil(c).max(1);
-    let pad = n * c - t;
-    let layout = SympowLayout::cached(d, degree);
-    let big_d = layout.dim();
-    let p = degree as f64;
-
-    let q = pad_seq(q.to_dtype(dt).mul_scalar(scale), pad)
-        .reshape([b, n * c, h, r, d])
-        .permute([0, 2, 3, 1, 4])
-        .reshape([b, h, r, n, c, d]);
-    let k = pad_seq(k.to_dtype(dt), pad)
-        .swap_dims(1, 2)
-        .reshape([b, h, n, c, d]);
-    let v = pad_seq(v.to_dtype(dt), pad)
-        .swap_dims(1, 2)
-        .reshape([b, h, n, c, e]);
-    let a = pad_seq(gate_or_zeros(log_g, [b, t, h], dt, &device), pad)
-        .swap_dims(1, 2)
-        .reshape([b, h, n, c]);
-
-    // 1. gates inside chunks
-    let a_in = a.cumsum(3); // ā, [b, h, n, c]
-    let a_tot = a_in.clone().narrow(3, c - 1, 1); // A_u, [b, h, n, 1]
-
-    // 2. chunk contributions, keys discounted to the end of their chunk
-    let key_decay = (a_tot.clone() - a_in.clone()).div_scalar(p).exp();
-    let phi_k = layout.expand_key(k.clone() * key_decay.unsqueeze_dim::<5>(4)); // [b,h,n,c,D]
-    let delta_s = phi_k.clone().swap_dims(3, 4).matmul(v.clone()); // [b, h, n, D, e]
-    let delta_z = phi_k.sum_dim(3).reshape([b, h, n, big_d]);
-
-    // 3. discounted scan across chunks as a product with the decay matrix
-    //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals
-    let cum = a_tot.reshape([b, h, n]).cumsum(2);
-    let prev = Tensor::cat(
-        vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()],
-        2,
-    );
-    let lower: Vec<f64> = (0..=n)
-        .flat_map(|u| (0..n).map(move |u2| if u2 < u { 1.0 } else { 0.0 }))
-        .collect();
-    let lower = Tensor::<B, 2>::from_data(TensorData::new(lower, [n + 1, n]), (&device, dt))
-        .reshape([1, 1, n + 1, n]);
-    let decay = (prev.clone().reshape([b, h, n + 1, 1]) - cum.reshape([b, h, 1, n]))
-        .clamp_max(0.0)
-        .exp()
-        * lower;
-    let mut s_in = decay
-        .clone()
-        .matmul(delta_s.reshape([b, h, n, big_d * e]))
-        .reshape([b, h, n + 1, big_d, e]);
-    let mut z_in = decay.matmul(delta_z); // [b, h, n+1, D]
-    if let Some((s0, z0)) = initial {
-        let carry = prev.exp(); // e^{C_{u-1}}: the initial state's decay on entering chunk u
-        s_in = s_in
-            + s0.to_dtype(dt).unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
-        z_in = z_in + z0.to_dtype(dt).unsqueeze_dim::<4>(2) * carry.reshape([b, h, n + 1, 1]);
-    }
-    let final_state = s_in.clone().narrow(2, n, 1).reshape([b, h, big_d, e]);
-    let final_key_sum = z_in.clone().narrow(2, n, 1).reshape([b, h, big_d]);
-    let s_used = s_in.narrow(2, 0, n); // [b, h, n, D, e]
-    let z_used = z_in.narrow(2, 0, n).unsqueeze_dim::<5>(4); // [b, h, n, D, 1]
-
-    // 4a. query-state products, queries decayed from the chunk start
-    let q_decay = a_in.clone().div_scalar(p).exp().reshape([b, h, 1, n, c, 1]);
-    let phi_q = layout
-        .expand_query(q.clone() * q_decay)
-        .permute([0, 1, 3, 2, 4, 5])
-        .reshape([b, h, n, r * c, big_d]);
-    let y_state = phi_q.clone().matmul(s_used).reshape([b, h, n, r, c, e]);
-    let l_state = phi_q
-        .matmul(z_used)
-        .reshape([b, h, n, r, c, 1])
-        .clamp_min(0.0);
-
-    // 4b. intra-chunk causal gated power scores, in log space
-    let qc = q.permute([0, 1, 3, 2, 4, 5]).reshape([b, h, n, r * c, d]);
-    let scores = qc.matmul(k.swap_dims(3, 4)).reshape([b, h, n, r, c, c]);
-    let future = Tensor::<B, 2, Bool>::tril_mask([c, c], 0, &device)
-        .reshape([1, 1, 1, 1, c, c])
-        .expand([b, h, n, r, c, c]);
-    let logits = log_power(scores, future, degree) + a_in.clone().reshape([b, h, n, 1, c, 1])
-        - a_in.reshape([b, h, n, 1, 1, c]);
-
-    // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
-    let y_state = normalise(y_state, l_state.clone());
-    let log_l_state = log_nonneg(l_state);
-    // the stabiliser cancels analytically: no gradient through it
-    let row_max = logits
-        .clone()
-        .max_dim(5)
-        .max_pair(log_l_state.clone())
-        .clamp_min(NEG_LARGE)
-        .detach();
-    let weights = (logits - row_max.clone()).exp();
-    let beta = (log_l_state - row_max).exp();
-    let num = weights
-        .clone()
-        .reshape([b, h, n, r * c, c])
-        .matmul(v)
-        .reshape([b, h, n, r, c, e])
-        + y_state * beta.clone();
-    let denom = (weights.sum_dim(5) + beta).clamp_min(1.0);
-    let y = (num / denom)
+    let parts = ChunkedParts::new(q, k, v, log_g, initial, chunk_size, degree, scale);
+    let ChunkedDims {
+        b,
+        t,
+        h,
+        r,
+        e,
+        c,
+        n,
+        out_dtype,
+        ..
+    } = parts.dims;
+    let y = parts
+        .y
         .permute([0, 2, 4, 1, 3, 5]) // [b, n, c, h, r, e]
-        .reshape([b, n * c, hq, e])
+        .reshape([b, n * c, h * r, e])
         .narrow(1, 0, t)
         .to_dtype(out_dtype);
-    (y, final_state, final_key_sum)
+    (y, parts.final_state, parts.final_key_sum)
+}
+
+/// Sizes of a chunked call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkedDims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub r: usize,
+    pub d: usize,
+    pub e: usize,
+    pub c: usize,
+    pub n: usize,
+    pub big_d: usize,
+    pub p: f64,
+    pub out_dtype: DType,
+}
+
+/// The chunked forward pass with the intermediates its backward pass reads (computed in the
+/// compute dtype, chunk-major layouts `[b, h, n, …]`).
+pub(crate) struct ChunkedParts<B: Backend> {
+    pub dims: ChunkedDims,
+    pub layout: Arc<SympowLayout>,
+    /// `σ q`, `[b, h, n, r·c, d]`.
+    pub q: Tensor<B, 5>,
+    /// `σ q e^{ā/p}`, the argument of `φ_Q`, `[b, h, n, r·c, d]`.
+    pub q_gated: Tensor<B, 5>,
+    /// `[b, h, n, c, d]`.
+    pub k: Tensor<B, 5>,
+    /// `[b, h, n, c, e]`.
+    pub v: Tensor<B, 5>,
+    /// Cumulative log-gates inside chunks `ā`, `[b, h, n, c]`.
+    pub a_in: Tensor<B, 4>,
+    /// `e^{(A_u − ā)/p}`, `[b, h, n, c, 1]`.
+    pub key_decay: Tensor<B, 5>,
+    /// `φ_K(k e^{(A_u − ā)/p})`, `[b, h, n, c, D]`.
+    pub phi_k: Tensor<B, 5>,
+    /// `[b, h, n, D·e]`.
+    pub delta_s: Tensor<B, 4>,
+    /// `[b, h, n, D]`.
+    pub delta_z: Tensor<B, 4>,
+    /// The scan as a matrix, `[b, h, n+1, n]`.
+    pub decay: Tensor<B, 4>,
+    /// `e^{C_{u−1}}`, the initial state's decay on entering chunk `u`, `[b, h, n+1]`.
+    pub carry: Tensor<B, 3>,
+    /// The initial state in the compute dtype, if any.
+    pub initial: Option<(Tensor<B, 4>, Tensor<B, 3>)>,
+    /// States entering each chunk, `[b, h, n, D, e]` and `[b, h, n, D]`.
+    pub s_used: Tensor<B, 5>,
+    pub z_used: Tensor<B, 4>,
+    /// `φ_Q(q_gated)`, `[b, h, n, r·c, D]`.
+    pub phi_q: Tensor<B, 5>,
+    /// `φ_Q(q_gated)·z`, clamped at 0, `[b, h, n, r, c, 1]`.
+    pub l_state: Tensor<B, 6>,
+    /// Scores `σ q·k` inside chunks, `[b, h, n, r, c, c]`, and where they are hidden.
+    pub scores: Tensor<B, 6>,
+    pub hidden: Tensor<B, 6, Bool>,
+    /// Row maxima of the log-weights, `[b, h, n, r, c, 1]`.
+    pub row_max: Tensor<B, 6>,
+    /// Intra-chunk weights `e^{ℓ − M}`, `[b, h, n, r, c, c]`.
+    pub weights: Tensor<B, 6>,
+    /// Denominators (scaled by `e^{−M}`), `[b, h, n, r, c, 1]`.
+    pub denom: Tensor<B, 6>,
+    /// Output rows, `[b, h, n, r, c, e]`.
+    pub y: Tensor<B, 6>,
+    pub final_state: Tensor<B, 4>,
+    pub final_key_sum: Tensor<B, 3>,
+}
+
+impl<B: Backend> ChunkedParts<B> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        log_g: Option<Tensor<B, 3>>,
+        initial: Option<(Tensor<B, 4>, Tensor<B, 3>)>,
+        chunk_size: usize,
+        degree: usize,
+        scale: f64,
+    ) -> Self {
+        let out_dtype = q.dtype();
+        let dt = compute_dtype(out_dtype);
+        let device = q.device();
+        let [b, t, hq, d] = q.dims();
+        let [_, _, h, e] = v.dims();
+        let r = hq / h;
+        let c = chunk_size;
+        let n = t.div_ceil(c).max(1);
+        let pad = n * c - t;
+        let layout = SympowLayout::cached(d, degree);
+        let big_d = layout.dim();
+        let p = degree as f64;
+
+        let q = pad_seq(q.to_dtype(dt).mul_scalar(scale), pad)
+            .reshape([b, n * c, h, r, d])
+            .permute([0, 2, 3, 1, 4])
+            .reshape([b, h, r, n, c, d]);
+        let k = pad_seq(k.to_dtype(dt), pad)
+            .swap_dims(1, 2)
+            .reshape([b, h, n, c, d]);
+        let v = pad_seq(v.to_dtype(dt), pad)
+            .swap_dims(1, 2)
+            .reshape([b, h, n, c, e]);
+        let a = pad_seq(gate_or_zeros(log_g, [b, t, h], dt, &device), pad)
+            .swap_dims(1, 2)
+            .reshape([b, h, n, c]);
+
+        // 1. gates inside chunks
+        let a_in = a.cumsum(3); // ā, [b, h, n, c]
+        let a_tot = a_in.clone().narrow(3, c - 1, 1); // A_u, [b, h, n, 1]
+
+        // 2. chunk contributions, keys discounted to the end of their chunk
+        let key_decay = (a_tot.clone() - a_in.clone())
+            .div_scalar(p)
+            .exp()
+            .unsqueeze_dim::<5>(4);
+        let phi_k = layout.expand_key(k.clone() * key_decay.clone()); // [b, h, n, c, D]
+        let delta_s = phi_k
+            .clone()
+            .swap_dims(3, 4)
+            .matmul(v.clone())
+            .reshape([b, h, n, big_d * e]);
+        let delta_z = phi_k.clone().sum_dim(3).reshape([b, h, n, big_d]);
+
+        // 3. discounted scan across chunks as a product with the decay matrix
+        //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals
+        let cum = a_tot.reshape([b, h, n]).cumsum(2);
+        let prev = Tensor::cat(
+            vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()],
+            2,
+        );
+        let lower: Vec<f64> = (0..=n)
+            .flat_map(|u| (0..n).map(move |u2| if u2 < u { 1.0 } else { 0.0 }))
+            .collect();
+        let lower = Tensor::<B, 2>::from_data(TensorData::new(lower, [n + 1, n]), (&device, dt))
+            .reshape([1, 1, n + 1, n]);
+        let decay = (prev.clone().reshape([b, h, n + 1, 1]) - cum.reshape([b, h, 1, n]))
+            .clamp_max(0.0)
+            .exp()
+            * lower;
+        let mut s_in = decay
+            .clone()
+            .matmul(delta_s.clone())
+            .reshape([b, h, n + 1, big_d, e]);
+        let mut z_in = decay.clone().matmul(delta_z.clone()); // [b, h, n+1, D]
+        let carry = prev.exp(); // e^{C_{u-1}}
+        let initial = initial.map(|(s0, z0)| (s0.to_dtype(dt), z0.to_dtype(dt)));
+        if let Some((s0, z0)) = &initial {
+            s_in = s_in
+                + s0.clone().unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
+            z_in =
+                z_in + z0.clone().unsqueeze_dim::<4>(2) * carry.clone().reshape([b, h, n + 1, 1]);
+        }
+        let final_state = s_in.clone().narrow(2, n, 1).reshape([b, h, big_d, e]);
+        let final_key_sum = z_in.clone().narrow(2, n, 1).reshape([b, h, big_d]);
+        let s_used = s_in.narrow(2, 0, n); // [b, h, n, D, e]
+        let z_used = z_in.narrow(2, 0, n); // [b, h, n, D]
+
+        // 4a. query-state products, queries decayed from the chunk start
+        let qc = q.permute([0, 1, 3, 2, 4, 5]); // [b, h, n, r, c, d]
+        let q_decay = a_in.clone().div_scalar(p).exp().reshape([b, h, n, 1, c, 1]);
+        let q_gated = (qc.clone() * q_decay).reshape([b, h, n, r * c, d]);
+        let phi_q = layout.expand_query(q_gated.clone()); // [b, h, n, r·c, D]
+        let y_state = phi_q
+            .clone()
+            .matmul(s_used.clone())
+            .reshape([b, h, n, r, c, e]);
+        let l_state = phi_q
+            .clone()
+            .matmul(z_used.clone().unsqueeze_dim::<5>(4))
+            .reshape([b, h, n, r, c, 1])
+            .clamp_min(0.0);
+
+        // 4b. intra-chunk causal gated power scores, in log space
+        let qc = qc.reshape([b, h, n, r * c, d]);
+        let scores = qc
+            .clone()
+            .matmul(k.clone().swap_dims(3, 4))
+            .reshape([b, h, n, r, c, c]);
+        let hidden = Tensor::<B, 2, Bool>::tril_mask([c, c], 0, &device)
+            .reshape([1, 1, 1, 1, c, c])
+            .expand([b, h, n, r, c, c]);
+        // zero scores are hidden too (weight 0, as `log_power` makes them)
+        let hidden = hidden.bool_or(scores.clone().equal_elem(0.0));
+        let logits = log_power(scores.clone(), hidden.clone(), degree)
+            + a_in.clone().reshape([b, h, n, 1, c, 1])
+            - a_in.clone().reshape([b, h, n, 1, 1, c]);
+
+        // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
+        let y_state = normalise(y_state, l_state.clone());
+        let log_l_state = log_nonneg(l_state.clone());
+        // the stabiliser cancels analytically: no gradient through it
+        let row_max = logits
+            .clone()
+            .max_dim(5)
+            .max_pair(log_l_state.clone())
+            .clamp_min(NEG_LARGE)
+            .detach();
+        let weights = (logits - row_max.clone()).exp();
+        let beta = (log_l_state - row_max.clone()).exp();
+        let num = weights
+            .clone()
+            .reshape([b, h, n, r * c, c])
+            .matmul(v.clone())
+            .reshape([b, h, n, r, c, e])
+            + y_state * beta.clone();
+        let denom = (weights.clone().sum_dim(5) + beta).clamp_min(1.0);
+        let y = num / denom.clone();
+        Self {
+            dims: ChunkedDims {
+                b,
+                t,
+                h,
+                r,
+                d,
+                e,
+                c,
+                n,
+                big_d,
+                p,
+                out_dtype,
+            },
+            layout,
+            q: qc,
+            q_gated,
+            k,
+            v,
+            a_in,
+            key_decay,
+            phi_k,
+            delta_s,
+            delta_z,
+            decay,
+            carry,
+            initial,
+            s_used,
+            z_used,
+            phi_q,
+            l_state,
+            scores,
+            hidden,
+            row_max,
+            weights,
+            denom,
+            y,
+            final_state,
+            final_key_sum,
+        }
+    }
 }

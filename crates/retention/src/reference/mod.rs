@@ -11,10 +11,12 @@
 //! example `q_i = 0`) gives `y_i = 0`.
 
 mod attention;
+mod backward;
 mod chunked;
 mod step;
 
 pub use attention::attention_form;
+pub use backward::{ChunkedGrads, chunked_backward};
 pub use chunked::chunked_form;
 pub use step::step;
 
