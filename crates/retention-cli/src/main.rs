@@ -71,6 +71,9 @@ enum Command {
         /// Randomized cases per dtype.
         #[arg(long, default_value_t = 200)]
         cases: u64,
+        /// Also check gradients (the backward pass) against the f64 reference.
+        #[arg(long)]
+        grad: bool,
     },
     /// Times the forward pass and the decode step (CSV in the anchor benchmark's schema).
     Bench {
@@ -203,6 +206,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             backend,
             dtype,
             cases,
+            grad,
         } => {
             let choices = if dtype.is_empty() {
                 default_dtypes(backend)
@@ -217,7 +221,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 &dev,
                 backend.name(),
                 &dtypes,
-                cases
+                cases,
+                grad
             )
             .map(drop))
         }

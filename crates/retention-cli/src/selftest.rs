@@ -4,11 +4,13 @@
 use burn::tensor::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use retention::RetentionBackend;
-use retention::validation::{SuiteReport, run_suite};
+use retention::validation::{SuiteReport, run_grad_suite, run_suite};
 
 use crate::CliError;
 
-/// Runs `cases` randomized cases per dtype on `B` and prints one table per dtype.
+/// Runs `cases` randomized cases per dtype on `B` and prints one table per dtype; with `grad`,
+/// also the gradient suite (the backward pass of `Autodiff<B>` against `Autodiff` of the
+/// reference in f64).
 ///
 /// # Errors
 /// [`CliError::SelftestFailed`] if any check exceeds its tolerance.
@@ -17,6 +19,7 @@ pub fn selftest<B: RetentionBackend>(
     backend: &str,
     dtypes: &[DType],
     cases: u64,
+    grad: bool,
 ) -> Result<Vec<SuiteReport>, CliError> {
     let mut reports = Vec::new();
     for &dtype in dtypes {
@@ -29,6 +32,14 @@ pub fn selftest<B: RetentionBackend>(
         bar.finish_and_clear();
         println!("{}", report.table());
         reports.push(report);
+        if grad {
+            let bar = ProgressBar::new(cases).with_style(bar.style());
+            bar.set_message(format!("{backend} {dtype:?} gradients"));
+            let report = run_grad_suite::<B>(dev, dtype, cases, |_| bar.inc(1))?;
+            bar.finish_and_clear();
+            println!("{}", report.table());
+            reports.push(report);
+        }
     }
     let failed: Vec<String> = reports
         .iter()

@@ -195,34 +195,12 @@ impl SympowLayout {
         d_features: Tensor<B, N>,
         weighted: bool,
     ) -> Tensor<B, N> {
-        let device = x.device();
-        let dim = self.dim();
-        let mut out_shape = x.dims();
-        out_shape[N - 1] = dim;
-        let mut idx_shape = [1; N];
-        idx_shape[N - 1] = dim;
-        let indices: Vec<Tensor<B, N, Int>> = self
-            .indices
-            .iter()
-            .map(|ix| {
-                Tensor::<B, 1, Int>::from_data(TensorData::new(ix.clone(), [dim]), &device)
-                    .reshape(idx_shape)
-                    .expand(out_shape)
-            })
-            .collect();
+        let indices = self.factor_indices::<B, N>(x.dims(), &x.device());
         let factors: Vec<Tensor<B, N>> = indices
             .iter()
             .map(|idx| x.clone().gather(N - 1, idx.clone()))
             .collect();
-        let d_features = if weighted && self.weights.iter().any(|&w| w != 1.0) {
-            let w = Tensor::<B, 1>::from_data(
-                TensorData::new(self.weights.clone(), [dim]),
-                (&device, x.dtype()),
-            );
-            d_features * w.unsqueeze::<N>()
-        } else {
-            d_features
-        };
+        let d_features = self.weigh(d_features, weighted);
         let mut dx = x.zeros_like();
         for (k, idx) in indices.iter().enumerate() {
             let mut part = d_features.clone();
@@ -236,22 +214,44 @@ impl SympowLayout {
         dx
     }
 
-    fn expand<B: Backend, const N: usize>(&self, x: Tensor<B, N>, weighted: bool) -> Tensor<B, N> {
-        let device = x.device();
+    /// `α_k` of every feature as a gather index over `x`'s last dimension, one per factor `k`.
+    fn factor_indices<B: Backend, const N: usize>(
+        &self,
+        x_shape: [usize; N],
+        device: &B::Device,
+    ) -> Vec<Tensor<B, N, Int>> {
         let dim = self.dim();
-        let mut out_shape = x.dims();
+        let mut out_shape = x_shape;
         out_shape[N - 1] = dim;
         let mut idx_shape = [1; N];
         idx_shape[N - 1] = dim;
+        self.indices
+            .iter()
+            .map(|ix| {
+                Tensor::<B, 1, Int>::from_data(TensorData::new(ix.clone(), [dim]), device)
+                    .reshape(idx_shape)
+                    .expand(out_shape)
+            })
+            .collect()
+    }
+
+    /// `t · m(α)` over the last dimension when `weighted` (and the weights are not all 1).
+    fn weigh<B: Backend, const N: usize>(&self, t: Tensor<B, N>, weighted: bool) -> Tensor<B, N> {
+        if weighted && self.weights.iter().any(|&w| w != 1.0) {
+            let w = Tensor::<B, 1>::from_data(
+                TensorData::new(self.weights.clone(), [self.dim()]),
+                (&t.device(), t.dtype()),
+            );
+            t * w.unsqueeze::<N>()
+        } else {
+            t
+        }
+    }
+
+    fn expand<B: Backend, const N: usize>(&self, x: Tensor<B, N>, weighted: bool) -> Tensor<B, N> {
         let mut out: Option<Tensor<B, N>> = None;
-        for k in 0..self.degree {
-            // one gather per factor (faster than `select` on CPU backends)
-            let idx = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(self.indices[k].clone(), [dim]),
-                &device,
-            )
-            .reshape(idx_shape)
-            .expand(out_shape);
+        // one gather per factor (faster than `select` on CPU backends)
+        for idx in self.factor_indices::<B, N>(x.dims(), &x.device()) {
             let factor = x.clone().gather(N - 1, idx);
             out = Some(match out {
                 None => factor,
@@ -262,14 +262,6 @@ impl SympowLayout {
             // degree 0 is rejected by validation; keep a well-defined value anyway
             return x.ones_like().narrow(N - 1, 0, 1);
         };
-        if weighted && self.weights.iter().any(|&w| w != 1.0) {
-            let w = Tensor::<B, 1>::from_data(
-                TensorData::new(self.weights.clone(), [dim]),
-                (&device, x.dtype()),
-            );
-            out * w.unsqueeze::<N>()
-        } else {
-            out
-        }
+        self.weigh(out, weighted)
     }
 }

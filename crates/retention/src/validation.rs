@@ -409,6 +409,12 @@ pub enum Check {
     WindowDecode,
     /// State after those steps, the waiting tokens absorbed.
     WindowState,
+    /// Gradients (q, k, v, log-gates) through the attention form, p = 2.
+    GradAttention,
+    /// Gradients through the chunked form.
+    GradChunked,
+    /// Gradients through the attention form, p = 4.
+    GradAttentionP4,
 }
 
 impl Check {
@@ -424,6 +430,9 @@ impl Check {
             Check::StepState => "decode step state",
             Check::WindowDecode => "windowed decode output",
             Check::WindowState => "windowed decode state",
+            Check::GradAttention => "gradients, attention form",
+            Check::GradChunked => "gradients, chunked form",
+            Check::GradAttentionP4 => "gradients, attention form, p = 4",
         }
     }
 }
@@ -434,6 +443,15 @@ pub fn tolerance(dtype: DType) -> f64 {
         DType::F64 => 1e-10,
         DType::F32 => 1e-4,
         _ => 2e-2,
+    }
+}
+
+/// Tolerance on [`max_rel`] of gradients against the `f64` oracle for inputs of `dtype`.
+pub fn grad_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-9,
+        DType::F32 => 1e-3,
+        _ => 3e-2,
     }
 }
 
@@ -599,13 +617,42 @@ pub fn run_suite<B: RetentionBackend>(
     dev: &B::Device,
     dtype: DType,
     cases: u64,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<SuiteReport, RetentionError> {
-    let tol = tolerance(dtype);
+    collect(dtype, tolerance(dtype), cases, progress, |case| {
+        check_case::<B>(case, dev, dtype)
+    })
+}
+
+/// Runs the gradient checks of cases `0..cases` on `Autodiff<B>` in `dtype` (the backward pass
+/// of `B`) against `Autodiff` of the reference in `f64` on ndarray, calling `progress` after
+/// each case.
+///
+/// # Errors
+/// The first [`RetentionError`] a case raises.
+#[cfg(feature = "ndarray")]
+pub fn run_grad_suite<B: RetentionBackend>(
+    dev: &B::Device,
+    dtype: DType,
+    cases: u64,
+    progress: impl FnMut(u64),
+) -> Result<SuiteReport, RetentionError> {
+    collect(dtype, grad_tolerance(dtype), cases, progress, |case| {
+        grad_oracle::check_grad_case::<B>(case, dev, dtype)
+    })
+}
+
+fn collect(
+    dtype: DType,
+    tol: f64,
+    cases: u64,
+    mut progress: impl FnMut(u64),
+    mut check: impl FnMut(&SuiteCase) -> Result<Vec<(Check, f64)>, RetentionError>,
+) -> Result<SuiteReport, RetentionError> {
     let mut rows: BTreeMap<Check, SuiteRow> = BTreeMap::new();
     for i in 0..cases {
         let case = SuiteCase::new(i);
-        for (check, err) in check_case::<B>(&case, dev, dtype)? {
+        for (check, err) in check(&case)? {
             let row = rows.entry(check).or_insert(SuiteRow {
                 cases: 0,
                 failures: 0,
@@ -628,4 +675,131 @@ pub fn run_suite<B: RetentionBackend>(
         tolerance: tol,
         rows,
     })
+}
+
+#[cfg(feature = "ndarray")]
+mod grad_oracle {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{DType, Tensor};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    use super::{Check, SuiteCase, randn, tensor, to_vec};
+    use crate::{RetentionBackend, RetentionError, RetentionOptions, power_retention, reference};
+
+    type Oracle = Autodiff<NdArray<f64>>;
+
+    /// `[dq, dk, dv, dlog_g]` of `Σ y·w` (the last empty when ungated).
+    fn grads<B: burn::tensor::backend::AutodiffBackend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        g: Option<Tensor<B, 3>>,
+        forward: impl FnOnce(
+            Tensor<B, 4>,
+            Tensor<B, 4>,
+            Tensor<B, 4>,
+            Option<Tensor<B, 3>>,
+        ) -> Result<Tensor<B, 4>, RetentionError>,
+        w: Tensor<B, 4>,
+    ) -> Result<[Vec<f64>; 4], RetentionError> {
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let g = g.map(|g| g.require_grad());
+        let y = forward(q.clone(), k.clone(), v.clone(), g.clone())?;
+        let grads = (y * w).sum().backward();
+        let read = |t: &Tensor<B, 4>| t.grad(&grads).map(to_vec).unwrap_or_default();
+        Ok([
+            read(&q),
+            read(&k),
+            read(&v),
+            g.and_then(|g| g.grad(&grads))
+                .map(to_vec)
+                .unwrap_or_default(),
+        ])
+    }
+
+    /// The gradient error of one case, in the loss it predicts: for each input `x` (q, k, v,
+    /// log-gates) the largest error of `∂L/∂x` times the largest `|x|` (the first-order change of
+    /// the loss under a perturbation of the input's own size), over the largest such change of
+    /// the oracle. A per-tensor relative error would divide by gradients that are legitimately
+    /// tiny (under gates of `e^-20` a row attends to its own token only, `∂y/∂q ≈ 0`, and f32
+    /// rounding of `y ≈ v` leaves noise far above them), which says nothing about training.
+    pub(super) fn check_grad_case<B: RetentionBackend>(
+        case: &SuiteCase,
+        dev: &B::Device,
+        dtype: DType,
+    ) -> Result<Vec<(Check, f64)>, RetentionError> {
+        let p = case.problem.rounded(dtype);
+        let chunk = (case.degree == 2).then_some(case.chunk);
+        let opts = RetentionOptions::new()
+            .with_degree(case.degree)
+            .with_chunk_size(chunk);
+        let shape = [p.b, p.t, p.hq, p.e];
+        let w = randn(
+            &mut StdRng::seed_from_u64(0x9AD0_0000 + case.index),
+            p.b * p.t * p.hq * p.e,
+        );
+        // the weights as the backend sees them (rounded to its dtype)
+        let w_ours = tensor::<Autodiff<B>, 4>(&w, shape, dev, dtype);
+        let w = to_vec(w_ours.clone().inner());
+
+        let (q, k, v, g) = p.tensors::<Autodiff<B>>(dev, dtype);
+        let ours = grads(
+            q,
+            k,
+            v,
+            g,
+            |q, k, v, g| power_retention(q, k, v, g, &opts),
+            w_ours,
+        )?;
+
+        let cpu = Default::default();
+        let (q, k, v, g) = p.tensors::<Oracle>(&cpu, DType::F64);
+        let scale = 1.0 / (p.d as f64).sqrt();
+        let degree = case.degree;
+        let oracle = grads(
+            q,
+            k,
+            v,
+            g,
+            |q, k, v, g| {
+                Ok(match chunk {
+                    Some(c) if p.t > c => {
+                        reference::chunked_form(q, k, v, g, None, c, degree, scale).0
+                    }
+                    _ => reference::attention_form(q, k, v, g, degree, scale),
+                })
+            },
+            tensor::<Oracle, 4>(&w, shape, &cpu, DType::F64),
+        )?;
+        let inputs = [&p.q, &p.k, &p.v];
+        let peak = |x: &[f64]| x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let size = |i: usize| match (i, &p.log_g) {
+            (3, Some(g)) => peak(g),
+            (3, None) => 0.0,
+            (i, _) => peak(inputs[i]),
+        };
+        let check = match chunk {
+            None => Check::GradAttentionP4,
+            Some(c) if p.t > c => Check::GradChunked,
+            Some(_) => Check::GradAttention,
+        };
+        let mut worst = 0.0f64;
+        let mut scale = 0.0f64;
+        for (i, (a, o)) in ours.iter().zip(&oracle).enumerate() {
+            if o.is_empty() {
+                continue;
+            }
+            if a.len() != o.len() || a.iter().any(|v| !v.is_finite()) {
+                return Ok(vec![(check, f64::INFINITY)]);
+            }
+            let diff = a
+                .iter()
+                .zip(o)
+                .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+            worst = worst.max(diff * size(i));
+            scale = scale.max(peak(o) * size(i));
+        }
+        let err = if scale > 0.0 { worst / scale } else { worst };
+        Ok(vec![(check, err)])
+    }
 }

@@ -266,3 +266,15 @@ fn backward_matches_finite_differences() {
         assert!(err <= 1e-6, "{name}: finite differences {err:e}");
     }
 }
+
+/// The randomized gradient suite of `retention selftest --grad` on ndarray in f32 (the
+/// backward in f32 against `Autodiff` of the reference in f64).
+#[test]
+fn grad_suite_on_ndarray() {
+    let dev = Default::default();
+    let report =
+        retention::validation::run_grad_suite::<NdArray<f32>>(&dev, DType::F32, 100, |_| {})
+            .expect("every case is valid");
+    eprintln!("{}", report.table());
+    assert!(report.passed(), "{}", report.failures());
+}

@@ -7,12 +7,27 @@
 
 use burn::tensor::{DType, Tensor, backend::Backend};
 use retention::RetentionBackend;
-use retention::validation::run_suite;
+use retention::validation::{run_grad_suite, run_suite};
 
 /// Cases per dtype on the backend users get (`Fusion<CubeBackend>`).
 const CASES: u64 = 200;
 /// Cases per dtype on the other stacks (same kernels, different dispatch).
 const ROUTING_CASES: u64 = 10;
+/// Gradient cases (f32): the backward pass of `Autodiff<Fusion<CubeBackend>>`.
+const GRAD_CASES: u64 = 100;
+
+fn grad_suite<B: RetentionBackend>(name: &str, cases: u64) {
+    let Some(dev) = adapter::<B>(name) else {
+        return;
+    };
+    let report = run_grad_suite::<B>(&dev, DType::F32, cases, |_| {}).expect("every case is valid");
+    eprintln!("{name} gradients\n{}", report.table());
+    assert!(
+        report.passed(),
+        "{name}: gradients disagree with the oracle:\n{}",
+        report.failures()
+    );
+}
 
 /// Whether `B` has a usable device; without one, skip loudly (or fail under CI).
 fn adapter<B: Backend>(name: &str) -> Option<B::Device> {
@@ -71,6 +86,11 @@ mod wgpu {
         suite::<Autodiff<burn::backend::Wgpu>>("wgpu (autodiff)", DTYPES, ROUTING_CASES);
     }
 
+    #[test]
+    fn gradients_match_oracle() {
+        grad_suite::<burn::backend::Wgpu>("wgpu (fusion)", GRAD_CASES);
+    }
+
     /// Head dims whose tiles exceed shared memory run the reference instead of failing at
     /// launch: every form still matches the oracle.
     #[test]
@@ -119,5 +139,14 @@ mod cuda {
     #[test]
     fn autodiff_inference_matches_oracle() {
         suite::<Autodiff<burn::backend::Cuda>>("cuda (autodiff)", DTYPES, ROUTING_CASES);
+    }
+
+    // Open: f32 matmuls on CUDA may run as TF32, and the reference backward is made of them:
+    // `selftest --backend cuda --grad` passed bf16 but failed f32 (8e-3 on the attention form),
+    // measured before the gate gradients became per-position sums. Run with `--ignored`.
+    #[test]
+    #[ignore = "reference backward in f32 on CUDA: TF32 matmuls (open)"]
+    fn gradients_match_oracle() {
+        grad_suite::<burn::backend::Cuda>("cuda (fusion)", GRAD_CASES);
     }
 }

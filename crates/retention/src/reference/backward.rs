@@ -99,8 +99,10 @@ pub fn chunked_backward<B: Backend>(
         .reshape([b, h, n, rc, c]);
     let mut dq = d_scores.clone().matmul(x.k.clone()); // [b, h, n, r·c, d]
     let mut dk = d_scores.swap_dims(3, 4).matmul(x.q.clone()); // [b, h, n, c, d]
-    // ℓ_ij carries +ā_i − ā_j
-    let mut d_a_in = d_logit.clone().sum_dim(5).sum_dim(3).reshape([b, h, n, c])
+    // gate gradients by position, on the cumulative gates G: every weight carries
+    // e^{G_i − G_j}, so dG_i = Σ_j dℓ_ij (as a query) − Σ_i' dℓ_i'i (as a key); each side is a
+    // short sum per position (no reduction over the state)
+    let mut d_g = d_logit.clone().sum_dim(5).sum_dim(3).reshape([b, h, n, c])
         - d_logit.sum_dim(4).sum_dim(3).reshape([b, h, n, c]);
 
     // state path, query side: the state terms enter N and L scaled by e^{−M} (where L_state > 0)
@@ -130,8 +132,9 @@ pub fn chunked_backward<B: Backend>(
         .exp()
         .reshape([b, h, n, 1, c, 1]);
     dq = dq + (d_q_gated.clone().reshape([b, h, n, r, c, d]) * q_decay).reshape([b, h, n, rc, d]);
-    // φ_Q(q e^{ā/p}) = e^{ā} φ_Q(q): ∂/∂ā = (1/p) q̃·∂/∂q̃
-    d_a_in = d_a_in
+    // the state path of query i is ∝ e^{G_i}: φ_Q(q e^{ā/p}) = e^{ā} φ_Q(q), so its
+    // Σ_j dℓ_ij = (1/p) q̃·∂/∂q̃
+    d_g = d_g
         + (d_q_gated * x.q_gated.clone())
             .sum_dim(4)
             .reshape([b, h, n, r, c])
@@ -140,6 +143,20 @@ pub fn chunked_backward<B: Backend>(
             .div_scalar(p);
 
     // the scan, backwards: states entering chunks 0..n−1, then the final state
+    // ⟨dS_T, S_T⟩ + ⟨dz_T, z_T⟩ per head: the final state's own gate gradient
+    let final_term = (d_final.0.is_some() || d_final.1.is_some()).then(|| {
+        let mut term = Tensor::<B, 3>::zeros([b, h, 1], (&device, dt));
+        if let Some(ds) = &d_final.0 {
+            term = term
+                + (ds.clone().to_dtype(dt) * x.final_state.clone())
+                    .reshape([b, h, big_d * e])
+                    .sum_dim(2);
+        }
+        if let Some(dz) = &d_final.1 {
+            term = term + (dz.clone().to_dtype(dt) * x.final_key_sum.clone()).sum_dim(2);
+        }
+        term
+    });
     let d_final_s = d_final
         .0
         .map(|s| s.to_dtype(dt))
@@ -156,42 +173,20 @@ pub fn chunked_backward<B: Backend>(
         2,
     ); // [b, h, n+1, D·e]
     let dz_in = Tensor::cat(vec![dz_local, d_final_z.reshape([b, h, 1, big_d])], 2);
+    // λ_{u+1} = Σ_{u' > u} e^{C_{u'−1} − C_u} dS_{u'}: the gradient of the state after chunk u,
+    // and so of ΔS_u (a product over the n + 1 states only)
     let d_delta_s = x.decay.clone().swap_dims(2, 3).matmul(ds_in.clone()); // [b, h, n, D·e]
     let d_delta_z = x.decay.clone().swap_dims(2, 3).matmul(dz_in.clone()); // [b, h, n, D]
-    // decay[u, u'] = e^{C_{u−1} − C_{u'}} (u' < u)
-    let g_decay = (ds_in.clone().matmul(x.delta_s.clone().swap_dims(2, 3))
-        + dz_in.clone().matmul(x.delta_z.clone().swap_dims(2, 3)))
-        * x.decay.clone(); // [b, h, n+1, n]
-    let mut d_prev = g_decay.clone().sum_dim(3).reshape([b, h, n + 1]);
-    let mut d_cum = -g_decay.sum_dim(2).reshape([b, h, n]);
-    let d_initial = x.initial.as_ref().map(|(s0, z0)| {
-        let carry = x.carry.clone();
+    // the initial state enters chunk u as e^{C_{u−1}} S_0
+    let d_initial = x.initial.as_ref().map(|_| {
+        let carry = x.carry.clone().reshape([b, h, 1, n + 1]);
         let ds0 = carry
             .clone()
-            .reshape([b, h, 1, n + 1])
             .matmul(ds_in.clone())
             .reshape([b, h, big_d, e]);
-        let dz0 = carry
-            .clone()
-            .reshape([b, h, 1, n + 1])
-            .matmul(dz_in.clone())
-            .reshape([b, h, big_d]);
-        let d_carry = ds_in
-            .clone()
-            .matmul(s0.clone().reshape([b, h, big_d * e, 1]))
-            .reshape([b, h, n + 1])
-            + dz_in
-                .clone()
-                .matmul(z0.clone().reshape([b, h, big_d, 1]))
-                .reshape([b, h, n + 1]);
-        (ds0, dz0, d_carry * carry)
+        let dz0 = carry.matmul(dz_in.clone()).reshape([b, h, big_d]);
+        (ds0, dz0)
     });
-    if let Some((_, _, d_prev_carry)) = &d_initial {
-        d_prev = d_prev + d_prev_carry.clone();
-    }
-    // prev = [0, C_0, …, C_{n−1}], C = cumsum(A)
-    d_cum = d_cum + d_prev.narrow(2, 1, n);
-    let mut d_a_tot = reverse_cumsum(d_cum, 2); // [b, h, n]
 
     // chunk contributions: ΔS_u = Σ_τ φ_K(k̃_τ) v_τᵀ, k̃ = k e^{(A_u − ā)/p}
     let d_delta_s = d_delta_s.reshape([b, h, n, big_d, e]);
@@ -205,23 +200,23 @@ pub fn chunked_backward<B: Backend>(
         .sum_dim(4)
         .reshape([b, h, n, c])
         .div_scalar(p);
-    d_a_tot = d_a_tot + g_key.clone().sum_dim(3).reshape([b, h, n]);
-    d_a_in = d_a_in - g_key;
+    // keys reach later chunks (and the final state) ∝ e^{−G_j}: their Σ_i dℓ_ij = (1/p) k̃·∂/∂k̃
+    d_g = d_g - g_key;
 
-    // A_u = ā_{u, c−1}; ā = cumsum of the log-gates inside the chunk
-    let d_a_tot = d_a_tot.reshape([b, h, n, 1]);
-    let last = if c == 1 {
-        d_a_tot
-    } else {
-        Tensor::cat(
-            vec![Tensor::zeros([b, h, n, c - 1], (&device, dt)), d_a_tot],
-            3,
-        )
-    };
-    let d_gates = reverse_cumsum(d_a_in + last, 3)
-        .reshape([b, h, n * c])
-        .swap_dims(1, 2)
-        .narrow(1, 0, t);
+    // the final state is a query at the last position: its terms are ∝ e^{G_T}
+    let mut d_g = d_g.reshape([b, h, n * c]);
+    if let Some(term) = final_term {
+        let at_end = Tensor::cat(
+            vec![
+                Tensor::zeros([b, h, n * c - 1], (&device, dt)),
+                term.reshape([b, h, 1]),
+            ],
+            2,
+        );
+        d_g = d_g + at_end;
+    }
+    // G = cumsum(log_g): d log_g_t = Σ_{i ≥ t} dG_i
+    let d_gates = reverse_cumsum(d_g, 2).swap_dims(1, 2).narrow(1, 0, t);
 
     let dq = dq
         .reshape([b, h, n, r, c, d])
@@ -244,7 +239,7 @@ pub fn chunked_backward<B: Backend>(
         log_g: gate_dtype.map(|dtype| d_gates.to_dtype(dtype)),
         initial: d_initial
             .zip(dtypes.3)
-            .map(|((ds0, dz0, _), (st, zt))| (ds0.to_dtype(st), dz0.to_dtype(zt))),
+            .map(|((ds0, dz0), (st, zt))| (ds0.to_dtype(st), dz0.to_dtype(zt))),
     }
 }
 

@@ -96,10 +96,6 @@ pub(crate) struct ChunkedParts<B: Backend> {
     pub key_decay: Tensor<B, 5>,
     /// `φ_K(k e^{(A_u − ā)/p})`, `[b, h, n, c, D]`.
     pub phi_k: Tensor<B, 5>,
-    /// `[b, h, n, D·e]`.
-    pub delta_s: Tensor<B, 4>,
-    /// `[b, h, n, D]`.
-    pub delta_z: Tensor<B, 4>,
     /// The scan as a matrix, `[b, h, n+1, n]`.
     pub decay: Tensor<B, 4>,
     /// `e^{C_{u−1}}`, the initial state's decay on entering chunk `u`, `[b, h, n+1]`.
@@ -202,9 +198,9 @@ impl<B: Backend> ChunkedParts<B> {
             * lower;
         let mut s_in = decay
             .clone()
-            .matmul(delta_s.clone())
+            .matmul(delta_s)
             .reshape([b, h, n + 1, big_d, e]);
-        let mut z_in = decay.clone().matmul(delta_z.clone()); // [b, h, n+1, D]
+        let mut z_in = decay.clone().matmul(delta_z); // [b, h, n+1, D]
         let carry = prev.exp(); // e^{C_{u-1}}
         let initial = initial.map(|(s0, z0)| (s0.to_dtype(dt), z0.to_dtype(dt)));
         if let Some((s0, z0)) = &initial {
@@ -290,8 +286,6 @@ impl<B: Backend> ChunkedParts<B> {
             a_in,
             key_decay,
             phi_k,
-            delta_s,
-            delta_z,
             decay,
             carry,
             initial,
