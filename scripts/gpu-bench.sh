@@ -11,7 +11,8 @@
 # unpacks them, so Triton does not autotune again.
 # ANCHOR_TIMEOUT (seconds, default 900) bounds each anchor run; rows printed before it count.
 # ANCHOR_TS (comma-separated sequence lengths) limits the anchor rows (each new shape autotunes);
-# BENCH_ARGS adds arguments to `retention bench`.
+# BENCH_ARGS adds arguments to `retention bench` (`--backward` for our fwd+bwd rows);
+# ANCHOR_MODES (default fwd) is the anchor script's --modes (fwd,fwd+bwd for training rows).
 set -uo pipefail
 out=${1:?usage: scripts/gpu-bench.sh OUT_DIR [shape ...]}
 shift
@@ -31,7 +32,7 @@ for shape in $shapes; do
   .gpu/retention bench --backend cuda --shape "$shape" --out "$work/ours-$shape.csv" ${BENCH_ARGS:-} \
     2>&1 | tee -a "$out/log.txt"
   tail -n +2 "$work/ours-$shape.csv" >> "$out/h200.csv"
-  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes fwd \
+  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes "${ANCHOR_MODES:-fwd}" \
     --ts "${ANCHOR_TS:-1024,2048,4096,8192,16384,32768,65536}" 2>&1 \
     | tee "$work/anchors-$shape.txt" | tee -a "$out/log.txt"
   grep -E '^(sdpa|retention_triton),' "$work/anchors-$shape.txt" >> "$out/h200.csv"

@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
+use burn::backend::Autodiff;
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -77,6 +78,9 @@ pub struct BenchArgs {
     pub warmup: usize,
     /// Forward calls per timed run (one device sync per run; the time is divided by it).
     pub calls_per_sync: usize,
+    /// Also time forward + backward (`fwd+bwd` rows, our op only): gradients of q, k, v and
+    /// the log-gates through `Autodiff`, as the anchor script times them.
+    pub backward: bool,
     /// Implementations to time.
     pub impls: Vec<BenchImpl>,
     /// Decode-step batch sizes (empty: no decode rows).
@@ -209,6 +213,42 @@ fn inputs<B: Backend>(
     (n([b, t, hq, d]), n([b, t, hk, d]), n([b, t, hk, d]), g)
 }
 
+/// Milliseconds per forward + backward call of the op on `Autodiff<B>`: the gradients of q, k,
+/// v and the log-gates for a random output gradient.
+fn time_fwd_bwd<B: RetentionBackend>(
+    dev: &B::Device,
+    args: &BenchArgs,
+    b: usize,
+    t: usize,
+    heads: (usize, usize, usize),
+    opts: &RetentionOptions,
+) -> Result<f64, CliError> {
+    let (q, k, v, g) = inputs::<Autodiff<B>>(b, t, heads, args.dtype, dev);
+    let (q, k, v, g) = (
+        q.require_grad(),
+        k.require_grad(),
+        v.require_grad(),
+        g.require_grad(),
+    );
+    let upstream = Tensor::<Autodiff<B>, 4>::random(q.dims(), Distribution::Normal(0.0, 1.0), dev)
+        .cast(args.dtype);
+    let step = || -> Result<(), CliError> {
+        let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), opts)?;
+        drop((y * upstream.clone()).sum().backward());
+        Ok(())
+    };
+    step()?;
+    Ok(time_ms_per_call::<B>(
+        dev,
+        args.warmup,
+        args.reps,
+        args.calls_per_sync,
+        || {
+            let _ = step();
+        },
+    ))
+}
+
 /// Forward FLOPs of one call (the anchor script's formulas, ideal `D`).
 pub fn forward_flops(b: usize, t: usize, hq: usize, hk: usize, d: usize, chunk: usize) -> f64 {
     let (b, t, hq, hk, d, c) = (
@@ -243,7 +283,7 @@ pub fn bench<B: RetentionBackend>(
     args: &BenchArgs,
 ) -> Result<Vec<BenchRow>, CliError> {
     let (hq, hk, d) = args.shape.heads();
-    let n_fwd = args.seqs.len() * args.impls.len();
+    let n_fwd = args.seqs.len() * (args.impls.len() + usize::from(args.backward));
     let n_dec = args.decode_batches.len() * args.decode_contexts.len();
     let bar = ProgressBar::new((n_fwd + n_dec) as u64).with_style(
         ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} ({elapsed})")
@@ -304,6 +344,25 @@ pub fn bench<B: RetentionBackend>(
                 chunk: (t > args.chunk).then_some(args.chunk),
                 ms,
                 flops: forward_flops(b, t, hq, hk, d, args.chunk),
+                tokens: b * t,
+            });
+            bar.inc(1);
+        }
+        if args.backward {
+            bar.set_message(format!("burn_retention fwd+bwd t={t} b={b}"));
+            let ms = time_fwd_bwd::<B>(dev, args, b, t, (hq, hk, d), &opts)?;
+            rows.push(BenchRow {
+                implementation: BenchImpl::BurnRetention.name(),
+                mode: "fwd+bwd",
+                shape: args.shape.name(),
+                b,
+                t,
+                hq,
+                hk,
+                d,
+                chunk: (t > args.chunk).then_some(args.chunk),
+                ms,
+                flops: 3.0 * forward_flops(b, t, hq, hk, d, args.chunk),
                 tokens: b * t,
             });
             bar.inc(1);

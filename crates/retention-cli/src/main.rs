@@ -115,6 +115,9 @@ enum Command {
         /// the cost of a call among others, not of a host round trip).
         #[arg(long, default_value_t = 5)]
         calls_per_sync: usize,
+        /// Also time forward + backward (`fwd+bwd` rows: gradients of q, k, v and the gates).
+        #[arg(long)]
+        backward: bool,
         /// Decode-step batch sizes, comma-separated (the flag alone: no decode rows).
         #[arg(long, value_delimiter = ',', default_value = "1,32", num_args = 0..)]
         decode_batches: Vec<usize>,
@@ -235,6 +238,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             reps,
             warmup,
             calls_per_sync,
+            backward,
             impls,
             decode_batches,
             decode_contexts,
@@ -251,6 +255,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 reps,
                 warmup,
                 calls_per_sync,
+                backward,
                 impls,
                 decode_batches,
                 decode_contexts,
