@@ -7,7 +7,10 @@
 //! `dℓ_ij = w_ij (dN_i·v_j + dL_i)` on its log. Inside a chunk this is flash-attention's
 //! backward with `∂ℓ/∂s = p/s` and `±dℓ` on the cumulative gates; across chunks the state path
 //! reads `dS_u = Σ_i φ_Q(q̃_i) (e^{−M_i} dN_i)ᵀ`, scanned backwards with the chunk decays, and
-//! each chunk's keys and values get theirs from the state gradient after their chunk.
+//! each chunk's keys and values get theirs from the state gradient after their chunk. Gate
+//! gradients are taken per position on the cumulative gates (query side minus key side) and
+//! summed backwards once: no reduction runs over the `D·e` state elements, whose f32 sums lose
+//! the gate gradient to cancellation.
 
 use burn::tensor::{Tensor, backend::Backend};
 
