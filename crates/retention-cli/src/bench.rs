@@ -213,6 +213,28 @@ fn inputs<B: Backend>(
     (n([b, t, hq, d]), n([b, t, hk, d]), n([b, t, hk, d]), g)
 }
 
+/// [`time_ms_per_call`] for a call that carries a state forward (`advance` takes the state
+/// the previous call returned); the first error a call raises is returned after the timing.
+fn time_carried<B: Backend, S>(
+    dev: &B::Device,
+    args: &BenchArgs,
+    calls: usize,
+    initial: S,
+    mut advance: impl FnMut(S) -> Result<S, CliError>,
+) -> Result<f64, CliError> {
+    let mut carried = Some(advance(initial)?);
+    let mut failure = None;
+    let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, calls, || {
+        if let Some(state) = carried.take() {
+            match advance(state) {
+                Ok(next) => carried = Some(next),
+                Err(e) => failure = failure.take().or(Some(e)),
+            }
+        }
+    });
+    failure.map_or(Ok(ms), Err)
+}
+
 /// Milliseconds per forward + backward call of the op on `Autodiff<B>`: the gradients of q, k,
 /// v and the log-gates for a random output gradient.
 fn time_fwd_bwd<B: RetentionBackend>(
@@ -295,6 +317,21 @@ pub fn bench<B: RetentionBackend>(
     for &t in &args.seqs {
         let b = (args.tokens / t).max(1);
         let (q, k, v, g) = inputs::<B>(b, t, (hq, hk, d), args.dtype, dev);
+        // fwd+bwd counts 3× the forward FLOPs, as the anchor script does
+        let fwd_row = |imp: BenchImpl, mode: &'static str, passes: f64, ms: f64| BenchRow {
+            implementation: imp.name(),
+            mode,
+            shape: args.shape.name(),
+            b,
+            t,
+            hq,
+            hk,
+            d,
+            chunk: (t > args.chunk).then_some(args.chunk),
+            ms,
+            flops: passes * forward_flops(b, t, hq, hk, d, args.chunk),
+            tokens: b * t,
+        };
         for &imp in &args.impls {
             bar.set_message(format!("{} fwd t={t} b={b}", imp.name()));
             let run = || match imp {
@@ -332,39 +369,13 @@ pub fn bench<B: RetentionBackend>(
                 time_ms_per_call::<B>(dev, args.warmup, args.reps, args.calls_per_sync, || {
                     let _ = run();
                 });
-            rows.push(BenchRow {
-                implementation: imp.name(),
-                mode: "fwd",
-                shape: args.shape.name(),
-                b,
-                t,
-                hq,
-                hk,
-                d,
-                chunk: (t > args.chunk).then_some(args.chunk),
-                ms,
-                flops: forward_flops(b, t, hq, hk, d, args.chunk),
-                tokens: b * t,
-            });
+            rows.push(fwd_row(imp, "fwd", 1.0, ms));
             bar.inc(1);
         }
         if args.backward {
             bar.set_message(format!("burn_retention fwd+bwd t={t} b={b}"));
             let ms = time_fwd_bwd::<B>(dev, args, b, t, (hq, hk, d), &opts)?;
-            rows.push(BenchRow {
-                implementation: BenchImpl::BurnRetention.name(),
-                mode: "fwd+bwd",
-                shape: args.shape.name(),
-                b,
-                t,
-                hq,
-                hk,
-                d,
-                chunk: (t > args.chunk).then_some(args.chunk),
-                ms,
-                flops: 3.0 * forward_flops(b, t, hq, hk, d, args.chunk),
-                tokens: b * t,
-            });
+            rows.push(fwd_row(BenchImpl::BurnRetention, "fwd+bwd", 3.0, ms));
             bar.inc(1);
         }
     }
@@ -376,26 +387,17 @@ pub fn bench<B: RetentionBackend>(
             // each step carries the state forward, as a decoder does: the state a step reads
             // is the one the previous step wrote (the prefill's state, repeated over the
             // batch, is a strided view that a step would otherwise copy every call)
-            let mut carried = Some(state.clone());
-            let mut step = || -> Result<(), CliError> {
-                let current = carried.take().ok_or_else(|| {
-                    CliError::Device("a decode step failed and lost its state".into())
-                })?;
+            let ms = time_carried::<B, _>(dev, args, DECODE_CALLS, state.clone(), |s| {
                 let (_, next) = power_retention_step(
                     q.clone(),
                     k.clone(),
                     v.clone(),
                     Some(g.clone()),
-                    current,
+                    s,
                     &opts,
                 )?;
-                carried = Some(next);
-                Ok(())
-            };
-            step()?;
-            let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, DECODE_CALLS, || {
-                let _ = step();
-            });
+                Ok(next)
+            })?;
             let decode_row = |mode: &'static str, chunk: Option<usize>, ms: f64| BenchRow {
                 implementation: BenchImpl::BurnRetention.name(),
                 mode,
@@ -416,26 +418,18 @@ pub fn bench<B: RetentionBackend>(
                 // steps carry the state forward, so the window fills and is absorbed in turn;
                 // runs of a multiple of the window average the absorptions in
                 let calls = DECODE_CALLS.div_ceil(args.fold_every) * args.fold_every;
-                let mut carried = Some(DecodeState::new(state.clone(), args.fold_every)?);
-                let mut step = || -> Result<(), CliError> {
-                    let current = carried.take().ok_or_else(|| {
-                        CliError::Device("a decode step failed and lost its state".into())
-                    })?;
+                let window = DecodeState::new(state.clone(), args.fold_every)?;
+                let ms = time_carried::<B, _>(dev, args, calls, window, |s| {
                     let (_, next) = power_retention_decode(
                         q.clone(),
                         k.clone(),
                         v.clone(),
                         Some(g.clone()),
-                        current,
+                        s,
                         &opts,
                     )?;
-                    carried = Some(next);
-                    Ok(())
-                };
-                step()?;
-                let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, calls, || {
-                    let _ = step();
-                });
+                    Ok(next)
+                })?;
                 rows.push(decode_row("decode_window", Some(args.fold_every), ms));
             }
         }

@@ -32,8 +32,11 @@ pub struct ChunkedGrads<B: Backend> {
 }
 
 /// Gradients of [`chunked_form`](super::chunked_form)'s inputs for the gradients of its
-/// output (`d_out [b, t, hq, e]`), final state and final key-sum (each optional). The forward
-/// pass is recomputed; nothing of it needs to be kept.
+/// output (`d_out [b, t, hq, e]`), final state (`[b, h, D, e]`) and final key-sum (`[b, h, D]`),
+/// each optional; input shapes as [`chunked_form`](super::chunked_form). The forward pass is
+/// recomputed; nothing of it needs to be kept.
+///
+/// Inputs must already be validated (see [`power_retention`](crate::power_retention)).
 #[allow(clippy::too_many_arguments)]
 pub fn chunked_backward<B: Backend>(
     q: Tensor<B, 4>,
