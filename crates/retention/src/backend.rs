@@ -11,7 +11,7 @@ use crate::{RetentionOptions, reference};
 
 /// A backend that can run power retention.
 ///
-/// Every method has a default body, the plain-tensor [`reference`], so any Burn backend gets a
+/// Every method has a default body, the plain-tensor [`reference`](mod@crate::reference), so any Burn backend gets a
 /// correct implementation by an empty `impl`; `Autodiff<B>` differentiates through those
 /// default bodies. Inputs reach these methods already validated by the public functions
 /// ([`power_retention`](crate::power_retention), …); implementations may rely on the shapes

@@ -404,7 +404,7 @@ pub enum Check {
     Step,
     /// State after that decode step.
     StepState,
-    /// Outputs of decode steps on a [`DecodeState`](crate::DecodeState) (a window of recent
+    /// Outputs of decode steps on a [`DecodeState`] (a window of recent
     /// tokens read beside the state and absorbed every few steps).
     WindowDecode,
     /// State after those steps, the waiting tokens absorbed.

@@ -15,7 +15,7 @@ use crate::feature_map::SympowLayout;
 /// - `state`: `[batch, kv_heads, D, value_dim]`, `key_sum`: `[batch, kv_heads, D]`
 /// - returns `(output [batch, 1, q_heads, value_dim], state, key_sum)`
 ///
-/// Inputs must already be validated (see [`RetentionState::step`](crate::RetentionState::step)).
+/// Inputs must already be validated (see [`power_retention_step`](crate::power_retention_step)).
 #[allow(clippy::too_many_arguments)]
 pub fn step<B: Backend>(
     q: Tensor<B, 4>,
