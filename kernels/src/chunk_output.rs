@@ -53,6 +53,9 @@ pub struct OutputArgs<R: Runtime> {
     pub states: Option<(ArrayArg<R>, ArrayArg<R>)>,
     /// Output `[b, t, hq, e]`, dtype of `q`.
     pub out: ArrayArg<R>,
+    /// Each row's normaliser `L_i` (`y_i = N_i / L_i`; the backward pass reads it),
+    /// `f32 [b, t, hq]`; `None`: not written.
+    pub stats: Option<ArrayArg<R>>,
 }
 
 /// Launches the output kernel with tiles from [`OutputTiles::plan`] (its `mma` field picks the
@@ -71,9 +74,11 @@ pub unsafe fn launch_output<R: Runtime>(
 ) {
     tiles.gated = args.gates.is_some();
     tiles.with_state = args.states.is_some();
+    tiles.with_stats = args.stats.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     let gates = args.gates.unwrap_or_else(dummy);
     let (states, sums) = args.states.unwrap_or_else(|| (dummy(), dummy()));
+    let stats = args.stats.unwrap_or_else(dummy);
     let ratio = dims.q_heads / dims.kv_heads;
     let q_blocks = dims.chunk.div_ceil(tiles.block_q as usize);
     let count = CubeCount::Static(
@@ -104,6 +109,7 @@ pub unsafe fn launch_output<R: Runtime>(
             states,
             sums,
             args.out,
+            stats,
             dims.seq as u32,
             dims.q_heads as u32,
             dims.kv_heads as u32,
@@ -122,6 +128,7 @@ type OutputLaunch<R> = unsafe fn(
     &ComputeClient<R>,
     CubeCount,
     CubeDim,
+    ArrayArg<R>,
     ArrayArg<R>,
     ArrayArg<R>,
     ArrayArg<R>,
@@ -150,6 +157,7 @@ fn chunk_output_kernel<F: Float>(
     states: &Array<f32>,
     sums: &Array<f32>,
     out: &mut Array<F>,
+    stats: &mut Array<f32>,
     seq: u32,
     q_heads: u32,
     kv_heads: u32,
@@ -368,6 +376,11 @@ fn chunk_output_kernel<F: Float>(
             let col = lane + c * lanes;
             if col < e {
                 out[base + col] = F::cast_from(acc[c] * inv);
+            }
+        }
+        if comptime!(cfg.with_stats) {
+            if lane == 0 {
+                stats[base / e] = lsum;
             }
         }
     }

@@ -55,6 +55,7 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     state_num: &Array<f32>,
     state_den: &Array<f32>,
     out: &mut Array<F>,
+    stats: &mut Array<f32>,
     seq: u32,
     q_heads: u32,
     kv_heads: u32,
@@ -358,6 +359,11 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
                 }
                 let inv = select(l > 0.0, 1.0 / l, 0.0f32);
                 out[at * e + col] = F::cast_from(val * inv);
+                if comptime!(cfg.with_stats) {
+                    if col == 0 {
+                        stats[at] = l;
+                    }
+                }
             }
         }
         sync_plane();

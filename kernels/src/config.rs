@@ -80,6 +80,9 @@ pub struct OutputTiles {
     /// Whether the chunk's incoming state is read (chunked form) or not (attention form); set
     /// at launch from the arguments.
     pub with_state: bool,
+    /// Whether each row's normaliser `L_i` is written (set at launch from the arguments; FMA
+    /// variant only).
+    pub with_stats: bool,
     /// Whether the tensor-core variant runs.
     pub mma: bool,
 }
@@ -105,6 +108,7 @@ impl OutputTiles {
             degree: degree as u32,
             gated: false,
             with_state: false,
+            with_stats: false,
             mma,
         };
         let bf16 = half::bf16::as_type_native_unchecked().storage_type();
@@ -209,6 +213,72 @@ impl QueryStateTiles {
         2 * ROWS * (head_dim + 8)
             + 2 * (2 * ROWS * A_STRIDE + 2 * DEPTH * b_stride(value_dim))
             + 4 * (ROWS + UNITS + STAGE)
+    }
+}
+
+/// Tiles of the backward row kernels ([`chunk_grad`](crate::chunk_grad)): one cube owns
+/// `block_rows` queries (or keys) and walks the other side's rows, and the state's features,
+/// `block_inner` at a time. FMA only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GradTiles {
+    /// Rows per cube.
+    pub block_rows: u32,
+    /// The other side's rows (and the state's features) per inner block.
+    pub block_inner: u32,
+    /// Units per cube; `threads / block_rows` units share a row.
+    pub threads: u32,
+    /// `d`.
+    pub head_dim: u32,
+    /// `e`.
+    pub value_dim: u32,
+    /// `p`.
+    pub degree: u32,
+    /// Whether log-gates are given (set at launch from the arguments).
+    pub gated: bool,
+    /// Whether a state path exists (chunked form) or not (attention form); set at launch.
+    pub with_state: bool,
+    /// Whether this launch adds the intra-chunk part (the first of a call's launches); set at
+    /// launch.
+    pub intra: bool,
+    /// Whether this launch adds to the outputs of an earlier one; set at launch.
+    pub accumulate: bool,
+}
+
+impl GradTiles {
+    /// The largest tiles whose shared memory fits the device's FMA budget; `None` when none fit.
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        head_dim: usize,
+        value_dim: usize,
+        degree: usize,
+    ) -> Option<Self> {
+        let budget = shared_memory_budget(shared_memory_max(client));
+        // at most `inner` units per row, so every unit has a share of each inner block
+        let threads = |rows: usize, inner: usize| (rows * inner).min(256);
+        [(64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)]
+            .into_iter()
+            .find(|&(rows, inner)| {
+                Self::shared_bytes(rows, inner, head_dim, value_dim, threads(rows, inner)) <= budget
+            })
+            .map(|(rows, inner)| Self {
+                block_rows: rows as u32,
+                block_inner: inner as u32,
+                threads: threads(rows, inner) as u32,
+                head_dim: head_dim as u32,
+                value_dim: value_dim as u32,
+                degree: degree as u32,
+                gated: false,
+                with_state: false,
+                intra: true,
+                accumulate: false,
+            })
+    }
+
+    /// Shared memory of one cube, in bytes.
+    pub fn shared_bytes(rows: usize, inner: usize, d: usize, e: usize, threads: usize) -> usize {
+        let own = rows * (d + 1) + rows * e + rows * d + 3 * rows;
+        let other = inner * (d + 1) + inner * e + 5 * inner;
+        4 * (own + other + 2 * rows * inner + threads)
     }
 }
 

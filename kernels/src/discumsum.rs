@@ -20,6 +20,10 @@ pub struct ScanDims {
     pub n_chunks: usize,
     /// `c`: the chunk total `A_u` is the gate entry `u·c + c − 1`.
     pub chunk: usize,
+    /// Walk the chunks from the last to the first: the backward pass's scan of state
+    /// gradients, `Λ_n = initial`, `Λ_u = e^{A_u} Λ_{u+1} + chunks[u]`; slot `u` receives
+    /// `Λ_{u+1}` (the gradient of `ΔS_u`) and `last` receives `Λ_0`.
+    pub reverse: bool,
 }
 
 /// Buffers of a scan launch.
@@ -85,6 +89,7 @@ pub unsafe fn launch_discumsum<R: Runtime>(
             gated,
             to_half,
             per_unit,
+            dims.reverse,
         )
     }
 }
@@ -105,6 +110,7 @@ fn discumsum_kernel(
     #[comptime] gated: bool,
     #[comptime] to_half: bool,
     #[comptime] per_unit: u32,
+    #[comptime] reverse: bool,
 ) {
     let pu = comptime!(per_unit as usize);
     let ahead = comptime!(AHEAD as usize);
@@ -130,7 +136,7 @@ fn discumsum_kernel(
         // the loads of `AHEAD` chunks first, then the dependent updates
         #[unroll]
         for a in 0..ahead {
-            let u = gi * AHEAD + a as u32;
+            let u = slot(gi * AHEAD + a as u32, n_chunks, reverse);
             decay[a] = 1.0;
             if comptime!(gated) {
                 if u < n_chunks {
@@ -149,7 +155,7 @@ fn discumsum_kernel(
         }
         #[unroll]
         for a in 0..ahead {
-            let u = gi * AHEAD + a as u32;
+            let u = slot(gi * AHEAD + a as u32, n_chunks, reverse);
             let row = base + u as usize * width as usize;
             if u < n_chunks {
                 #[unroll]
@@ -174,4 +180,18 @@ fn discumsum_kernel(
             last[(seq * width + x) as usize] = running[j];
         }
     }
+}
+
+/// The chunk visited at step `step`: `step` itself, or counted from the end when `reverse`
+/// (`n_chunks` or more past the last step, so the callers' `u < n_chunks` guards hold).
+#[cube]
+fn slot(step: u32, n_chunks: u32, #[comptime] reverse: bool) -> u32 {
+    let mut u = step;
+    if comptime!(reverse) {
+        u = n_chunks;
+        if step < n_chunks {
+            u = n_chunks - 1 - step;
+        }
+    }
+    u
 }

@@ -11,6 +11,9 @@
 //! - [`query_state`]: the query–state product `φ_Q(q̃)ᵀS_in` (tensor-core path);
 //! - [`chunk_output`]: intra-chunk attention + normalisation (+ the query–state product on the
 //!   FMA path); with no state it is the attention form (any even `p`);
+//! - [`chunk_state_grad`], [`chunk_grad`]: the backward pass (the queries' gradient of the
+//!   entering states, then the gradients of queries, keys, values and gates; the state
+//!   gradients are scanned backwards by [`discumsum`]);
 //! - [`decode`]: recurrent steps for a batch of sequences (one token, or a window of recent
 //!   tokens kept beside the state, read and absorbed separately).
 //!
@@ -23,9 +26,13 @@
 
 mod block_mma;
 pub mod chunk_gates;
+pub mod chunk_grad;
+mod chunk_grad_keys;
+mod chunk_grad_queries;
 pub mod chunk_output;
 mod chunk_output_mma;
 pub mod chunk_state;
+pub mod chunk_state_grad;
 mod chunk_state_mma;
 pub mod config;
 pub mod decode;
@@ -37,8 +44,8 @@ pub mod query_state;
 pub mod tile_load;
 
 pub use config::{
-    ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, QueryStateTiles, StateTiles, Strategy,
-    mma_supported, shared_memory_budget,
+    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, OutputTiles, QueryStateTiles, StateTiles,
+    Strategy, mma_supported, shared_memory_budget,
 };
 pub use cubecl;
 

@@ -233,6 +233,7 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
             width,
             n_chunks: N,
             chunk: C,
+            reverse: false,
         };
         let args = ScanArgs {
             chunks: chunks.arg(),
@@ -299,6 +300,7 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
             gates: with_state.then(|| gates.arg()),
             states: states_arg,
             out: out.arg(),
+            stats: None,
         };
         let output = if with_state {
             tiles.output

@@ -25,21 +25,26 @@ use crate::backend::{
     RetentionBackend, float, prim, reference_absorb, reference_attention, reference_chunked,
     reference_step, reference_window,
 };
+use crate::backward::{
+    ChunkedUpstream, RetentionGrads, RetentionInputs, reference_attention_backward,
+    reference_chunked_backward,
+};
+use crate::cube_backward::{attention_backward, chunked_backward};
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
 /// Whether the kernels take inputs of this dtype.
-fn kernel_dtype(dtype: DType) -> bool {
+pub(crate) fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
+pub(crate) fn arg<R: CubeRuntime>(t: CubeTensor<R>) -> ArrayArg<R> {
     t.into_array_arg()
 }
 
-fn buffer<R: CubeRuntime>(t: CubeTensor<R>) -> Buffer {
+pub(crate) fn buffer<R: CubeRuntime>(t: CubeTensor<R>) -> Buffer {
     let len = t.meta.num_elements();
     Buffer {
         handle: t.handle,
@@ -48,7 +53,11 @@ fn buffer<R: CubeRuntime>(t: CubeTensor<R>) -> Buffer {
 }
 
 /// A new contiguous tensor on `like`'s device.
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) -> CubeTensor<R> {
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: &[usize],
+    dtype: DType,
+) -> CubeTensor<R> {
     empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -57,13 +66,17 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize], dtype: DType) ->
     )
 }
 
-fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
+pub(crate) fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: &[usize]) -> CubeTensor<R> {
     empty(like, shape, DType::F32)
 }
 
 /// `log_g [b, t, h]` → cumulative log-gates inside chunks of `chunk`, `f32 [b, h, n·chunk]`,
 /// constant past `t` (padding neither adds nor decays): one kernel launch.
-fn chunk_gates<R, F, I, BT>(log_g: CubeTensor<R>, chunk: usize, n_chunks: usize) -> CubeTensor<R>
+pub(crate) fn chunk_gates<R, F, I, BT>(
+    log_g: CubeTensor<R>,
+    chunk: usize,
+    n_chunks: usize,
+) -> CubeTensor<R>
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -94,7 +107,7 @@ where
     out
 }
 
-fn to_f32_contiguous<R, F, I, BT, const N: usize>(t: CubeTensor<R>) -> CubeTensor<R>
+pub(crate) fn to_f32_contiguous<R, F, I, BT, const N: usize>(t: CubeTensor<R>) -> CubeTensor<R>
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -146,6 +159,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             gates: gates.map(arg),
             states: None,
             out: arg(out.clone()),
+            stats: None,
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
         unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
@@ -227,6 +241,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
                 width,
                 n_chunks: n,
                 chunk: c,
+                reverse: false,
             };
             let args = ScanArgs {
                 chunks: arg(chunks.clone()),
@@ -277,6 +292,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             gates: gates.map(arg),
             states: Some(state_part),
             out: arg(out.clone()),
+            stats: None,
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
         unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
@@ -365,6 +381,31 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         match decode::<R, F, I, BT>(tiles, None, window, state, key_sum, options) {
             (_, Some(state)) => state,
             _ => unreachable!("an absorption returns a state"),
+        }
+    }
+
+    fn retention_attention_backward(
+        inputs: RetentionInputs<Self>,
+        d_output: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        // the kernels apply unless the dtype or the head dims rule them out
+        match attention_backward::<R, F, I, BT>(inputs.clone(), d_output.clone(), options) {
+            Some(grads) => grads,
+            None => reference_attention_backward::<Self>(inputs, d_output, options),
+        }
+    }
+
+    fn retention_chunked_backward(
+        inputs: RetentionInputs<Self>,
+        chunk_size: usize,
+        upstream: ChunkedUpstream<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        match chunked_backward::<R, F, I, BT>(inputs.clone(), chunk_size, upstream.clone(), options)
+        {
+            Some(grads) => grads,
+            None => reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options),
         }
     }
 }
@@ -479,7 +520,7 @@ where
     (out, new_state)
 }
 
-fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
+pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
     let s = t.meta.shape();
     [s[0], s[1], s[2], s[3]]
 }

@@ -12,6 +12,7 @@ use burn_fusion::{
 
 use crate::RetentionOptions;
 use crate::backend::RetentionBackend;
+use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 use crate::feature_map::expanded_dim;
 use crate::reference::compute_dtype;
 
@@ -19,10 +20,22 @@ use crate::reference::compute_dtype;
 #[derive(Debug, Clone)]
 enum Form {
     Attention,
-    Chunked { chunk: usize, initial: bool },
+    Chunked {
+        chunk: usize,
+        initial: bool,
+    },
     Step,
     Window,
     Absorb,
+    /// The backward pass of the attention form (`chunk: None`) or of the chunked form; which
+    /// optional inputs and upstream gradients follow q, k, v (and the log-gates).
+    Backward {
+        chunk: Option<usize>,
+        initial: bool,
+        d_output: bool,
+        d_state: bool,
+        d_key_sum: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +72,55 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
         }
         let (q, k, v) = (next(), next(), next());
         let log_g = self.gated.then(&mut next);
+        if let Form::Backward {
+            chunk,
+            initial,
+            d_output,
+            d_state,
+            d_key_sum,
+        } = self.form
+        {
+            let inputs = RetentionInputs {
+                q,
+                k,
+                v,
+                log_g,
+                initial: initial.then(|| (next(), next())),
+            };
+            let upstream = ChunkedUpstream {
+                output: d_output.then(&mut next),
+                state: d_state.then(&mut next),
+                key_sum: d_key_sum.then(&mut next),
+            };
+            let grads = match (chunk, upstream) {
+                (Some(chunk), upstream) => {
+                    B::retention_chunked_backward(inputs, chunk, upstream, &self.options)
+                }
+                (
+                    None,
+                    ChunkedUpstream {
+                        output: Some(d_out),
+                        ..
+                    },
+                ) => B::retention_attention_backward(inputs, d_out, &self.options),
+                (None, _) => unreachable!("the attention form's backward has an output gradient"),
+            };
+            let RetentionGrads {
+                q,
+                k,
+                v,
+                log_g,
+                initial,
+            } = grads;
+            let (s0, z0) = initial.unzip();
+            let outputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+                .into_iter()
+                .flatten();
+            for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
+                handles.register_float_tensor::<B>(&ir.id, tensor);
+            }
+            return;
+        }
         let outputs: Vec<FloatTensor<B>> = match self.form {
             Form::Attention => vec![B::retention_attention(q, k, v, log_g, &self.options)],
             Form::Chunked { chunk, initial } => {
@@ -75,7 +137,7 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 let (s, z) = (next(), next());
                 vec![B::retention_window(q, k, v, log_g, s, z, &self.options)]
             }
-            Form::Absorb => unreachable!("handled above"),
+            Form::Absorb | Form::Backward { .. } => unreachable!("handled above"),
         };
         for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
             handles.register_float_tensor::<B>(&ir.id, tensor);
@@ -286,6 +348,92 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
             options,
         );
         two(outs)
+    }
+
+    fn retention_attention_backward(
+        inputs: RetentionInputs<Self>,
+        d_output: FloatTensor<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        let upstream = ChunkedUpstream {
+            output: Some(d_output),
+            state: None,
+            key_sum: None,
+        };
+        backward::<B>(inputs, None, upstream, options)
+    }
+
+    fn retention_chunked_backward(
+        inputs: RetentionInputs<Self>,
+        chunk_size: usize,
+        upstream: ChunkedUpstream<Self>,
+        options: &RetentionOptions,
+    ) -> RetentionGrads<Self> {
+        backward::<B>(inputs, Some(chunk_size), upstream, options)
+    }
+}
+
+/// Registers a backward pass: inputs q, k, v, log-gates, initial state, then the upstream
+/// gradients present; outputs the gradients of the inputs present, in their shapes and dtypes.
+fn backward<B: FusionBackend + RetentionBackend>(
+    inputs: RetentionInputs<Fusion<B>>,
+    chunk: Option<usize>,
+    upstream: ChunkedUpstream<Fusion<B>>,
+    options: &RetentionOptions,
+) -> RetentionGrads<Fusion<B>> {
+    let RetentionInputs {
+        q,
+        k,
+        v,
+        log_g,
+        initial,
+    } = inputs;
+    let form = Form::Backward {
+        chunk,
+        initial: initial.is_some(),
+        d_output: upstream.output.is_some(),
+        d_state: upstream.state.is_some(),
+        d_key_sum: upstream.key_sum.is_some(),
+    };
+    let gated = log_g.is_some();
+    let has_initial = initial.is_some();
+    let (s0, z0) = initial.unzip();
+    let grads: Vec<_> = [
+        Some(&q),
+        Some(&k),
+        Some(&v),
+        log_g.as_ref(),
+        s0.as_ref(),
+        z0.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|t| (t.shape.clone(), t.dtype))
+    .collect();
+    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+        .into_iter()
+        .chain([upstream.output, upstream.state, upstream.key_sum])
+        .flatten()
+        .collect();
+    let mut outs = register::<B>(
+        "power_retention_backward",
+        form,
+        inputs,
+        gated,
+        grads,
+        options,
+    )
+    .into_iter();
+    let mut next = || outs.next().expect("one gradient per input");
+    let (dq, dk, dv) = (next(), next(), next());
+    let log_g = gated.then(&mut next);
+    let initial = has_initial.then(|| (next(), next()));
+    RetentionGrads {
+        q: dq,
+        k: dk,
+        v: dv,
+        log_g,
+        initial,
     }
 }
 

@@ -23,6 +23,8 @@ mod backend;
 mod backward;
 #[cfg(feature = "cube")]
 mod cube_backend;
+#[cfg(feature = "cube")]
+mod cube_backward;
 mod decode_state;
 mod error;
 mod feature_map;

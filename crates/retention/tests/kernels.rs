@@ -141,11 +141,7 @@ mod cuda {
         suite::<Autodiff<burn::backend::Cuda>>("cuda (autodiff)", DTYPES, ROUTING_CASES);
     }
 
-    // Open: f32 matmuls on CUDA may run as TF32, and the reference backward is made of them:
-    // `selftest --backend cuda --grad` passed bf16 but failed f32 (8e-3 on the attention form),
-    // measured before the gate gradients became per-position sums. Run with `--ignored`.
     #[test]
-    #[ignore = "reference backward in f32 on CUDA: TF32 matmuls (open)"]
     fn gradients_match_oracle() {
         grad_suite::<burn::backend::Cuda>("cuda (fusion)", GRAD_CASES);
     }

@@ -1,0 +1,557 @@
+//! The backward pass of the attention and chunked forms on the CubeCL kernels: the forward
+//! pass is recomputed (chunk states, then each row's output and normaliser `L_i`), the rows'
+//! gradients `dN = dy / L`, `dL = −(dy·y) / L` formed in tensor ops, then
+//! 1. the gradient the queries send to each chunk's entering state
+//!    ([`chunk_state_grad`](retention_kernels::chunk_state_grad)),
+//! 2. the reverse scan of state gradients (the initial state's gradient falls out at its end),
+//! 3. the query-side and key-side kernels ([`chunk_grad`](retention_kernels::chunk_grad)),
+//! 4. gate gradients: per position on the cumulative gates, summed backwards.
+//!
+//! Nothing but the inputs is kept between the passes; the chunk states exist only during the
+//! backward call (`O(t/c · D · e)`, as in the forward call).
+
+use burn::tensor::{DType, Tensor};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
+    tensor::CubeTensor,
+};
+use retention_kernels::{
+    ChunkedTiles, GradTiles, OutputTiles, Strategy,
+    chunk_grad::{
+        GradDims, GradInputs, KeyGradArgs, QueryGradArgs, launch_key_grads, launch_query_grads,
+    },
+    chunk_output::{OutputArgs, OutputDims, launch_output},
+    chunk_state::{StateArgs, StateDims, launch_chunk_state},
+    chunk_state_grad::{StateGradArgs, StateGradDims, launch_chunk_state_grad},
+    discumsum::{ScanArgs, ScanDims, launch_discumsum},
+};
+
+use crate::RetentionOptions;
+use crate::backend::{float, prim};
+use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
+use crate::cube_backend::{
+    arg, buffer, chunk_gates, dims4, empty, empty_f32, kernel_dtype, to_f32_contiguous as to_f32,
+};
+use crate::feature_map::expanded_dim;
+use crate::reference::ToDtype;
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// The sizes of a backward call.
+#[derive(Clone, Copy)]
+struct Sizes {
+    b: usize,
+    t: usize,
+    hq: usize,
+    h: usize,
+    d: usize,
+    e: usize,
+    c: usize,
+    n: usize,
+    big_d: usize,
+}
+
+/// Gradients of the attention form on the kernels, or `None` where they do not apply (the
+/// caller runs the reference).
+pub(crate) fn attention_backward<R, F, I, BT>(
+    inputs: RetentionInputs<Cube<R, F, I, BT>>,
+    d_output: CubeTensor<R>,
+    options: &RetentionOptions,
+) -> Option<RetentionGrads<Cube<R, F, I, BT>>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [b, t, hq, d] = dims4(&inputs.q);
+    let [_, _, h, e] = dims4(&inputs.v);
+    let dtype = inputs.q.dtype;
+    let client = inputs.q.client.clone();
+    if !kernel_dtype(dtype) {
+        return None;
+    }
+    let out_tiles = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?;
+    let grad_tiles = GradTiles::plan(&client, d, e, options.degree)?;
+    let sizes = Sizes {
+        b,
+        t,
+        hq,
+        h,
+        d,
+        e,
+        c: t,
+        n: 1,
+        big_d: 0,
+    };
+    let types = Dtypes::of(&inputs);
+    let (q, k, v) = (
+        into_contiguous(inputs.q),
+        into_contiguous(inputs.k),
+        into_contiguous(inputs.v),
+    );
+    let gates = inputs.log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
+    let dims = output_dims(sizes, options);
+    let out = empty(&q, &[b, t, hq, e], dtype);
+    let stats = empty_f32(&q, &[b, t, hq]);
+    let args = OutputArgs {
+        q: arg(q.clone()),
+        k: arg(k.clone()),
+        v: arg(v.clone()),
+        gates: gates.clone().map(arg),
+        states: None,
+        out: arg(out.clone()),
+        stats: Some(arg(stats.clone())),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
+    let (d_num, d_den) = row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes);
+    let grads = row_kernels(
+        sizes,
+        options,
+        grad_tiles,
+        (q, k, v),
+        gates,
+        (d_num, d_den),
+        None,
+        None,
+    );
+    Some(finish::<R, F, I, BT>(sizes, grads, None, None, types))
+}
+
+/// Gradients of the chunked form on the kernels (degree 2), or `None` where they do not apply.
+pub(crate) fn chunked_backward<R, F, I, BT>(
+    inputs: RetentionInputs<Cube<R, F, I, BT>>,
+    chunk: usize,
+    upstream: ChunkedUpstream<Cube<R, F, I, BT>>,
+    options: &RetentionOptions,
+) -> Option<RetentionGrads<Cube<R, F, I, BT>>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [b, t, hq, d] = dims4(&inputs.q);
+    let [_, _, h, e] = dims4(&inputs.v);
+    let dtype = inputs.q.dtype;
+    let client = inputs.q.client.clone();
+    let initial_ok = inputs
+        .initial
+        .as_ref()
+        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
+    if options.degree != 2 || !kernel_dtype(dtype) || !initial_ok {
+        return None;
+    }
+    // the recomputed forward keeps its entering states in f32 (the FMA output kernel reads them)
+    let tiles = ChunkedTiles::plan(&client, dtype.into(), Strategy::Fma, d, e)?;
+    let grad_tiles = GradTiles::plan(&client, d, e, 2)?;
+    let n = t.div_ceil(chunk);
+    let big_d = expanded_dim(d, 2);
+    let sizes = Sizes {
+        b,
+        t,
+        hq,
+        h,
+        d,
+        e,
+        c: chunk,
+        n,
+        big_d,
+    };
+    let types = Dtypes::of(&inputs);
+    let (q, k, v) = (
+        into_contiguous(inputs.q),
+        into_contiguous(inputs.k),
+        into_contiguous(inputs.v),
+    );
+    let gates = inputs
+        .log_g
+        .map(|g| chunk_gates::<R, F, I, BT>(g, chunk, n));
+
+    // 1. the forward pass again: states entering each chunk (in place), final state, rows
+    let states = empty_f32(&q, &[b, h, n, big_d, e]);
+    let sums = empty_f32(&q, &[b, h, n, big_d]);
+    let state_dims = StateDims {
+        batch: b,
+        seq: t,
+        kv_heads: h,
+        chunk,
+        n_chunks: n,
+        expanded_dim: big_d,
+    };
+    let state_args = StateArgs {
+        k: arg(k.clone()),
+        v: arg(v.clone()),
+        gates: gates.clone().map(arg),
+        states: arg(states.clone()),
+        sums: arg(sums.clone()),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_chunk_state(&client, dtype.into(), state_dims, tiles.state, state_args) };
+    let final_state = empty_f32(&q, &[b, h, big_d, e]);
+    let final_sum = empty_f32(&q, &[b, h, big_d]);
+    let initial = inputs
+        .initial
+        .map(|(s, z)| (to_f32::<R, F, I, BT, 4>(s), to_f32::<R, F, I, BT, 3>(z)));
+    let (s0, z0) = initial.unzip();
+    scan(
+        &client,
+        sizes,
+        &gates,
+        [
+            (&states, s0, &final_state, big_d * e),
+            (&sums, z0, &final_sum, big_d),
+        ],
+        false,
+    );
+    let out = empty(&q, &[b, t, hq, e], dtype);
+    let stats = empty_f32(&q, &[b, t, hq]);
+    let args = OutputArgs {
+        q: arg(q.clone()),
+        k: arg(k.clone()),
+        v: arg(v.clone()),
+        gates: gates.clone().map(arg),
+        states: Some((arg(states.clone()), arg(sums.clone()))),
+        out: arg(out.clone()),
+        stats: Some(arg(stats.clone())),
+    };
+    // SAFETY: as above; the FMA output kernel reads the f32 entering states.
+    unsafe {
+        launch_output(
+            &client,
+            dtype.into(),
+            output_dims(sizes, options),
+            tiles.output,
+            args,
+        )
+    };
+    let (d_num, d_den) = row_grads::<R, F, I, BT>(upstream.output, out, stats, sizes);
+
+    // 2. what the queries send to the entering states, scanned backwards from the final
+    //    state's gradient: slot u then holds the gradient of ΔS_u, the end that of S_0
+    let lambda = empty_f32(&q, &[b, h, n, big_d, e]);
+    let lambda_z = empty_f32(&q, &[b, h, n, big_d]);
+    let grad_dims = StateGradDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: h,
+        chunk,
+        n_chunks: n,
+        expanded_dim: big_d,
+        scale: options.scale_for(d) as f32,
+    };
+    let grad_args = StateGradArgs {
+        q: arg(q.clone()),
+        d_num: arg(d_num.clone()),
+        d_den: arg(d_den.clone()),
+        gates: gates.clone().map(arg),
+        states: arg(lambda.clone()),
+        sums: arg(lambda_z.clone()),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+    unsafe { launch_chunk_state_grad(&client, dtype.into(), grad_dims, tiles.state, grad_args) };
+    let d_final_s = upstream.state.map(to_f32::<R, F, I, BT, 4>);
+    let d_final_z = upstream.key_sum.map(to_f32::<R, F, I, BT, 3>);
+    let final_term =
+        final_gate_term::<R, F, I, BT>((&d_final_s, &d_final_z), (&final_state, &final_sum), sizes);
+    let d_s0 = empty_f32(&q, &[b, h, big_d, e]);
+    let d_z0 = empty_f32(&q, &[b, h, big_d]);
+    scan(
+        &client,
+        sizes,
+        &gates,
+        [
+            (&lambda, d_final_s, &d_s0, big_d * e),
+            (&lambda_z, d_final_z, &d_z0, big_d),
+        ],
+        true,
+    );
+
+    // 3. rows
+    let grads = row_kernels(
+        sizes,
+        options,
+        grad_tiles,
+        (q, k, v),
+        gates,
+        (d_num, d_den),
+        Some((states, sums)),
+        Some((lambda, lambda_z)),
+    );
+    let d_initial = types.initial.map(|_| (d_s0, d_z0));
+    Some(finish::<R, F, I, BT>(
+        sizes, grads, final_term, d_initial, types,
+    ))
+}
+
+/// The dtypes the gradients take: those of the inputs.
+#[derive(Clone, Copy)]
+struct Dtypes {
+    q: DType,
+    k: DType,
+    v: DType,
+    log_g: Option<DType>,
+    initial: Option<(DType, DType)>,
+}
+
+impl Dtypes {
+    fn of<R, F, I, BT>(inputs: &RetentionInputs<Cube<R, F, I, BT>>) -> Self
+    where
+        R: CubeRuntime,
+        F: FloatElement,
+        I: IntElement,
+        BT: BoolElement,
+    {
+        Self {
+            q: inputs.q.dtype,
+            k: inputs.k.dtype,
+            v: inputs.v.dtype,
+            log_g: inputs.log_g.as_ref().map(|g| g.dtype),
+            initial: inputs.initial.as_ref().map(|(s, z)| (s.dtype, z.dtype)),
+        }
+    }
+}
+
+fn output_dims(s: Sizes, options: &RetentionOptions) -> OutputDims {
+    OutputDims {
+        batch: s.b,
+        seq: s.t,
+        q_heads: s.hq,
+        kv_heads: s.h,
+        chunk: s.c,
+        n_chunks: s.n,
+        expanded_dim: s.big_d,
+        scale: options.scale_for(s.d) as f32,
+    }
+}
+
+/// One scan: chunk slots (in place), initial state, where the end state goes, width.
+type ScanPart<'a, R> = (
+    &'a CubeTensor<R>,
+    Option<CubeTensor<R>>,
+    &'a CubeTensor<R>,
+    usize,
+);
+
+/// One scan launch per part; `reverse` walks from the last chunk.
+fn scan<R: CubeRuntime>(
+    client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
+    s: Sizes,
+    gates: &Option<CubeTensor<R>>,
+    parts: [ScanPart<'_, R>; 2],
+    reverse: bool,
+) {
+    for (chunks, init, last, width) in parts {
+        let dims = ScanDims {
+            sequences: s.b * s.h,
+            width,
+            n_chunks: s.n,
+            chunk: s.c,
+            reverse,
+        };
+        let args = ScanArgs {
+            chunks: arg(chunks.clone()),
+            half: None,
+            half_scale: 1.0,
+            initial: init.map(arg),
+            gates: gates.clone().map(arg),
+            last: arg(last.clone()),
+        };
+        // SAFETY: buffers are contiguous f32 with the documented shapes.
+        unsafe { launch_discumsum(client, dims, args) };
+    }
+}
+
+/// `dN = dy / L`, `dL = −(dy·y) / L` (`f32 [b, t, hq, e]`, `f32 [b, t, hq]`), zero where
+/// `L ≤ 0` (the forward pass wrote a zero row there) or no output gradient arrived.
+fn row_grads<R, F, I, BT>(
+    d_output: Option<CubeTensor<R>>,
+    out: CubeTensor<R>,
+    stats: CubeTensor<R>,
+    s: Sizes,
+) -> (CubeTensor<R>, CubeTensor<R>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let Some(dy) = d_output else {
+        let zeros = |shape: Vec<usize>| {
+            into_contiguous(prim(Tensor::<Cube<R, F, I, BT>, 1>::zeros(
+                [shape.iter().product::<usize>()],
+                (&out.device, DType::F32),
+            )))
+        };
+        return (
+            zeros(vec![s.b, s.t, s.hq, s.e]),
+            zeros(vec![s.b, s.t, s.hq]),
+        );
+    };
+    let dy = float::<Cube<R, F, I, BT>, 4>(dy).to_dtype(DType::F32);
+    let y = float::<Cube<R, F, I, BT>, 4>(out).to_dtype(DType::F32);
+    let l = float::<Cube<R, F, I, BT>, 3>(stats);
+    let live = l.clone().greater_elem(0.0);
+    let inv = l
+        .recip()
+        .mask_fill(live.bool_not(), 0.0)
+        .unsqueeze_dim::<4>(3);
+    let d_den = (dy.clone() * y).sum_dim(3).neg() * inv.clone();
+    let d_num = dy * inv;
+    (
+        into_contiguous(prim(d_num)),
+        into_contiguous(prim(d_den.reshape([s.b, s.t, s.hq]))),
+    )
+}
+
+/// The final state's gate term `⟨dS_T, S_T⟩ + ⟨dz_T, z_T⟩` per `(b, h)`, if either gradient
+/// arrived.
+fn final_gate_term<R, F, I, BT>(
+    d_final: (&Option<CubeTensor<R>>, &Option<CubeTensor<R>>),
+    last: (&CubeTensor<R>, &CubeTensor<R>),
+    s: Sizes,
+) -> Option<Tensor<Cube<R, F, I, BT>, 2>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let ds = d_final.0.as_ref().map(|ds| {
+        (float::<Cube<R, F, I, BT>, 4>(ds.clone()) * float::<Cube<R, F, I, BT>, 4>(last.0.clone()))
+            .reshape([s.b, s.h, s.big_d * s.e])
+            .sum_dim(2)
+            .reshape([s.b, s.h])
+    });
+    let dz = d_final.1.as_ref().map(|dz| {
+        (float::<Cube<R, F, I, BT>, 3>(dz.clone()) * float::<Cube<R, F, I, BT>, 3>(last.1.clone()))
+            .sum_dim(2)
+            .reshape([s.b, s.h])
+    });
+    match (ds, dz) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The kernels' raw outputs: `∂q`, `∂k`, `∂v` in f32, the query and key sides of `∂G`.
+struct RowGrads<R: CubeRuntime> {
+    dq: CubeTensor<R>,
+    dk: CubeTensor<R>,
+    dv: CubeTensor<R>,
+    dg_q: CubeTensor<R>,
+    dg_k: CubeTensor<R>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row_kernels<R: CubeRuntime>(
+    s: Sizes,
+    options: &RetentionOptions,
+    tiles: GradTiles,
+    (q, k, v): (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
+    gates: Option<CubeTensor<R>>,
+    (d_num, d_den): (CubeTensor<R>, CubeTensor<R>),
+    states: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    lambda: Option<(CubeTensor<R>, CubeTensor<R>)>,
+) -> RowGrads<R> {
+    let client = q.client.clone();
+    let dtype = q.dtype;
+    let dims = GradDims {
+        batch: s.b,
+        seq: s.t,
+        q_heads: s.hq,
+        kv_heads: s.h,
+        chunk: s.c,
+        n_chunks: s.n,
+        expanded_dim: s.big_d,
+        scale: options.scale_for(s.d) as f32,
+    };
+    let inputs = || GradInputs {
+        q: buffer(q.clone()),
+        k: buffer(k.clone()),
+        v: buffer(v.clone()),
+        gates: gates.clone().map(buffer),
+        d_num: buffer(d_num.clone()),
+        d_den: buffer(d_den.clone()),
+    };
+    let dq = empty_f32(&q, &[s.b, s.t, s.hq, s.d]);
+    let dg_q = empty_f32(&q, &[s.b, s.t, s.hq]);
+    let args = QueryGradArgs {
+        inputs: inputs(),
+        states: states.map(|(st, z)| (buffer(st), buffer(z))),
+        dq: buffer(dq.clone()),
+        dg: buffer(dg_q.clone()),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+    unsafe { launch_query_grads(&client, dtype.into(), dims, tiles, args) };
+    let dk = empty_f32(&q, &[s.b, s.t, s.h, s.d]);
+    let dv = empty_f32(&q, &[s.b, s.t, s.h, s.e]);
+    let dg_k = empty_f32(&q, &[s.b, s.t, s.h]);
+    let args = KeyGradArgs {
+        inputs: inputs(),
+        lambda: lambda.map(|(l, z)| (buffer(l), buffer(z))),
+        dk: buffer(dk.clone()),
+        dv: buffer(dv.clone()),
+        dg: buffer(dg_k.clone()),
+    };
+    // SAFETY: as above.
+    unsafe { launch_key_grads(&client, dtype.into(), dims, tiles, args) };
+    RowGrads {
+        dq,
+        dk,
+        dv,
+        dg_q,
+        dg_k,
+    }
+}
+
+/// Casts the gradients to the inputs' dtypes and turns the per-position gate terms into
+/// `∂log_g`: `∂G = Σ_heads(query side) − key side (+ the final state's term at the last
+/// position)`, then `∂log_g_t = Σ_{i ≥ t} ∂G_i`.
+fn finish<R, F, I, BT>(
+    s: Sizes,
+    g: RowGrads<R>,
+    final_term: Option<Tensor<Cube<R, F, I, BT>, 2>>,
+    initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    types: Dtypes,
+) -> RetentionGrads<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type T<R, F, I, BT, const N: usize> = Tensor<Cube<R, F, I, BT>, N>;
+    let log_g = types.log_g.map(|gate_dtype| {
+        let r = s.hq / s.h;
+        let dg_q: T<R, F, I, BT, 3> = float(g.dg_q);
+        let dg_k: T<R, F, I, BT, 3> = float(g.dg_k);
+        let mut dg = dg_q
+            .reshape([s.b, s.t, s.h, r])
+            .sum_dim(3)
+            .reshape([s.b, s.t, s.h])
+            - dg_k;
+        if let Some(term) = final_term {
+            let last = dg.clone().narrow(1, s.t - 1, 1) + term.reshape([s.b, 1, s.h]);
+            dg = dg.slice_assign([0..s.b, s.t - 1..s.t, 0..s.h], last);
+        }
+        // flipped, not `total − prefix`: no cancellation when the terms are large
+        prim(dg.flip([1]).cumsum(1).flip([1]).to_dtype(gate_dtype))
+    });
+    let cast =
+        |x: CubeTensor<R>, dtype: DType| prim(float::<Cube<R, F, I, BT>, 4>(x).to_dtype(dtype));
+    RetentionGrads {
+        q: cast(g.dq, types.q),
+        k: cast(g.dk, types.k),
+        v: cast(g.dv, types.v),
+        log_g,
+        initial: initial.zip(types.initial).map(|((ds0, dz0), (st, zt))| {
+            (
+                cast(ds0, st),
+                prim(float::<Cube<R, F, I, BT>, 3>(dz0).to_dtype(zt)),
+            )
+        }),
+    }
+}
