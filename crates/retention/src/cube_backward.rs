@@ -66,11 +66,13 @@ where
 {
     let [b, t, hq, d] = dims4(&inputs.q);
     let [_, _, h, e] = dims4(&inputs.v);
-    let dtype = inputs.q.dtype;
     let client = inputs.q.client.clone();
-    if !kernel_dtype(dtype) {
+    if !kernel_dtype(inputs.q.dtype) {
         return None;
     }
+    // the pass runs in f32 whatever the inputs: the recomputed rows `y` enter `dy·y`, where
+    // half-precision rounding of `y` cancels against `dy·v` (bf16 gate gradients were off by 0.5)
+    let dtype = DType::F32;
     let out_tiles = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?;
     let grad_tiles = GradTiles::plan(&client, d, e, options.degree)?;
     let sizes = Sizes {
@@ -86,9 +88,9 @@ where
     };
     let types = Dtypes::of(&inputs);
     let (q, k, v) = (
-        into_contiguous(inputs.q),
-        into_contiguous(inputs.k),
-        into_contiguous(inputs.v),
+        to_f32::<R, F, I, BT, 4>(inputs.q),
+        to_f32::<R, F, I, BT, 4>(inputs.k),
+        to_f32::<R, F, I, BT, 4>(inputs.v),
     );
     let gates = inputs.log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
     let dims = output_dims(sizes, options);
@@ -134,15 +136,16 @@ where
 {
     let [b, t, hq, d] = dims4(&inputs.q);
     let [_, _, h, e] = dims4(&inputs.v);
-    let dtype = inputs.q.dtype;
     let client = inputs.q.client.clone();
     let initial_ok = inputs
         .initial
         .as_ref()
         .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
-    if options.degree != 2 || !kernel_dtype(dtype) || !initial_ok {
+    if options.degree != 2 || !kernel_dtype(inputs.q.dtype) || !initial_ok {
         return None;
     }
+    // in f32, as the attention form's backward
+    let dtype = DType::F32;
     // the recomputed forward keeps its entering states in f32 (the FMA output kernel reads them)
     let tiles = ChunkedTiles::plan(&client, dtype.into(), Strategy::Fma, d, e)?;
     let grad_tiles = GradTiles::plan(&client, d, e, 2)?;
@@ -161,9 +164,9 @@ where
     };
     let types = Dtypes::of(&inputs);
     let (q, k, v) = (
-        into_contiguous(inputs.q),
-        into_contiguous(inputs.k),
-        into_contiguous(inputs.v),
+        to_f32::<R, F, I, BT, 4>(inputs.q),
+        to_f32::<R, F, I, BT, 4>(inputs.k),
+        to_f32::<R, F, I, BT, 4>(inputs.v),
     );
     let gates = inputs
         .log_g
