@@ -47,6 +47,8 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
     let per_e =
         comptime!((cfg.value_dim as usize).div_ceil((cfg.threads / cfg.block_rows) as usize));
     let ds = comptime!(cfg.head_dim as usize + 1);
+    // rows of the other side's second tile are read lane-strided: pad them off one bank
+    let es = comptime!(cfg.value_dim as usize + 1);
     let beta = comptime!(pair_block(cfg.head_dim));
 
     let ratio = q_heads / kv_heads;
@@ -67,7 +69,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
     let mut dxs = SharedMemory::<f32>::new(br * d);
     // the other side: σq and dN of a query block, or a block of the state gradient
     let mut so = SharedMemory::<f32>::new(bn * ds);
-    let mut st = SharedMemory::<f32>::new(bn * e);
+    let mut st = SharedMemory::<f32>::new(bn * es);
     let mut go = SharedMemory::<f32>::new(bn);
     let mut lo = SharedMemory::<f32>::new(bn);
     let mut fa = SharedMemory::<u32>::new(bn);
@@ -143,7 +145,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                 if f < big_d as usize {
                     val = lambda[(block + f) * e + idx % e];
                 }
-                st[idx] = val;
+                st[(idx / e) * es + idx % e] = val;
                 idx += threads;
             }
             sync_cube();
@@ -157,7 +159,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                     let b = fb[fl] as usize;
                     let mut dot = go[fl];
                     for c in 0..e {
-                        dot += st[fl * e + c] * sn[row * e + c];
+                        dot += st[fl * es + c] * sn[row * e + c];
                     }
                     let g = pair_weight(fa[fl], fb[fl], beta) * decay * dot;
                     gsum += g * sx[row * ds + a] * sx[row * ds + b];
@@ -174,7 +176,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                 for c in 0..per_e {
                     let col = lane + c * lanes;
                     if col < e {
-                        acc_v[c] += phi * st[fl * e + col];
+                        acc_v[c] += phi * st[fl * es + col];
                     }
                 }
             }
@@ -222,7 +224,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                     1.0,
                     bn,
                     e,
-                    e,
+                    es,
                     threads,
                 );
                 if comptime!(cfg.gated) {
@@ -266,7 +268,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                             }
                             let mut dw = lo[i];
                             for c in 0..e {
-                                dw += st[i * e + c] * sn[row * e + c];
+                                dw += st[i * es + c] * sn[row * e + c];
                             }
                             wv = w * dec;
                             gsum += wv * dw;
@@ -284,7 +286,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                     for c in 0..per_e {
                         let col = lane + c * lanes;
                         if col < e {
-                            acc_v[c] += wv * st[i * e + col];
+                            acc_v[c] += wv * st[i * es + col];
                         }
                     }
                     #[unroll]

@@ -7,7 +7,7 @@ use cubecl::prelude::*;
 use crate::chunk_grad::{power_and_slope, scatter_pair_grads};
 use crate::config::GradTiles;
 use crate::feature_pairs::pair_block;
-use crate::tile_load::{load_feature_pairs, load_gates, load_key_value_rows, load_token_rows};
+use crate::tile_load::{load_feature_pairs, load_gates, load_token_rows};
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -43,6 +43,8 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
     let per_d =
         comptime!((cfg.head_dim as usize).div_ceil((cfg.threads / cfg.block_rows) as usize));
     let ds = comptime!(cfg.head_dim as usize + 1);
+    // rows of the other side's second tile are read lane-strided: pad them off one bank
+    let es = comptime!(cfg.value_dim as usize + 1);
 
     let ratio = q_heads / kv_heads;
     let blocks = (chunk + cfg.block_rows - 1) / cfg.block_rows;
@@ -65,7 +67,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
     let mut dxs = SharedMemory::<f32>::new(br * d);
     // the other side: keys and values, or a block of state features
     let mut so = SharedMemory::<f32>::new(bn * ds);
-    let mut st = SharedMemory::<f32>::new(bn * e);
+    let mut st = SharedMemory::<f32>::new(bn * es);
     let mut go = SharedMemory::<f32>::new(bn);
     let mut fa = SharedMemory::<u32>::new(bn);
     let mut fb = SharedMemory::<u32>::new(bn);
@@ -165,7 +167,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
                 if f < big_d as usize {
                     val = states[(block + f) * e + idx % e];
                 }
-                st[idx] = val;
+                st[(idx / e) * es + idx % e] = val;
                 idx += threads;
             }
             sync_cube();
@@ -177,7 +179,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
                 if fl < bn {
                     let mut dot = go[fl] * lr[row];
                     for c in 0..e {
-                        dot += st[fl * e + c] * sn[row * e + c];
+                        dot += st[fl * es + c] * sn[row * e + c];
                     }
                     let g = decay * dot;
                     gsum += g * sx[row * ds + fa[fl] as usize] * sx[row * ds + fb[fl] as usize];
@@ -200,10 +202,24 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
         for kb in 0..k_blocks {
             let k0 = kb * cfg.block_inner;
             sync_cube();
-            load_key_value_rows::<F, f32>(
+            load_token_rows::<F, f32>(
                 k,
-                v,
                 &mut so,
+                chunk_start,
+                k0,
+                chunk,
+                seq,
+                bi,
+                kv_heads,
+                kvh,
+                1.0,
+                bn,
+                d,
+                ds,
+                threads,
+            );
+            load_token_rows::<F, f32>(
+                v,
                 &mut st,
                 chunk_start,
                 k0,
@@ -212,10 +228,10 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
                 bi,
                 kv_heads,
                 kvh,
+                1.0,
                 bn,
-                d,
-                ds,
                 e,
+                es,
                 threads,
             );
             if comptime!(cfg.gated) {
@@ -248,7 +264,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
                         }
                         let mut dw = lr[row];
                         for c in 0..e {
-                            dw += sn[row * e + c] * st[j * e + c];
+                            dw += sn[row * e + c] * st[j * es + c];
                         }
                         gsum += w * dec * dw;
                         val = dw * slope * dec;

@@ -277,7 +277,7 @@ impl GradTiles {
     /// Shared memory of one cube, in bytes.
     pub fn shared_bytes(rows: usize, inner: usize, d: usize, e: usize, threads: usize) -> usize {
         let own = rows * (d + 1) + rows * e + rows * d + 3 * rows;
-        let other = inner * (d + 1) + inner * e + 5 * inner;
+        let other = inner * (d + 1) + inner * (e + 1) + 5 * inner;
         4 * (own + other + 2 * rows * inner + threads)
     }
 }
