@@ -150,7 +150,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
             }
             sync_cube();
             // ∂φ_K(k_j)_f = w_f e^{A_u − G_j}(Λ_f·v_j + Λz_f); the gate share is Σ_f g_f k_a k_b
-            // a counted loop: a mutable copy of `lane` would be merged with it
+            // the row's units split the block: unit `lane` takes `lane`, `lane + lanes`, …
             #[unroll]
             for m in 0..comptime!(bn.div_ceil(lanes)) {
                 let fl = lane + m * lanes;
@@ -248,7 +248,7 @@ pub(crate) fn chunk_grad_keys_kernel<F: Float>(
                     lo[UNIT_POS as usize] = dl;
                 }
                 sync_cube();
-                // a counted loop: a mutable copy of `lane` would be merged with it
+                // the row's units split the block: unit `lane` takes `lane`, `lane + lanes`, …
                 #[unroll]
                 for m in 0..comptime!(bn.div_ceil(lanes)) {
                     let i = lane + m * lanes;

@@ -172,7 +172,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
             }
             sync_cube();
             // ∂φ_Q(σq_i)_f = e^{G_i}(S_f·dN_i + z_f dL_i); its gate share is Σ_f g_f φ_f
-            // a counted loop: a mutable copy of `lane` would be merged with it
+            // the row's units split the block: unit `lane` takes `lane`, `lane + lanes`, …
             #[unroll]
             for m in 0..comptime!(bn.div_ceil(lanes)) {
                 let fl = lane + m * lanes;
@@ -246,7 +246,7 @@ pub(crate) fn chunk_grad_queries_kernel<F: Float>(
                 );
             }
             sync_cube();
-            // a counted loop: a mutable copy of `lane` would be merged with it
+            // the row's units split the block: unit `lane` takes `lane`, `lane + lanes`, …
             #[unroll]
             for m in 0..comptime!(bn.div_ceil(lanes)) {
                 let j = lane + m * lanes;
