@@ -48,6 +48,117 @@ fn adapter<B: Backend>(name: &str) -> Option<B::Device> {
     }
 }
 
+/// Gradients through an initial state and out of the final state, which the randomized suite
+/// does not exercise (its loss reads the output only): the backend's backward pass against the
+/// f64 reference backward on ndarray, for `Σ y·w_y + Σ S_T·w_S + Σ z_T·w_z`.
+fn state_gradients<B: RetentionBackend>(name: &str) {
+    use burn::backend::{Autodiff, NdArray};
+    use retention::validation::{Gates, Problem};
+    use retention::{RetentionOptions, power_retention_with_state};
+    let Some(dev) = adapter::<B>(name) else {
+        return;
+    };
+    let opts = RetentionOptions::new().with_chunk_size(Some(16));
+    // the initial state a model would carry: a prefill's
+    let cpu = Default::default();
+    let prefix = Problem::random(12, 2, 20, 4, 2, 32, 24, Gates::Typical);
+    let (q, k, v, g) = prefix.tensors::<NdArray<f64>>(&cpu, DType::F64);
+    let (_, s0) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
+    let s0 = (s0.state.into_data(), s0.key_sum.into_data());
+    let p = Problem::random(11, 2, 37, 4, 2, 32, 24, Gates::Typical).rounded(DType::F32);
+    let ours = state_loss_grads::<Autodiff<B>>(&p, &s0, &dev, DType::F32, &opts);
+    let oracle = state_loss_grads::<Autodiff<NdArray<f64>>>(&p, &s0, &cpu, DType::F64, &opts);
+    // the metric of the randomized gradient suite: each input's gradient error times the
+    // input's size (the loss change it predicts), over the largest such change of the oracle
+    let (q, k, v, g) = (&p.q, &p.k, &p.v, p.log_g.as_deref().unwrap_or(&[]));
+    let (s_in, z_in) = (to_f64(&s0.0), to_f64(&s0.1));
+    let sizes =
+        [q, k, v, g, &s_in[..], &z_in[..]].map(|x| x.iter().fold(0.0f64, |m, v| m.max(v.abs())));
+    let mut worst = 0.0f64;
+    let mut scale = 0.0f64;
+    for (i, (a, o)) in ours.iter().zip(&oracle).enumerate() {
+        assert_eq!(a.len(), o.len(), "{name}: gradient {i} missing");
+        let diff = a
+            .iter()
+            .zip(o)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        let peak = o.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        worst = worst.max(diff * sizes[i]);
+        scale = scale.max(peak * sizes[i]);
+    }
+    let err = worst / scale;
+    eprintln!("{name}: state gradients {err:e}");
+    assert!(err <= 1e-4, "{name}: state gradients off by {err:e}");
+}
+
+fn to_f64(data: &burn::tensor::TensorData) -> Vec<f64> {
+    data.clone()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .unwrap_or_default()
+}
+
+/// Fixed weights that vary by element: sin of the flat index, computed in f64 on the host (an
+/// f32 argument in the tens of thousands would change them by 1e-3 between backends).
+fn weights<A: Backend, const N: usize>(
+    dims: [usize; N],
+    dev: &A::Device,
+    dtype: DType,
+) -> Tensor<A, N> {
+    let n: usize = dims.iter().product();
+    let values: Vec<f64> = (0..n).map(|i| (0.37 * i as f64).sin()).collect();
+    Tensor::from_data(burn::tensor::TensorData::new(values, dims), (dev, dtype))
+}
+
+/// `[∂q, ∂k, ∂v, ∂log_g, ∂S_0, ∂z_0]` of the loss of [`state_gradients`].
+fn state_loss_grads<A>(
+    p: &retention::validation::Problem,
+    s0: &(burn::tensor::TensorData, burn::tensor::TensorData),
+    dev: &A::Device,
+    dtype: DType,
+    opts: &retention::RetentionOptions,
+) -> Vec<Vec<f64>>
+where
+    A: burn::tensor::backend::AutodiffBackend + RetentionBackend,
+{
+    use retention::validation::to_vec;
+    use retention::{RetentionState, power_retention_with_state};
+    let (q, k, v, g) = p.tensors::<A>(dev, dtype);
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let g = g.map(|g| g.require_grad());
+    let s = Tensor::<A, 4>::from_data(s0.0.clone(), (dev, dtype)).require_grad();
+    let z = Tensor::<A, 3>::from_data(s0.1.clone(), (dev, dtype)).require_grad();
+    let initial = RetentionState {
+        state: s.clone(),
+        key_sum: z.clone(),
+    };
+    let (y, last) = power_retention_with_state(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        g.clone(),
+        Some(initial),
+        opts,
+    )
+    .expect("valid");
+    let (yd, sd, zd) = (y.dims(), last.state.dims(), last.key_sum.dims());
+    let loss = (y * weights::<A, 4>(yd, dev, dtype)).sum()
+        + (last.state * weights::<A, 4>(sd, dev, dtype)).sum()
+        + (last.key_sum * weights::<A, 3>(zd, dev, dtype)).sum();
+    let grads = loss.backward();
+    let read4 = |t: &Tensor<A, 4>| t.grad(&grads).map(to_vec).unwrap_or_default();
+    vec![
+        read4(&q),
+        read4(&k),
+        read4(&v),
+        g.and_then(|g| g.grad(&grads))
+            .map(to_vec)
+            .unwrap_or_default(),
+        read4(&s),
+        z.grad(&grads).map(to_vec).unwrap_or_default(),
+    ]
+}
+
 fn suite<B: RetentionBackend>(name: &str, dtypes: &[DType], cases: u64) {
     let Some(dev) = adapter::<B>(name) else {
         return;
@@ -89,6 +200,11 @@ mod wgpu {
     #[test]
     fn gradients_match_oracle() {
         grad_suite::<burn::backend::Wgpu>("wgpu (fusion)", GRAD_CASES);
+    }
+
+    #[test]
+    fn state_gradients_match_reference() {
+        state_gradients::<burn::backend::Wgpu>("wgpu (fusion)");
     }
 
     /// Head dims whose tiles exceed shared memory run the reference instead of failing at
@@ -144,5 +260,10 @@ mod cuda {
     #[test]
     fn gradients_match_oracle() {
         grad_suite::<burn::backend::Cuda>("cuda (fusion)", GRAD_CASES);
+    }
+
+    #[test]
+    fn state_gradients_match_reference() {
+        state_gradients::<burn::backend::Cuda>("cuda (fusion)");
     }
 }
