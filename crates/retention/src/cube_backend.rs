@@ -200,25 +200,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
 
         // 1. chunk contributions
-        let states = empty_f32(&q, &[b, h, n, big_d, e]);
-        let sums = empty_f32(&q, &[b, h, n, big_d]);
-        let state_dims = StateDims {
-            batch: b,
-            seq: t,
-            kv_heads: h,
-            chunk: c,
-            n_chunks: n,
-            expanded_dim: big_d,
-        };
-        let state_args = StateArgs {
-            k: arg(k.clone()),
-            v: arg(v.clone()),
-            gates: gates.clone().map(arg),
-            states: arg(states.clone()),
-            sums: arg(sums.clone()),
-        };
-        // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_chunk_state(&client, dtype.into(), state_dims, state_tiles, state_args) };
+        let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
 
         // 2. states entering each chunk, and the final state
         let final_state = empty_f32(&q, &[b, h, big_d, e]);
@@ -408,6 +390,42 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             None => reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options),
         }
     }
+}
+
+/// Each chunk's contribution `(ΔS [b, h, n, D, e], Δz [b, h, n, D])`, f32, for contiguous
+/// `k [b, t, h, d]`, `v [b, t, h, e]` and cumulative gates `f32 [b, h, n·c]`: one launch.
+pub(crate) fn chunk_contributions<R: CubeRuntime>(
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    gates: &Option<CubeTensor<R>>,
+    dtype: DType,
+    tiles: retention_kernels::StateTiles,
+    chunk: usize,
+    n_chunks: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [b, t, h, d] = dims4(k);
+    let e = dims4(v)[3];
+    let big_d = expanded_dim(d, 2);
+    let states = empty_f32(k, &[b, h, n_chunks, big_d, e]);
+    let sums = empty_f32(k, &[b, h, n_chunks, big_d]);
+    let dims = StateDims {
+        batch: b,
+        seq: t,
+        kv_heads: h,
+        chunk,
+        n_chunks,
+        expanded_dim: big_d,
+    };
+    let args = StateArgs {
+        k: arg(k.clone()),
+        v: arg(v.clone()),
+        gates: gates.clone().map(arg),
+        states: arg(states.clone()),
+        sums: arg(sums.clone()),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_chunk_state(&k.client, dtype.into(), dims, tiles, args) };
+    (states, sums)
 }
 
 /// The tokens a decode launch absorbs or reads beside the state: `[b, n, h, ·]`.

@@ -21,7 +21,6 @@ use retention_kernels::{
         GradDims, GradInputs, KeyGradArgs, QueryGradArgs, launch_key_grads, launch_query_grads,
     },
     chunk_output::{OutputArgs, OutputDims, launch_output},
-    chunk_state::{StateArgs, StateDims, launch_chunk_state},
     chunk_state_grad::{StateGradArgs, StateGradDims, launch_chunk_state_grad},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
 };
@@ -30,7 +29,8 @@ use crate::RetentionOptions;
 use crate::backend::{float, prim};
 use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 use crate::cube_backend::{
-    arg, buffer, chunk_gates, dims4, empty, empty_f32, kernel_dtype, to_f32_contiguous as to_f32,
+    arg, buffer, chunk_contributions, chunk_gates, dims4, empty, empty_f32, kernel_dtype,
+    to_f32_contiguous as to_f32,
 };
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
@@ -173,25 +173,7 @@ where
         .map(|g| chunk_gates::<R, F, I, BT>(g, chunk, n));
 
     // 1. the forward pass again: states entering each chunk (in place), final state, rows
-    let states = empty_f32(&q, &[b, h, n, big_d, e]);
-    let sums = empty_f32(&q, &[b, h, n, big_d]);
-    let state_dims = StateDims {
-        batch: b,
-        seq: t,
-        kv_heads: h,
-        chunk,
-        n_chunks: n,
-        expanded_dim: big_d,
-    };
-    let state_args = StateArgs {
-        k: arg(k.clone()),
-        v: arg(v.clone()),
-        gates: gates.clone().map(arg),
-        states: arg(states.clone()),
-        sums: arg(sums.clone()),
-    };
-    // SAFETY: buffers are contiguous with the documented shapes and dtype.
-    unsafe { launch_chunk_state(&client, dtype.into(), state_dims, tiles.state, state_args) };
+    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n);
     let final_state = empty_f32(&q, &[b, h, big_d, e]);
     let final_sum = empty_f32(&q, &[b, h, big_d]);
     let initial = inputs
