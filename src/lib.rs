@@ -3,8 +3,10 @@
 //! Power retention for [Burn](https://burn.dev): a recurrent attention replacement whose
 //! per-token cost and memory stay constant as the context grows.
 //!
-//! This facade re-exports the [`retention`] crate (op, backend trait, module, state); see
-//! its documentation, the README and `examples/swap_into_transformer.rs`.
+//! This facade re-exports the [`retention`] crate (op, backend trait, module, state) at its
+//! root and [`retention_models`] (a decoder language model, its data pipeline and training
+//! loop) as [`models`]; see their documentation, the README, `examples/swap_into_transformer.rs`
+//! and `examples/train_lm.rs`.
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -21,3 +23,6 @@
 #![warn(missing_docs)]
 
 pub use retention::*;
+
+/// Models built on the layer: see [`retention_models`].
+pub use retention_models as models;

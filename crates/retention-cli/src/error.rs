@@ -8,6 +8,9 @@ pub enum CliError {
     /// The op rejected its inputs.
     #[error(transparent)]
     Retention(#[from] retention::RetentionError),
+    /// Training data, model, checkpoint or plot failed.
+    #[error(transparent)]
+    Model(#[from] retention_models::ModelError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

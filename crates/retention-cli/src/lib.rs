@@ -9,6 +9,7 @@ pub mod dtype_choice;
 pub mod error;
 pub mod selftest;
 pub mod tensor_file;
+pub mod train;
 
 pub use backend_choice::BackendChoice;
 pub use dtype_choice::DtypeChoice;

@@ -1,0 +1,251 @@
+//! `retention train`: trains the decoder language model on a real corpus with retention,
+//! attention, or both, checkpointing as it goes, and draws their loss curves in one SVG.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+use retention::RetentionBackend;
+use retention_models::{
+    Corpus, LanguageModelConfig, LossLog, MixerKind, RunDirectory, TrainingConfig, TrainingData,
+    plot_losses, train_in_directory,
+};
+
+use crate::CliError;
+
+/// Which mixers to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MixerChoice {
+    /// Power retention only.
+    Retention,
+    /// Softmax attention only.
+    Attention,
+    /// Both, one after the other, on the same data (for the comparison plot).
+    Both,
+}
+
+impl MixerChoice {
+    fn kinds(self) -> Vec<MixerKind> {
+        match self {
+            Self::Retention => vec![MixerKind::Retention],
+            Self::Attention => vec![MixerKind::Attention],
+            Self::Both => vec![MixerKind::Retention, MixerKind::Attention],
+        }
+    }
+}
+
+/// Settings of `retention train` (absent values take the preset's).
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// Mixers to train.
+    pub mixer: MixerChoice,
+    /// The tiny preset (minutes on a CPU) instead of the ≈ 14M-parameter model.
+    pub tiny: bool,
+    /// `kjv` or a text file.
+    pub corpus: String,
+    /// Keep only the corpus's first bytes.
+    pub max_corpus_bytes: Option<usize>,
+    /// Vocabulary size of the BPE tokenizer.
+    pub vocab: Option<usize>,
+    /// Optimizer steps.
+    pub steps: Option<usize>,
+    /// Sequences per step.
+    pub batch: Option<usize>,
+    /// Tokens per sequence.
+    pub seq: Option<usize>,
+    /// Peak learning rate.
+    pub lr: Option<f64>,
+    /// Retention's chunk size (0: the attention form).
+    pub chunk: Option<usize>,
+    /// Seed of the weights and the batch order.
+    pub seed: u64,
+    /// Output directory.
+    pub out: PathBuf,
+    /// Continue from the checkpoints in `out`.
+    pub resume: bool,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Steps between validation passes.
+    pub eval_every: Option<usize>,
+}
+
+/// What one mixer's run ended with.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// The mixer.
+    pub mixer: MixerKind,
+    /// Trainable parameters.
+    pub params: usize,
+    /// The losses.
+    pub log: LossLog,
+    /// Training tokens per second over the steps this invocation ran.
+    pub tokens_per_s: f64,
+}
+
+struct Preset {
+    vocab: usize,
+    steps: usize,
+    batch: usize,
+    seq: usize,
+    lr: f64,
+    eval_every: usize,
+}
+
+fn preset(tiny: bool) -> Preset {
+    if tiny {
+        Preset {
+            vocab: 512,
+            steps: 300,
+            batch: 16,
+            seq: 128,
+            lr: 1e-2,
+            eval_every: 50,
+        }
+    } else {
+        Preset {
+            vocab: 4096,
+            steps: 3000,
+            batch: 32,
+            seq: 512,
+            lr: 2e-3,
+            eval_every: 250,
+        }
+    }
+}
+
+/// Runs `retention train` on backend `B` (trained under `Autodiff<B>`).
+///
+/// # Errors
+/// Corpus, tokenizer, model, checkpoint and plot errors.
+pub fn train<B>(device: &B::Device, args: &TrainArgs) -> Result<Vec<TrainSummary>, CliError>
+where
+    B: Backend + RetentionBackend,
+{
+    let p = preset(args.tiny);
+    let mut corpus = Corpus::open(&args.corpus)?;
+    if let Some(max) = args.max_corpus_bytes {
+        corpus = corpus.truncated(max);
+    }
+    let vocab = args.vocab.unwrap_or(p.vocab);
+    println!("corpus: {} ({} bytes)", corpus.source, corpus.text.len());
+    let data = TrainingData::prepare(&corpus, vocab, 0.05, &args.out.join("tokenizer.json"))?;
+    println!(
+        "tokens: {} train, {} validation (BPE vocabulary {})",
+        data.train.len(),
+        data.valid.len(),
+        data.tokenizer.vocab_size()
+    );
+    let base = if args.tiny {
+        LanguageModelConfig::tiny(data.tokenizer.vocab_size())
+    } else {
+        LanguageModelConfig::small(data.tokenizer.vocab_size())
+    };
+    let base = match args.chunk {
+        Some(0) => base.with_chunk_size(None),
+        Some(c) => base.with_chunk_size(Some(c)),
+        None => base,
+    };
+    let training = TrainingConfig::new(
+        args.steps.unwrap_or(p.steps),
+        args.batch.unwrap_or(p.batch),
+        args.seq.unwrap_or(p.seq),
+    )
+    .with_learning_rate(args.lr.unwrap_or(p.lr))
+    .with_seed(args.seed)
+    .with_eval_every(args.eval_every.unwrap_or(p.eval_every));
+
+    let mut summaries = Vec::new();
+    for kind in args.mixer.kinds() {
+        let model = base.clone().with_mixer(kind);
+        let dir = RunDirectory::new(args.out.join(kind.name()));
+        let bar = ProgressBar::new(training.steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .map_err(|e| CliError::Device(e.to_string()))?,
+        );
+        bar.set_prefix(kind.name());
+        let tokens_per_step = (training.batch_size * training.seq_len) as f64;
+        let start = Instant::now();
+        let mut ran = 0usize;
+        let mut last_valid = None;
+        let trainer = train_in_directory::<Autodiff<B>>(
+            &model,
+            &training,
+            &data,
+            &dir,
+            args.checkpoint_every,
+            args.resume,
+            device,
+            |r| {
+                ran += 1;
+                if r.valid_loss.is_some() {
+                    last_valid = r.valid_loss;
+                }
+                let rate = ran as f64 * tokens_per_step / start.elapsed().as_secs_f64();
+                bar.set_position(r.step as u64);
+                bar.set_message(format!(
+                    "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
+                    r.loss,
+                    last_valid.map_or("-".into(), |v: f64| format!("{v:.3}")),
+                    r.learning_rate,
+                    rate
+                ));
+            },
+        )?;
+        bar.finish();
+        let seconds = start.elapsed().as_secs_f64();
+        summaries.push(TrainSummary {
+            mixer: kind,
+            params: burn::module::Module::num_params(trainer.model()),
+            log: trainer.log().clone(),
+            tokens_per_s: if ran > 0 {
+                ran as f64 * tokens_per_step / seconds
+            } else {
+                0.0
+            },
+        });
+    }
+    let runs: Vec<(&str, &LossLog)> = summaries.iter().map(|s| (s.mixer.name(), &s.log)).collect();
+    let svg = args.out.join("loss.svg");
+    let title = format!(
+        "{} · {} params · batch {} × {} tokens",
+        corpus.source,
+        summaries.first().map_or(0, |s| s.params),
+        training.batch_size,
+        training.seq_len
+    );
+    plot_losses(&runs, &title, &svg)?;
+    print_summary(&summaries);
+    println!("loss curves: {}", svg.display());
+    Ok(summaries)
+}
+
+fn print_summary(summaries: &[TrainSummary]) {
+    println!(
+        "\n| mixer | params | steps | train loss (last 10) | valid loss | tokens/s |\n|---|---|---|---|---|---|"
+    );
+    for s in summaries {
+        let n = s.log.train.len();
+        let tail = &s.log.train[n.saturating_sub(10)..];
+        let train = tail.iter().sum::<f64>() / tail.len().max(1) as f64;
+        let valid = s
+            .log
+            .valid
+            .last()
+            .map_or("-".to_string(), |(_, v)| format!("{v:.3}"));
+        println!(
+            "| {} | {} | {} | {:.3} | {} | {:.0} |",
+            s.mixer.name(),
+            s.params,
+            n,
+            train,
+            valid,
+            s.tokens_per_s
+        );
+    }
+}

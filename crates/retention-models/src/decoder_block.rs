@@ -1,0 +1,54 @@
+//! One pre-norm decoder block: `x + mixer(norm(x))`, then `x + ffn(norm(x))`.
+
+use burn::module::Module;
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::tensor::{Tensor, backend::Backend};
+use retention::{RetentionBackend, RetentionError, SequenceMixer, SequenceMixerConfig};
+
+use crate::feed_forward::{FeedForward, FeedForwardConfig};
+
+/// A pre-norm block whose sequence mixer is attention or power retention.
+#[derive(Module, Debug)]
+pub struct DecoderBlock<B: Backend> {
+    mixer_norm: RmsNorm<B>,
+    mixer: SequenceMixer<B>,
+    ffn_norm: RmsNorm<B>,
+    ffn: FeedForward<B>,
+}
+
+impl<B: Backend> DecoderBlock<B> {
+    /// Builds a block.
+    ///
+    /// # Errors
+    /// The errors of [`SequenceMixerConfig::init`].
+    pub fn new(
+        mixer: &SequenceMixerConfig,
+        ffn: &FeedForwardConfig,
+        norm_eps: f64,
+        device: &B::Device,
+    ) -> Result<Self, RetentionError> {
+        let norm = || {
+            RmsNormConfig::new(ffn.d_model)
+                .with_epsilon(norm_eps)
+                .init(device)
+        };
+        Ok(Self {
+            mixer_norm: norm(),
+            mixer: mixer.init(device)?,
+            ffn_norm: norm(),
+            ffn: ffn.init(device),
+        })
+    }
+}
+
+impl<B: RetentionBackend> DecoderBlock<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        let x = x.clone() + self.mixer.forward(self.mixer_norm.forward(x))?;
+        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
+    }
+}

@@ -1,0 +1,42 @@
+//! The SwiGLU feed-forward of a decoder block: `W_down (silu(W_gate x) ⊙ W_up x)`.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, SwiGlu, SwiGluConfig};
+use burn::tensor::{Tensor, backend::Backend};
+
+/// Configuration of a [`FeedForward`].
+#[derive(Config, Debug)]
+pub struct FeedForwardConfig {
+    /// Width of the input and output.
+    pub d_model: usize,
+    /// Width of the hidden layer.
+    pub hidden: usize,
+}
+
+impl FeedForwardConfig {
+    /// Builds the layer (no biases).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> FeedForward<B> {
+        FeedForward {
+            gate_up: SwiGluConfig::new(self.d_model, self.hidden).init(device),
+            down: LinearConfig::new(self.hidden, self.d_model)
+                .with_bias(false)
+                .init(device),
+        }
+    }
+}
+
+/// SwiGLU feed-forward.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    gate_up: SwiGlu<B>,
+    down: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down.forward(self.gate_up.forward(x))
+    }
+}

@@ -1,0 +1,29 @@
+//! # retention-models
+//!
+//! Models built on [power retention](retention): a decoder language model whose sequence mixer
+//! is one config value ([`MixerKind`]), the data pipeline that trains it on a real corpus
+//! ([`Corpus`], [`TextTokenizer`], [`TokenWindows`]), and a training loop with checkpoints that
+//! resume exactly ([`Trainer`]).
+#![warn(missing_docs)]
+
+mod corpus;
+mod decoder_block;
+mod error;
+mod feed_forward;
+mod language_model;
+mod loss_plot;
+mod text_tokenizer;
+mod token_windows;
+mod trainer;
+mod training_run;
+
+pub use corpus::Corpus;
+pub use decoder_block::DecoderBlock;
+pub use error::ModelError;
+pub use feed_forward::{FeedForward, FeedForwardConfig};
+pub use language_model::{LanguageModel, LanguageModelConfig, MixerKind};
+pub use loss_plot::plot_losses;
+pub use text_tokenizer::TextTokenizer;
+pub use token_windows::{TokenBatch, TokenWindows};
+pub use trainer::{LossLog, StepReport, Trainer, TrainingConfig};
+pub use training_run::{RunDirectory, TrainingData, train_in_directory, write_losses_csv};

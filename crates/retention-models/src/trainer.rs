@@ -1,0 +1,272 @@
+//! The training loop: AdamW with gradient clipping, linear warm-up then cosine decay (a pure
+//! function of the step, so a resumed run needs no scheduler state), periodic validation, and
+//! checkpoints that resume bit for bit.
+
+use std::path::Path;
+
+use burn::config::Config;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use retention::RetentionBackend;
+
+use crate::token_windows::{TokenBatch, TokenWindows};
+use crate::{LanguageModel, ModelError};
+
+/// Hyper-parameters of a training run.
+#[derive(Config, Debug)]
+pub struct TrainingConfig {
+    /// Optimizer steps in the whole run.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    #[config(default = 3e-3)]
+    pub learning_rate: f64,
+    /// Steps of linear warm-up from 0 to the peak.
+    #[config(default = 10)]
+    pub warmup_steps: usize,
+    /// The rate at the last step, as a fraction of the peak (cosine decay in between).
+    #[config(default = 0.1)]
+    pub final_lr_fraction: f64,
+    /// AdamW's decoupled weight decay.
+    #[config(default = 0.1)]
+    pub weight_decay: f32,
+    /// Gradients are rescaled to at most this global L2 norm.
+    #[config(default = 1.0)]
+    pub grad_clip: f32,
+    /// Seed of the weights and of the batch order.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Steps between validation passes (0: only at the end).
+    #[config(default = 50)]
+    pub eval_every: usize,
+    /// Batches in a validation pass.
+    #[config(default = 4)]
+    pub eval_batches: usize,
+}
+
+impl TrainingConfig {
+    /// The learning rate of step `step` (0-based).
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let floor = self.final_lr_fraction;
+        self.learning_rate
+            * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
+
+    fn optimizer(&self) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_weight_decay(self.weight_decay)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip)))
+    }
+}
+
+/// The losses so far: one training loss per step, validation losses where they were measured.
+#[derive(Config, Debug)]
+pub struct LossLog {
+    /// Mean cross-entropy of step `i`'s batch (nats per token), before the update.
+    pub train: Vec<f64>,
+    /// `(steps done, mean validation cross-entropy)`.
+    pub valid: Vec<(usize, f64)>,
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    /// Steps done, this one included.
+    pub step: usize,
+    /// This step's training loss.
+    pub loss: f64,
+    /// The learning rate it used.
+    pub learning_rate: f64,
+    /// The validation loss, when this step ended with a validation pass.
+    pub valid_loss: Option<f64>,
+}
+
+type Adam<B> = OptimizerAdaptor<AdamW, LanguageModel<B>, B>;
+
+/// A model, its optimizer state and its data, stepped one batch at a time.
+pub struct Trainer<B: AutodiffBackend> {
+    config: TrainingConfig,
+    model: LanguageModel<B>,
+    optim: Adam<B>,
+    train: TokenWindows,
+    valid: Vec<TokenBatch<B::InnerBackend>>,
+    step: usize,
+    log: LossLog,
+    device: B::Device,
+}
+
+/// The files of a checkpoint directory.
+const MODEL_FILE: &str = "model";
+const OPTIMIZER_FILE: &str = "optimizer";
+const LOG_FILE: &str = "losses.json";
+
+impl<B> Trainer<B>
+where
+    B: AutodiffBackend + RetentionBackend,
+    B::InnerBackend: RetentionBackend,
+{
+    /// A run starting from `model` at step 0.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for zero steps, batch size or sequence length, or a validation
+    /// stream shorter than one window.
+    pub fn new(
+        config: TrainingConfig,
+        model: LanguageModel<B>,
+        train: TokenWindows,
+        valid: &TokenWindows,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        if config.steps == 0 || config.batch_size == 0 || config.seq_len == 0 {
+            return Err(ModelError::Config(format!(
+                "steps ({}), batch_size ({}) and seq_len ({}) must be positive",
+                config.steps, config.batch_size, config.seq_len
+            )));
+        }
+        let valid = valid.evenly_spaced(config.eval_batches.max(1), config.batch_size, device);
+        Ok(Self {
+            optim: config.optimizer().init(),
+            config,
+            model,
+            train,
+            valid,
+            step: 0,
+            log: LossLog::new(Vec::new(), Vec::new()),
+            device: device.clone(),
+        })
+    }
+
+    /// Steps done.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// Whether every configured step is done.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// The model as it is now.
+    pub fn model(&self) -> &LanguageModel<B> {
+        &self.model
+    }
+
+    /// The losses so far.
+    pub fn log(&self) -> &LossLog {
+        &self.log
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &TrainingConfig {
+        &self.config
+    }
+
+    /// One optimizer step on the next batch (then a validation pass when one is due).
+    ///
+    /// # Errors
+    /// The model's errors.
+    pub fn step(&mut self) -> Result<StepReport, ModelError> {
+        let batch = self.train.random_batch::<B>(
+            self.config.seed,
+            self.step as u64,
+            self.config.batch_size,
+            &self.device,
+        );
+        let loss = self.model.loss(batch.inputs, batch.targets)?;
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let lr = self.config.learning_rate_at(self.step);
+        self.model = self.optim.step(lr, self.model.clone(), grads);
+        self.step += 1;
+        self.log.train.push(value);
+        let due = self.config.eval_every > 0 && self.step % self.config.eval_every == 0;
+        let valid_loss = if due || self.finished() {
+            let v = self.validation_loss()?;
+            self.log.valid.push((self.step, v));
+            Some(v)
+        } else {
+            None
+        };
+        Ok(StepReport {
+            step: self.step,
+            loss: value,
+            learning_rate: lr,
+            valid_loss,
+        })
+    }
+
+    /// Mean cross-entropy over the fixed validation batches.
+    ///
+    /// # Errors
+    /// The model's errors.
+    pub fn validation_loss(&self) -> Result<f64, ModelError> {
+        let model = self.model.valid();
+        let mut total = 0.0;
+        for batch in &self.valid {
+            let loss = model.loss(batch.inputs.clone(), batch.targets.clone())?;
+            total += loss.into_scalar().elem::<f64>();
+        }
+        Ok(total / self.valid.len().max(1) as f64)
+    }
+
+    /// Writes the model, the optimizer state and the loss log to `dir` (created if missing).
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] / [`ModelError::Checkpoint`] when writing fails.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let failed = |file: &str, e: &dyn std::fmt::Display| ModelError::Checkpoint {
+            path: dir.join(file).display().to_string(),
+            message: e.to_string(),
+        };
+        self.model
+            .clone()
+            .save_file(dir.join(MODEL_FILE), &recorder)
+            .map_err(|e| failed(MODEL_FILE, &e))?;
+        Recorder::<B>::record(&recorder, self.optim.to_record(), dir.join(OPTIMIZER_FILE))
+            .map_err(|e| failed(OPTIMIZER_FILE, &e))?;
+        self.log
+            .save(dir.join(LOG_FILE))
+            .map_err(|e| ModelError::io(dir.join(LOG_FILE), e))
+    }
+
+    /// Continues the run saved in `dir`: `self` must be built with the same model
+    /// configuration, training configuration and data; its weights, optimizer state, step and
+    /// losses are replaced by the saved ones.
+    ///
+    /// # Errors
+    /// [`ModelError::Checkpoint`] when a file is missing or does not match the model.
+    pub fn resume(mut self, dir: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let failed = |file: &str, e: &dyn std::fmt::Display| ModelError::Checkpoint {
+            path: dir.join(file).display().to_string(),
+            message: e.to_string(),
+        };
+        self.model = self
+            .model
+            .load_file(dir.join(MODEL_FILE), &recorder, &self.device)
+            .map_err(|e| failed(MODEL_FILE, &e))?;
+        let record = Recorder::<B>::load(&recorder, dir.join(OPTIMIZER_FILE), &self.device)
+            .map_err(|e| failed(OPTIMIZER_FILE, &e))?;
+        self.optim = self.optim.load_record(record);
+        self.log = LossLog::load(dir.join(LOG_FILE)).map_err(|e| failed(LOG_FILE, &e))?;
+        self.step = self.log.train.len();
+        Ok(self)
+    }
+}

@@ -1,0 +1,200 @@
+//! A whole training run on disk: the tokenized corpus shared by the runs it compares, a run
+//! directory per model (configs, checkpoint, `losses.csv`), resumption from the checkpoint.
+//!
+//! ```text
+//! <out>/tokenizer.json          the BPE vocabulary every run of <out> uses
+//! <out>/<name>/model.json       LanguageModelConfig
+//! <out>/<name>/training.json    TrainingConfig
+//! <out>/<name>/checkpoint/      model, optimizer state, loss log (see Trainer::save)
+//! <out>/<name>/losses.csv       step, train_loss, valid_loss
+//! ```
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use burn::config::Config;
+use burn::tensor::backend::AutodiffBackend;
+use retention::RetentionBackend;
+
+use crate::{
+    Corpus, LanguageModelConfig, LossLog, ModelError, StepReport, TextTokenizer, TokenWindows,
+    Trainer, TrainingConfig,
+};
+
+/// A tokenized corpus, split into training and validation streams.
+#[derive(Debug)]
+pub struct TrainingData {
+    /// Where the text came from.
+    pub source: String,
+    /// The tokenizer that produced the streams.
+    pub tokenizer: TextTokenizer,
+    /// Training tokens.
+    pub train: Vec<u32>,
+    /// Held-out tokens (the corpus's tail).
+    pub valid: Vec<u32>,
+}
+
+impl TrainingData {
+    /// Tokenizes `corpus` with the tokenizer saved at `tokenizer_path`, or trains one of
+    /// `vocab_size` tokens on the training part and saves it there (so runs that share the path
+    /// share the vocabulary, and a resumed run gets the same tokens).
+    ///
+    /// # Errors
+    /// The tokenizer's errors; [`ModelError::Corpus`] when a part is empty.
+    pub fn prepare(
+        corpus: &Corpus,
+        vocab_size: usize,
+        valid_fraction: f64,
+        tokenizer_path: &Path,
+    ) -> Result<Self, ModelError> {
+        let (train_text, valid_text) = corpus.split(valid_fraction);
+        let tokenizer = if tokenizer_path.exists() {
+            TextTokenizer::load(tokenizer_path)?
+        } else {
+            let tokenizer = TextTokenizer::train(train_text, vocab_size)?;
+            if let Some(dir) = tokenizer_path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+            }
+            tokenizer.save(tokenizer_path)?;
+            tokenizer
+        };
+        let train = tokenizer.encode(train_text)?;
+        let valid = tokenizer.encode(valid_text)?;
+        if train.is_empty() || valid.is_empty() {
+            return Err(ModelError::Corpus(format!(
+                "{}: the training or validation part is empty",
+                corpus.source
+            )));
+        }
+        Ok(Self {
+            source: corpus.source.clone(),
+            tokenizer,
+            train,
+            valid,
+        })
+    }
+}
+
+/// One model's run directory.
+#[derive(Debug, Clone)]
+pub struct RunDirectory {
+    root: PathBuf,
+}
+
+impl RunDirectory {
+    /// The directory `root` (created when the run starts).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The checkpoint's directory.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoint")
+    }
+
+    /// Whether a checkpoint has been written.
+    pub fn has_checkpoint(&self) -> bool {
+        self.checkpoint().join("losses.json").exists()
+    }
+
+    /// The loss table.
+    pub fn losses_csv(&self) -> PathBuf {
+        self.root.join("losses.csv")
+    }
+}
+
+/// Trains `model` for `training.steps` steps in `dir`, from its checkpoint when `resume` is set
+/// and one exists; checkpoints every `checkpoint_every` steps (0: only at the end) and at the
+/// end, writes `losses.csv`, and calls `on_step` after every step.
+///
+/// # Errors
+/// [`ModelError::Config`] when resuming with configurations other than the saved ones; the
+/// model's, the trainer's and I/O errors.
+#[allow(clippy::too_many_arguments)]
+pub fn train_in_directory<B>(
+    model: &LanguageModelConfig,
+    training: &TrainingConfig,
+    data: &TrainingData,
+    dir: &RunDirectory,
+    checkpoint_every: usize,
+    resume: bool,
+    device: &B::Device,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<Trainer<B>, ModelError>
+where
+    B: AutodiffBackend + RetentionBackend,
+    B::InnerBackend: RetentionBackend,
+{
+    let root = dir.root();
+    std::fs::create_dir_all(root).map_err(|e| ModelError::io(root, e))?;
+    let (model_path, training_path) = (root.join("model.json"), root.join("training.json"));
+    let resuming = resume && dir.has_checkpoint();
+    if resuming {
+        // the saved run must be the same run, but for its length
+        let saved_model = LanguageModelConfig::load(&model_path)
+            .map_err(|e| ModelError::io(&model_path, std::io::Error::other(e.to_string())))?;
+        let saved_training = TrainingConfig::load(&training_path)
+            .map_err(|e| ModelError::io(&training_path, std::io::Error::other(e.to_string())))?;
+        let same_training = {
+            let mut t = saved_training.clone();
+            t.steps = training.steps;
+            t.to_string() == training.to_string()
+        };
+        if saved_model.to_string() != model.to_string() || !same_training {
+            return Err(ModelError::Config(format!(
+                "{} holds a run with other settings; resume with the same ones (or start \
+                 afresh in another directory)",
+                root.display()
+            )));
+        }
+    }
+    model
+        .save(&model_path)
+        .map_err(|e| ModelError::io(&model_path, e))?;
+    training
+        .save(&training_path)
+        .map_err(|e| ModelError::io(&training_path, e))?;
+
+    B::seed(device, training.seed);
+    let net = model.init::<B>(device)?;
+    let train = TokenWindows::new(data.train.clone(), training.seq_len)?;
+    let valid = TokenWindows::new(data.valid.clone(), training.seq_len)?;
+    let mut trainer = Trainer::new(training.clone(), net, train, &valid, device)?;
+    if resuming {
+        trainer = trainer.resume(dir.checkpoint())?;
+    }
+    while !trainer.finished() {
+        let report = trainer.step()?;
+        on_step(&report);
+        let due = checkpoint_every > 0 && report.step % checkpoint_every == 0;
+        if due || trainer.finished() {
+            trainer.save(dir.checkpoint())?;
+            write_losses_csv(trainer.log(), &dir.losses_csv())?;
+        }
+    }
+    Ok(trainer)
+}
+
+/// Writes `step,train_loss,valid_loss` rows (validation empty where none was measured).
+///
+/// # Errors
+/// [`ModelError::Io`] when writing fails.
+pub fn write_losses_csv(log: &LossLog, path: &Path) -> Result<(), ModelError> {
+    let mut csv = String::from("step,train_loss,valid_loss\n");
+    for (i, loss) in log.train.iter().enumerate() {
+        let step = i + 1;
+        let valid = log
+            .valid
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map(|(_, v)| format!("{v:.6}"))
+            .unwrap_or_default();
+        let _ = writeln!(csv, "{step},{loss:.6},{valid}");
+    }
+    std::fs::write(path, csv).map_err(|e| ModelError::io(path, e))
+}

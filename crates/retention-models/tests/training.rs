@@ -1,0 +1,165 @@
+//! Training on ndarray: the tiny model learns the KJV, checkpoints restore exactly, and a resumed
+//! run continues the uninterrupted run's loss curve.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use retention_models::{
+    Corpus, LanguageModel, LanguageModelConfig, MixerKind, ModelError, RunDirectory, TokenWindows,
+    Trainer, TrainingConfig, TrainingData, train_in_directory,
+};
+
+type B = Autodiff<NdArray>;
+
+/// The KJV through Debian's `bible` program; `None` (after saying so) when it is missing,
+/// outside CI. In CI (`CI` set) a missing corpus fails the test: `.ci/run` installs it.
+fn kjv() -> Option<Corpus> {
+    match Corpus::kjv() {
+        Ok(corpus) => Some(corpus),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("CI must provide the corpus: {e}"),
+    }
+}
+
+#[test]
+fn tiny_retention_model_learns_the_kjv_in_30_steps() -> Result<(), ModelError> {
+    let Some(corpus) = kjv() else { return Ok(()) };
+    let out = tempfile::tempdir().map_err(|e| ModelError::io("tempdir", e))?;
+    let corpus = corpus.truncated(400_000);
+    let data = TrainingData::prepare(&corpus, 512, 0.05, &out.path().join("tokenizer.json"))?;
+    let model =
+        LanguageModelConfig::tiny(data.tokenizer.vocab_size()).with_mixer(MixerKind::Retention);
+    let training = TrainingConfig::new(30, 16, 64)
+        .with_learning_rate(1e-2)
+        .with_warmup_steps(5)
+        .with_eval_every(0);
+    let dev = Default::default();
+    B::seed(&dev, training.seed);
+    let train = TokenWindows::new(data.train.clone(), training.seq_len)?;
+    let valid = TokenWindows::new(data.valid.clone(), training.seq_len)?;
+    let mut trainer = Trainer::<B>::new(training, model.init(&dev)?, train, &valid, &dev)?;
+    let before = trainer.validation_loss()?;
+    while !trainer.finished() {
+        trainer.step()?;
+    }
+    let after = trainer.validation_loss()?;
+    eprintln!("validation loss {before:.3} -> {after:.3}");
+    assert!(
+        after <= 0.8 * before,
+        "{before} -> {after}: fell by less than 20 %"
+    );
+    assert!(trainer.log().train.iter().all(|l| l.is_finite()));
+    Ok(())
+}
+
+/// A synthetic token stream with structure to learn (the checkpoint tests need no corpus).
+fn patterned_windows(seq: usize) -> Result<(TokenWindows, TokenWindows), ModelError> {
+    let ids: Vec<u32> = (0..3000u32).map(|i| (i * 7 + i / 13) % 300).collect();
+    let (a, b) = ids.split_at(2500);
+    Ok((
+        TokenWindows::new(a.to_vec(), seq)?,
+        TokenWindows::new(b.to_vec(), seq)?,
+    ))
+}
+
+fn tiny_model(mixer: MixerKind) -> Result<LanguageModel<B>, ModelError> {
+    let config = LanguageModelConfig::tiny(300)
+        .with_mixer(mixer)
+        .with_chunk_size(Some(8));
+    let dev = Default::default();
+    // parameters initialise lazily, each clone on its own: a record fixes the values
+    let record = config.init::<B>(&dev)?.into_record();
+    Ok(config.init::<B>(&dev)?.load_record(record))
+}
+
+/// A 6-step run from `model` (the tests run in parallel threads and Burn's seeded generator
+/// is shared, so runs that must match start from clones of one model, not from one seed).
+fn tiny_trainer(model: LanguageModel<B>) -> Result<Trainer<B>, ModelError> {
+    let training = TrainingConfig::new(6, 4, 24)
+        .with_eval_every(0)
+        .with_eval_batches(1);
+    let (train, valid) = patterned_windows(training.seq_len)?;
+    Trainer::new(training, model, train, &valid, &Default::default())
+}
+
+#[test]
+fn checkpoint_restores_outputs_bit_for_bit() -> Result<(), ModelError> {
+    let dir = tempfile::tempdir().map_err(|e| ModelError::io("tempdir", e))?;
+    for mixer in [MixerKind::Retention, MixerKind::Attention] {
+        let mut trainer = tiny_trainer(tiny_model(mixer)?)?;
+        for _ in 0..3 {
+            trainer.step()?;
+        }
+        let path = dir.path().join(mixer.name());
+        trainer.save(&path)?;
+        // a differently seeded model, overwritten by the checkpoint
+        let restored = tiny_trainer(tiny_model(mixer)?)?.resume(&path)?;
+        assert_eq!(restored.steps_done(), 3);
+        let (probe, _) = patterned_windows(24)?;
+        let batch = probe.random_batch::<B>(99, 0, 2, &Default::default());
+        let a = trainer.model().forward(batch.inputs.clone())?.into_data();
+        let b = restored.model().forward(batch.inputs)?.into_data();
+        assert_eq!(a, b, "{}: outputs differ after save → load", mixer.name());
+    }
+    Ok(())
+}
+
+#[test]
+fn resumed_training_continues_the_loss_curve() -> Result<(), ModelError> {
+    let dir = tempfile::tempdir().map_err(|e| ModelError::io("tempdir", e))?;
+    let model = tiny_model(MixerKind::Retention)?;
+    let mut straight = tiny_trainer(model.clone())?;
+    while !straight.finished() {
+        straight.step()?;
+    }
+    let mut first = tiny_trainer(model.clone())?;
+    for _ in 0..3 {
+        first.step()?;
+    }
+    first.save(dir.path())?;
+    drop(first);
+    // a freshly initialised model: everything comes from the checkpoint
+    let mut resumed = tiny_trainer(tiny_model(MixerKind::Retention)?)?.resume(dir.path())?;
+    while !resumed.finished() {
+        resumed.step()?;
+    }
+    assert_eq!(resumed.log().train, straight.log().train);
+    Ok(())
+}
+
+#[test]
+fn run_directory_resumes_and_refuses_other_settings() -> Result<(), ModelError> {
+    let out = tempfile::tempdir().map_err(|e| ModelError::io("tempdir", e))?;
+    let text: String = (0..400)
+        .map(|i| format!("line {} of {}\n", i % 37, i % 11))
+        .collect();
+    let path = out.path().join("corpus.txt");
+    std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+    let corpus = Corpus::from_file(&path)?;
+    let data = TrainingData::prepare(&corpus, 300, 0.2, &out.path().join("tokenizer.json"))?;
+    let model = LanguageModelConfig::tiny(data.tokenizer.vocab_size()).with_chunk_size(Some(8));
+    let run = RunDirectory::new(out.path().join("retention"));
+    let dev = Default::default();
+    let short = TrainingConfig::new(2, 2, 16)
+        .with_eval_every(0)
+        .with_eval_batches(1);
+    train_in_directory::<B>(&model, &short, &data, &run, 0, false, &dev, |_| {})?;
+    assert!(run.has_checkpoint() && run.losses_csv().exists());
+    // the same run, longer: continues from step 2
+    let mut seen = Vec::new();
+    let mut longer = short.clone();
+    longer.steps = 4;
+    let t = train_in_directory::<B>(&model, &longer, &data, &run, 0, true, &dev, |r| {
+        seen.push(r.step)
+    })?;
+    assert_eq!(seen, [3, 4]);
+    assert_eq!(t.log().train.len(), 4);
+    // other settings are refused, not silently mixed in
+    let other = longer.with_learning_rate(1.0);
+    let err = train_in_directory::<B>(&model, &other, &data, &run, 0, true, &dev, |_| {});
+    assert!(matches!(err, Err(ModelError::Config(_))));
+    Ok(())
+}
