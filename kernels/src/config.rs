@@ -216,6 +216,66 @@ impl QueryStateTiles {
     }
 }
 
+/// Tiles of the tensor-core state path of the backward row passes
+/// ([`chunk_grad_state_mma`](crate::chunk_grad_state_mma)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateGradTiles {
+    /// `d` (a multiple of 16).
+    pub head_dim: u32,
+    /// `e` (a multiple of 32, at most 128).
+    pub value_dim: u32,
+    /// Planes per cube (16 rows each).
+    pub planes: u32,
+    /// Whether log-gates are given (set at launch from the arguments).
+    pub gated: bool,
+    /// Keys (`∂k`, `∂v`, key-side gate terms) or queries; set at launch.
+    pub keys: bool,
+}
+
+impl StateGradTiles {
+    /// Tiles on `client`: `None` unless the tensor cores take f16 operands, `d % 16 == 0`,
+    /// `e % 32 == 0`, `e ≤ 128` and a cube of at least 4 planes fits in shared memory.
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        strategy: Strategy,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Option<Self> {
+        let f16 = half::f16::as_type_native_unchecked().storage_type();
+        if !use_mma(client, strategy, f16, &[], head_dim, value_dim) || value_dim > 128 {
+            return None;
+        }
+        // two cubes per multiprocessor where 8 planes allow it, else 4-plane cubes
+        let max = shared_memory_max(client);
+        [(8u32, max / 2), (4, max)]
+            .into_iter()
+            .find(|&(planes, cap)| Self::shared_bytes(planes as usize, head_dim, value_dim) <= cap)
+            .map(|(planes, _)| Self {
+                head_dim: head_dim as u32,
+                value_dim: value_dim as u32,
+                planes,
+                gated: false,
+                keys: false,
+            })
+    }
+
+    /// Shared memory of one cube, in bytes.
+    pub fn shared_bytes(planes: usize, head_dim: usize, value_dim: usize) -> usize {
+        use crate::block_mma::A_STRIDE;
+        let rows = 16 * planes;
+        4 * rows
+            + 2 * rows * (head_dim + 2)
+            + 2 * rows * (value_dim + 8)
+            + 4 * 3 * rows
+            + 4 * 32 * planes
+            + 4 * rows * head_dim
+            + 2 * 2 * 32 * (value_dim + 8)
+            + 4 * 2 * 32
+            + 4 * rows * 32
+            + 2 * rows * A_STRIDE
+    }
+}
+
 /// Tiles of the backward row kernels ([`chunk_grad`](crate::chunk_grad)): one cube owns
 /// `block_rows` queries (or keys) and walks the other side's rows, and the state's features,
 /// `block_inner` at a time. FMA only.

@@ -1,7 +1,7 @@
 //! Discounted cumulative sum of chunk states across chunks:
 //! `S_in[0] = S₀ (or 0)`, `S_in[u+1] = e^{A_u} S_in[u] + ΔS_u`. The states *entering* each chunk
-//! either overwrite the chunk slots (`f32`, in place) or go to a separate half-precision buffer
-//! as `S_in/γ` (what the tensor-core query-state kernel reads); the state after the last chunk
+//! overwrite the chunk slots (`f32`, in place), go to a separate half-precision buffer as
+//! `S_in/γ` (what the tensor-core query-state kernel reads), or both; the state after the last chunk
 //! goes to `last` in `f32`. Memory-bound: each unit walks the chunks for one or four state
 //! elements (one for narrow states such as key-sums, so they still spread over many cubes) with
 //! `f32` running values, loading four chunks ahead so their loads are in flight together.
@@ -34,6 +34,8 @@ pub struct ScanArgs<R: Runtime> {
     pub half: Option<ArrayArg<R>>,
     /// Factor of the half-precision output (`1/γ`).
     pub half_scale: f32,
+    /// With `half`, also overwrite the slots in place in `f32` (the backward pass reads both).
+    pub keep_f32: bool,
     /// Initial state `f32 [b·h, width]`, or a 1-element dummy.
     pub initial: Option<ArrayArg<R>>,
     /// Cumulative log-gates inside each chunk, `f32 [b·h, n·c]`, or `None` (no gating).
@@ -69,6 +71,7 @@ pub unsafe fn launch_discumsum<R: Runtime>(
     );
     let has_initial = args.initial.is_some();
     let to_half = args.half.is_some();
+    let keep_f32 = !to_half || args.keep_f32;
     let gated = args.gates.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     unsafe {
@@ -88,6 +91,7 @@ pub unsafe fn launch_discumsum<R: Runtime>(
             has_initial,
             gated,
             to_half,
+            keep_f32,
             per_unit,
             dims.reverse,
         )
@@ -109,6 +113,7 @@ fn discumsum_kernel(
     #[comptime] has_initial: bool,
     #[comptime] gated: bool,
     #[comptime] to_half: bool,
+    #[comptime] keep_f32: bool,
     #[comptime] per_unit: u32,
     #[comptime] reverse: bool,
 ) {
@@ -164,7 +169,8 @@ fn discumsum_kernel(
                     if x < width {
                         if comptime!(to_half) {
                             half[row + x as usize] = f16::cast_from(running[j] * half_scale);
-                        } else {
+                        }
+                        if comptime!(keep_f32) {
                             chunks[row + x as usize] = running[j];
                         }
                     }

@@ -29,6 +29,7 @@ pub mod chunk_gates;
 pub mod chunk_grad;
 mod chunk_grad_keys;
 mod chunk_grad_queries;
+pub mod chunk_grad_state_mma;
 pub mod chunk_output;
 mod chunk_output_mma;
 pub mod chunk_state;
@@ -44,8 +45,8 @@ pub mod query_state;
 pub mod tile_load;
 
 pub use config::{
-    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, OutputTiles, QueryStateTiles, StateTiles,
-    Strategy, mma_supported, shared_memory_budget,
+    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, OutputTiles, QueryStateTiles, StateGradTiles,
+    StateTiles, Strategy, mma_supported, shared_memory_budget,
 };
 pub use cubecl;
 

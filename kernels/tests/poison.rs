@@ -239,6 +239,7 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
             chunks: chunks.arg(),
             half: to_half.map(Buf::arg),
             half_scale: state_scale(BIG_D),
+            keep_f32: false,
             initial: Some(init.arg()),
             gates: Some(gates.arg()),
             last: out.arg(),

@@ -229,6 +229,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
                 chunks: arg(chunks.clone()),
                 half: half.map(arg),
                 half_scale: state_scale(big_d),
+                keep_f32: false,
                 initial: init.map(arg),
                 gates: gates.clone().map(arg),
                 last: arg(last.clone()),
