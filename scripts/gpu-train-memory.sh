@@ -8,13 +8,14 @@
 # Each (mixer, t) is its own process: 2 optimizer steps and the end-of-run validation pass,
 # while nvidia-smi samples the device's used memory every 20 ms. Writes OUT_DIR/train-memory.csv
 # (`mixer,t,batch,peak_mib,seconds,status`; peak over the idle level) and OUT_DIR/train-memory.log.
+# RUN_TIMEOUT (seconds, default 300) bounds each run.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-train-memory.sh OUT_DIR CORPUS_FILE [t,t,...]}
 corpus=${2:?corpus file}
 ts=${3:-1024,2048,4096,8192,16384,32768}
 log=$out/train-memory.log
 echo "mixer,t,batch,peak_mib,seconds,status" > "$out/train-memory.csv"
-common=(--backend cuda --steps 2 --batch 1 --corpus "$corpus" --eval-every 0 --checkpoint-every 0)
+common=(--backend cuda --batch 1 --corpus "$corpus" --eval-every 0 --checkpoint-every 0)
 # one tokenizer for every run
 shared=$(mktemp -d)
 .gpu/retention train "${common[@]}" --mixer retention --steps 1 --seq 256 --out "$shared" >> "$log" 2>&1
@@ -27,7 +28,7 @@ for mixer in retention attention; do
     smi=$!
     start=$(date +%s.%N)
     echo "== $mixer t=$t" >> "$log"
-    if .gpu/retention train "${common[@]}" --mixer "$mixer" --seq "$t" --out "$run" >> "$log" 2>&1; then
+    if timeout "${RUN_TIMEOUT:-300}" .gpu/retention train "${common[@]}" --steps 2 --mixer "$mixer" --seq "$t" --out "$run" >> "$log" 2>&1; then
       status=ok
     else
       status=failed

@@ -108,8 +108,8 @@ pub(crate) fn multiply_step(
     }
 }
 
-/// Writes the accumulated tile: tile row `i` goes to `out[row_index[i]·e ..]`, rows whose index
-/// is [`SKIP_ROW`] are left alone. Each fragment passes through this plane's 16×16 slot of
+/// Writes the accumulated tile times `mult`: tile row `i` goes to `out[row_index[i]·e ..]`, rows
+/// whose index is [`SKIP_ROW`] are left alone. Each fragment passes through this plane's 16×16 slot of
 /// `stage` ([`STAGE`] floats) so the stores are row-contiguous.
 #[cube]
 pub(crate) fn store_accumulators(
@@ -117,6 +117,7 @@ pub(crate) fn store_accumulators(
     stage: &mut SharedMemory<f32>,
     row_index: &SharedMemory<u32>,
     out: &mut Array<f32>,
+    mult: f32,
     #[comptime] value_dim: usize,
 ) {
     let col_tiles = comptime!(value_dim / 32);
@@ -140,7 +141,7 @@ pub(crate) fn store_accumulators(
                 let at = row_index[(plane % 4) * 32 + half_rows * 16 + i / 16];
                 if at != SKIP_ROW {
                     let col = (plane / 4) * (value_dim / 2) + ct * 16 + i % 16;
-                    out[at as usize * value_dim + col] = stage[st + i];
+                    out[at as usize * value_dim + col] = mult * stage[st + i];
                 }
             }
             sync_plane();

@@ -9,6 +9,7 @@
 
 use cubecl::prelude::*;
 
+use crate::chunk_state_mma::query_state_grad_mma_kernel;
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_pair, pair_block};
 use crate::tile_load::{load_gates, load_token_rows};
@@ -245,5 +246,69 @@ fn chunk_state_grad_kernel<F: Float>(
         if lane == 0 {
             sums[block] = zsum;
         }
+    }
+}
+
+/// Buffers of [`launch_chunk_state_grad_mma`].
+pub struct StateGradMmaArgs<R: Runtime> {
+    /// `σq [b, t, hq, d]`, f16.
+    pub q: ArrayArg<R>,
+    /// `dN/β [b, t, hq, e]`, f16 (`β` from `scales`).
+    pub d_num: ArrayArg<R>,
+    /// `∂/∂L`, `f32 [b, t, hq]`.
+    pub d_den: ArrayArg<R>,
+    /// `β` per `(b, h)`, `f32 [b, h]`.
+    pub scales: ArrayArg<R>,
+    /// Cumulative log-gates inside each chunk, `f32 [b, h, n·c]`; `None`: no gating.
+    pub gates: Option<ArrayArg<R>>,
+    /// Output `f32 [b, h, n, D, e]`.
+    pub states: ArrayArg<R>,
+    /// Output `f32 [b, h, n, D]`.
+    pub sums: ArrayArg<R>,
+}
+
+/// Launches the tensor-core variant (f16 operands, f32 accumulation; see
+/// [`StateGradMmaArgs`] for what the caller prepares).
+///
+/// # Safety
+/// The buffers must have the sizes documented on [`StateGradMmaArgs`], and `tiles` must come
+/// from [`StateTiles::plan`] for f16 on this client with `mma == true`.
+pub unsafe fn launch_chunk_state_grad_mma<R: Runtime>(
+    client: &ComputeClient<R>,
+    dims: StateGradDims,
+    mut tiles: StateTiles,
+    args: StateGradMmaArgs<R>,
+) {
+    tiles.gated = args.gates.is_some();
+    let gates = args
+        .gates
+        .unwrap_or_else(|| unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) });
+    let count = CubeCount::Static(
+        dims.expanded_dim.div_ceil(tiles.block_f as usize) as u32,
+        (dims.n_chunks * dims.kv_heads) as u32,
+        dims.batch as u32,
+    );
+    let f16 = half::f16::as_type_native_unchecked().storage_type();
+    unsafe {
+        query_state_grad_mma_kernel::launch_unchecked::<R>(
+            client,
+            count,
+            CubeDim::new_2d(32, 8),
+            args.q,
+            args.d_num,
+            gates,
+            args.d_den,
+            args.scales,
+            args.states,
+            args.sums,
+            dims.seq as u32,
+            dims.q_heads as u32,
+            dims.kv_heads as u32,
+            dims.chunk as u32,
+            dims.n_chunks as u32,
+            dims.expanded_dim as u32,
+            tiles,
+            f16,
+        )
     }
 }

@@ -30,7 +30,8 @@ pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize) -> usize {
 }
 
 /// Builds `φ_K(k̃)ᵀ` for the key rows in `sk` into `sphi[offset..]`: unit `(group, token)`
-/// writes the 16 features of its group for its token and adds them to its `Δz` partials.
+/// writes the 16 features of its group for its token and adds them, times `zw`, to its `Δz`
+/// partials.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn build_features(
@@ -38,6 +39,7 @@ fn build_features(
     disc: &SharedMemory<f32>,
     sphi: &mut SharedMemory<f16>,
     zpart: &mut Array<f32>,
+    zw: f32,
     x: usize,
     inner: usize,
     weight: f32,
@@ -52,7 +54,7 @@ fn build_features(
     for r in 0..16usize {
         // one f16 multiply per feature (the key rows are staged as f16)
         let phi = a * sk[tok * ds + inner + r];
-        zpart[r] += f32::cast_from(phi);
+        zpart[r] += f32::cast_from(phi) * zw;
         sphi[dst + r * A_STRIDE] = phi;
     }
 }
@@ -73,6 +75,78 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
     #[comptime] cfg: StateTiles,
     #[define(F)] _dtype: StorageType,
 ) {
+    // `gates` stands in for the query side's arrays, which the key side never reads
+    state_mma_body::<F>(
+        k, v, gates, gates, gates, states, sums, seq, kv_heads, kv_heads, 1u32, chunk, n_chunks,
+        big_d, cfg, false,
+    );
+}
+
+/// The query side's transpose of the query–state product (backward pass):
+/// `dS_u = Σ_i e^{G_i} φ_Q(σq_i) dN_iᵀ`, `dz_u = Σ_i e^{G_i} φ_Q(σq_i) dL_i` over the rows of
+/// every query head of the group. `q` holds `σq` and `dn` holds `dN/β` (f16), `β` per
+/// `(b, h)` in `scales`, so the f16 operands stay in range whatever the gradients' scale.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn query_state_grad_mma_kernel<F: Float>(
+    q: &Array<Vector<F, Const<8>>>,
+    dn: &Array<Vector<F, Const<8>>>,
+    gates: &Array<f32>,
+    dl: &Array<f32>,
+    scales: &Array<f32>,
+    states: &mut Array<f32>,
+    sums: &mut Array<f32>,
+    seq: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    chunk: u32,
+    n_chunks: u32,
+    big_d: u32,
+    #[comptime] cfg: StateTiles,
+    #[define(F)] _dtype: StorageType,
+) {
+    state_mma_body::<F>(
+        q,
+        dn,
+        gates,
+        dl,
+        scales,
+        states,
+        sums,
+        seq,
+        q_heads,
+        kv_heads,
+        q_heads / kv_heads,
+        chunk,
+        n_chunks,
+        big_d,
+        cfg,
+        true,
+    );
+}
+
+/// The product of both entry kernels: `rows` (`k`, or `σq`) walked over the chunk's tokens of
+/// each of the `heads_per_kv` row heads of key/value head `kvh` (row head `kvh·heads_per_kv + j`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn state_mma_body<F: Float>(
+    k: &Array<Vector<F, Const<8>>>,
+    v: &Array<Vector<F, Const<8>>>,
+    gates: &Array<f32>,
+    dl: &Array<f32>,
+    scales: &Array<f32>,
+    states: &mut Array<f32>,
+    sums: &mut Array<f32>,
+    seq: u32,
+    row_heads: u32,
+    kv_heads: u32,
+    heads_per_kv: u32,
+    chunk: u32,
+    n_chunks: u32,
+    big_d: u32,
+    #[comptime] cfg: StateTiles,
+    #[comptime] queries: bool,
+) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
     let ds = comptime!(cfg.head_dim as usize + 2);
@@ -90,8 +164,7 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
     if tokens > chunk {
         tokens = chunk;
     }
-    let k_row0 = ((bi * seq + chunk_start) * kv_heads + kvh) as usize;
-    let k_stride = kv_heads as usize;
+    let k_stride = row_heads as usize;
 
     // this unit's feature group (a plane per group; past D: weight 0)
     let group = UNIT_POS as usize / DEPTH;
@@ -103,7 +176,10 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
         let pair = feature_pair(g * 16, 16u32);
         x = (pair >> 16) as usize;
         inner = (pair & 0xffff) as usize;
-        weight = pair_weight(x as u32, inner as u32, 16u32);
+        weight = 1.0;
+        if comptime!(!queries) {
+            weight = pair_weight(x as u32, inner as u32, 16u32);
+        }
     }
     let mut chunk_total = 0.0f32;
     if comptime!(cfg.gated) {
@@ -112,6 +188,7 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
 
     let mut sk = SharedMemory::<f16>::new(DEPTH * ds);
     let mut disc = SharedMemory::<f32>::new(DEPTH);
+    let mut sdl = SharedMemory::<f32>::new(DEPTH);
     let mut sphi = SharedMemory::<f16>::new(2 * ROWS * A_STRIDE);
     let mut sv = SharedMemory::<f16>::new(2 * DEPTH * vs);
     let mut row_index = SharedMemory::<u32>::new(ROWS);
@@ -126,12 +203,15 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
     }
     let mut acc = zero_accumulators(e);
 
-    // step s produces block s (tokens 32·s..) into buffer s mod 2 while the matrix units take
-    // block s − 1
-    let steps = (chunk + DEPTH as u32 - 1) / DEPTH as u32;
+    // step s produces block s (tokens 32·s.. of row head s / per_head) into buffer s mod 2
+    // while the matrix units take block s − 1
+    let per_head = (chunk + DEPTH as u32 - 1) / DEPTH as u32;
+    let steps = per_head * heads_per_kv;
     for step in 0..steps + 1 {
         let producing = step < steps;
-        let first = step * DEPTH as u32;
+        let j = step / per_head;
+        let first = (step % per_head) * DEPTH as u32;
+        let k_row0 = ((bi * seq + chunk_start) * row_heads + kvh * heads_per_kv + j) as usize;
         if producing {
             let present = rows_present(first, tokens);
             let row = (k_row0 + first as usize * k_stride) * (d / 8);
@@ -175,21 +255,32 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
             if UNIT_POS < DEPTH as u32 {
                 let pos = first + UNIT_POS;
                 let mut dec = 0.0f32;
+                let mut w = 1.0f32;
                 if pos < tokens {
                     dec = 1.0;
                     if comptime!(cfg.gated) {
-                        dec =
-                            f32::exp(chunk_total - gates[gate_base + (chunk_start + pos) as usize]);
+                        let g = gates[gate_base + (chunk_start + pos) as usize];
+                        if comptime!(queries) {
+                            dec = f32::exp(g);
+                        } else {
+                            dec = f32::exp(chunk_total - g);
+                        }
+                    }
+                    if comptime!(queries) {
+                        w = dl[k_row0 + (pos as usize) * k_stride];
                     }
                 }
                 disc[UNIT_POS as usize] = dec;
+                sdl[UNIT_POS as usize] = w;
             }
             sync_cube();
+            let tok = UNIT_POS as usize % DEPTH;
             build_features(
                 &sk,
                 &disc,
                 &mut sphi,
                 &mut zpart,
+                sdl[tok],
                 x,
                 inner,
                 weight,
@@ -214,5 +305,9 @@ pub(crate) fn chunk_state_mma_kernel<F: Float>(
         row_index[UNIT_POS as usize] = select(f < big_d as usize, (block + f) as u32, SKIP_ROW);
     }
     sync_cube();
-    store_accumulators(&acc, &mut stage, &row_index, states, e);
+    let mut mult = 1.0f32;
+    if comptime!(queries) {
+        mult = scales[(bi * kv_heads + kvh) as usize];
+    }
+    store_accumulators(&acc, &mut stage, &row_index, states, mult, e);
 }

@@ -246,7 +246,7 @@ fn query_state_kernel<F: Float>(
             den[at as usize] = total;
         }
     }
-    store_accumulators(&acc, &mut stage, &row_index, num, e);
+    store_accumulators(&acc, &mut stage, &row_index, num, 1.0, e);
 }
 
 /// Buffers of a query-state launch (flat, contiguous, row-major).

@@ -16,13 +16,16 @@ use burn_cubecl::{
     tensor::CubeTensor,
 };
 use retention_kernels::{
-    ChunkedTiles, GradTiles, OutputTiles, StateGradTiles, Strategy,
+    ChunkedTiles, GradTiles, OutputTiles, StateGradTiles, StateTiles, Strategy,
     chunk_grad::{
         GradDims, GradInputs, KeyGradArgs, QueryGradArgs, launch_key_grads, launch_query_grads,
     },
     chunk_grad_state_mma::{StateGradRowArgs, launch_state_grad_rows},
     chunk_output::{OutputArgs, OutputDims, launch_output},
-    chunk_state_grad::{StateGradArgs, StateGradDims, launch_chunk_state_grad},
+    chunk_state_grad::{
+        StateGradArgs, StateGradDims, StateGradMmaArgs, launch_chunk_state_grad,
+        launch_chunk_state_grad_mma,
+    },
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
     query_state::state_scale,
 };
@@ -171,6 +174,18 @@ where
     let state_mma = matches!(types.q, DType::F16 | DType::BF16)
         .then(|| StateGradTiles::plan(&client, Strategy::Auto, d, e))
         .flatten();
+    // with it, the chunk contributions are recomputed as the forward computed them (tensor
+    // cores, from the half-precision keys and values)
+    let half_contributions = state_mma
+        .and_then(|_| StateTiles::plan(&client, types.k.into(), Strategy::Auto, d, e))
+        .filter(|tiles| tiles.mma && types.k == types.v)
+        .map(|tiles| {
+            (
+                tiles,
+                into_contiguous(inputs.k.clone()),
+                into_contiguous(inputs.v.clone()),
+            )
+        });
     let (q, k, v) = (
         to_f32::<R, F, I, BT, 4>(inputs.q),
         to_f32::<R, F, I, BT, 4>(inputs.k),
@@ -182,7 +197,13 @@ where
     let half = |shape: &[usize]| state_mma.map(|_| empty(&q, shape, DType::F16));
 
     // 1. the forward pass again: states entering each chunk (in place), final state, rows
-    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n);
+    let (states, sums) = match &half_contributions {
+        Some((state_tiles, k_half, v_half)) => {
+            chunk_contributions(k_half, v_half, &gates, types.k, *state_tiles, chunk, n)
+        }
+        None => chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n),
+    };
+    drop(half_contributions);
     let final_state = empty_f32(&q, &[b, h, big_d, e]);
     let final_sum = empty_f32(&q, &[b, h, big_d]);
     let initial = inputs
@@ -237,16 +258,37 @@ where
         expanded_dim: big_d,
         scale: options.scale_for(d) as f32,
     };
-    let grad_args = StateGradArgs {
-        q: arg(q.clone()),
-        d_num: arg(d_num.clone()),
-        d_den: arg(d_den.clone()),
-        gates: gates.clone().map(arg),
-        states: arg(lambda.clone()),
-        sums: arg(lambda_z.clone()),
-    };
-    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
-    unsafe { launch_chunk_state_grad(&client, dtype.into(), grad_dims, tiles.state, grad_args) };
+    let f16_state_tiles = state_mma
+        .and_then(|_| StateTiles::plan(&client, DType::F16.into(), Strategy::Auto, d, e))
+        .filter(|tiles| tiles.mma);
+    if let Some(mma_tiles) = f16_state_tiles {
+        let (q16, dn16, scales) =
+            half_query_rows::<R, F, I, BT>(&q, &d_num, sizes, options.scale_for(d));
+        let grad_args = StateGradMmaArgs {
+            q: arg(q16),
+            d_num: arg(dn16),
+            d_den: arg(d_den.clone()),
+            scales: arg(scales),
+            gates: gates.clone().map(arg),
+            states: arg(lambda.clone()),
+            sums: arg(lambda_z.clone()),
+        };
+        // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+        unsafe { launch_chunk_state_grad_mma(&client, grad_dims, mma_tiles, grad_args) };
+    } else {
+        let grad_args = StateGradArgs {
+            q: arg(q.clone()),
+            d_num: arg(d_num.clone()),
+            d_den: arg(d_den.clone()),
+            gates: gates.clone().map(arg),
+            states: arg(lambda.clone()),
+            sums: arg(lambda_z.clone()),
+        };
+        // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+        unsafe {
+            launch_chunk_state_grad(&client, dtype.into(), grad_dims, tiles.state, grad_args)
+        };
+    }
     let d_final_s = upstream.state.map(to_f32::<R, F, I, BT, 4>);
     let d_final_z = upstream.key_sum.map(to_f32::<R, F, I, BT, 3>);
     let final_term =
@@ -449,6 +491,41 @@ where
     (
         into_contiguous(prim(d_num)),
         into_contiguous(prim(d_den.reshape([s.b, s.t, s.hq]))),
+    )
+}
+
+/// The tensor-core state-gradient kernel's operands: `σq` in f16, `dN/β` in f16 with `β` the
+/// largest `|dN|` of each `(b, h)` (so the f16 rows stay in range whatever the gradients'
+/// scale; 1 where all are zero), and `β` (`f32 [b, h]`).
+fn half_query_rows<R, F, I, BT>(
+    q: &CubeTensor<R>,
+    d_num: &CubeTensor<R>,
+    s: Sizes,
+    scale: f64,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let r = s.hq / s.h;
+    let q16 = (float::<Cube<R, F, I, BT>, 4>(q.clone()) * scale).to_dtype(DType::F16);
+    let dn = float::<Cube<R, F, I, BT>, 4>(d_num.clone()).reshape([s.b, s.t, s.h, r * s.e]);
+    let beta = dn
+        .clone()
+        .abs()
+        .max_dim(3)
+        .max_dim(1)
+        .reshape([s.b, 1, s.h, 1]);
+    let beta = beta.clone().mask_fill(beta.equal_elem(0.0), 1.0);
+    let dn16 = (dn / beta.clone())
+        .reshape([s.b, s.t, s.hq, s.e])
+        .to_dtype(DType::F16);
+    (
+        into_contiguous(prim(q16)),
+        into_contiguous(prim(dn16)),
+        into_contiguous(prim(beta.reshape([s.b, s.h]))),
     )
 }
 
