@@ -270,3 +270,23 @@ where
         Ok(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_its_floor() {
+        let c = TrainingConfig::new(110, 1, 1)
+            .with_learning_rate(1.0)
+            .with_warmup_steps(10)
+            .with_final_lr_fraction(0.1);
+        assert!((c.learning_rate_at(0) - 0.1).abs() < 1e-12);
+        assert!((c.learning_rate_at(9) - 1.0).abs() < 1e-12);
+        assert!((c.learning_rate_at(10) - 1.0).abs() < 1e-12);
+        assert!((c.learning_rate_at(60) - 0.55).abs() < 1e-12);
+        assert!((c.learning_rate_at(110) - 0.1).abs() < 1e-12);
+        let rates: Vec<f64> = (10..110).map(|s| c.learning_rate_at(s)).collect();
+        assert!(rates.windows(2).all(|w| w[1] <= w[0]));
+    }
+}
