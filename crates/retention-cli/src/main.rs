@@ -5,7 +5,7 @@ use retention_cli::apply::{ApplyArgs, apply};
 use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::selftest::selftest;
-use retention_cli::train::{MixerChoice, TrainArgs, train};
+use retention_cli::train::{TrainArgs, train};
 use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
 
 #[derive(Parser)]
@@ -82,51 +82,8 @@ enum Command {
         /// Backend to train on (under Autodiff).
         #[arg(long, value_enum, default_value = "ndarray")]
         backend: BackendChoice,
-        /// Sequence mixers to train.
-        #[arg(long, value_enum, default_value = "both")]
-        mixer: MixerChoice,
-        /// The tiny preset: 2 blocks of width 64, 300 steps; minutes on a CPU.
-        #[arg(long)]
-        tiny: bool,
-        /// `kjv` (Debian's bible-kjv: `apt-get install -y bible-kjv`) or a text file.
-        #[arg(long, default_value = "kjv")]
-        corpus: String,
-        /// Use only the corpus's first bytes.
-        #[arg(long)]
-        max_corpus_bytes: Option<usize>,
-        /// BPE vocabulary size (preset: 512 tiny, 4096 otherwise).
-        #[arg(long)]
-        vocab: Option<usize>,
-        /// Optimizer steps (preset: 300 tiny, 3000 otherwise).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Sequences per step (preset: 16 tiny, 32 otherwise).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Tokens per sequence (preset: 128 tiny, 512 otherwise).
-        #[arg(long)]
-        seq: Option<usize>,
-        /// Peak learning rate (preset: 1e-2 tiny, 2e-3 otherwise).
-        #[arg(long)]
-        lr: Option<f64>,
-        /// Retention's chunk size (0: the quadratic attention form; default 128).
-        #[arg(long)]
-        chunk: Option<usize>,
-        /// Seed of the weights and the batch order.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Output directory (tokenizer, one run directory per mixer, loss.svg).
-        #[arg(long, default_value = "runs/train")]
-        out: String,
-        /// Continue from the checkpoints in the output directory.
-        #[arg(long)]
-        resume: bool,
-        /// Steps between checkpoints (0: only at the end).
-        #[arg(long, default_value_t = 100)]
-        checkpoint_every: usize,
-        /// Steps between validation passes (preset: 50 tiny, 250 otherwise).
-        #[arg(long)]
-        eval_every: Option<usize>,
+        #[command(flatten)]
+        args: TrainArgs,
     },
     /// Times the forward pass and the decode step (CSV in the anchor benchmark's schema).
     Bench {
@@ -282,41 +239,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             )
             .map(drop))
         }
-        Command::Train {
-            backend,
-            mixer,
-            tiny,
-            corpus,
-            max_corpus_bytes,
-            vocab,
-            steps,
-            batch,
-            seq,
-            lr,
-            chunk,
-            seed,
-            out,
-            resume,
-            checkpoint_every,
-            eval_every,
-        } => {
-            let args = TrainArgs {
-                mixer,
-                tiny,
-                corpus,
-                max_corpus_bytes,
-                vocab,
-                steps,
-                batch,
-                seq,
-                lr,
-                chunk,
-                seed,
-                out: out.into(),
-                resume,
-                checkpoint_every,
-                eval_every,
-            };
+        Command::Train { backend, args } => {
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))
         }
         Command::Bench {
