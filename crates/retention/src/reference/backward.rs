@@ -57,7 +57,16 @@ pub fn chunked_backward<B: Backend>(
         initial.as_ref().map(|(s, z)| (s.dtype(), z.dtype())),
     );
     let gate_dtype = log_g.as_ref().map(|g| g.dtype());
-    let x = ChunkedParts::new(q, k, v, log_g, initial, chunk_size, degree, scale);
+    // one chunk, no initial state and no final-state gradient: the state path is zero
+    let one_chunk = q.dims()[1] <= chunk_size;
+    let stateless = one_chunk && initial.is_none() && d_final.0.is_none() && d_final.1.is_none();
+    let (x, state) = if stateless {
+        let x = ChunkedParts::intra_only(q, k, v, log_g, chunk_size, degree, scale);
+        (x, None)
+    } else {
+        let (x, state) = ChunkedParts::new(q, k, v, log_g, initial, chunk_size, degree, scale);
+        (x, Some(state))
+    };
     let ChunkedDims {
         b,
         t,
@@ -111,103 +120,108 @@ pub fn chunked_backward<B: Backend>(
     let mut d_g = d_logit.clone().sum_dim(5).sum_dim(3).reshape([b, h, n, c])
         - d_logit.sum_dim(4).sum_dim(3).reshape([b, h, n, c]);
 
-    // state path, query side: the state terms enter N and L scaled by e^{−M} (where L_state > 0)
-    let live = x.l_state.clone().greater_elem(0.0);
-    let e_m = x
-        .row_max
-        .clone()
-        .neg()
-        .exp()
-        .mask_fill(live.bool_not(), 0.0); // [b, h, n, r, c, 1]
-    let u = (d_num * e_m.clone()).reshape([b, h, n, rc, e]);
-    let lam = (d_den * e_m).reshape([b, h, n, rc, 1]);
-    let ds_local = x.phi_q.clone().swap_dims(3, 4).matmul(u.clone()); // [b, h, n, D, e]
-    let dz_local = x
-        .phi_q
-        .clone()
-        .swap_dims(3, 4)
-        .matmul(lam.clone())
-        .reshape([b, h, n, big_d]);
-    let d_phi_q = u.matmul(x.s_used.clone().swap_dims(3, 4))
-        + lam.matmul(x.z_used.clone().unsqueeze_dim::<5>(3)); // [b, h, n, r·c, D]
-    let d_q_gated = x.layout.expand_backward(x.q_gated.clone(), d_phi_q, false);
-    let q_decay = x
-        .a_in
-        .clone()
-        .div_scalar(p)
-        .exp()
-        .reshape([b, h, n, 1, c, 1]);
-    dq = dq + (d_q_gated.clone().reshape([b, h, n, r, c, d]) * q_decay).reshape([b, h, n, rc, d]);
-    // the state path of query i is ∝ e^{G_i}: φ_Q(q e^{ā/p}) = e^{ā} φ_Q(q), so its
-    // Σ_j dℓ_ij = (1/p) q̃·∂/∂q̃
-    d_g = d_g
-        + (d_q_gated * x.q_gated.clone())
+    let mut final_term = None;
+    let mut d_initial = None;
+    if let Some(st) = &state {
+        // state path, query side: the state terms enter N and L scaled by e^{−M} (where L_state > 0)
+        let live = st.l_state.clone().greater_elem(0.0);
+        let e_m = x
+            .row_max
+            .clone()
+            .neg()
+            .exp()
+            .mask_fill(live.bool_not(), 0.0); // [b, h, n, r, c, 1]
+        let u = (d_num * e_m.clone()).reshape([b, h, n, rc, e]);
+        let lam = (d_den * e_m).reshape([b, h, n, rc, 1]);
+        let ds_local = st.phi_q.clone().swap_dims(3, 4).matmul(u.clone()); // [b, h, n, D, e]
+        let dz_local = st
+            .phi_q
+            .clone()
+            .swap_dims(3, 4)
+            .matmul(lam.clone())
+            .reshape([b, h, n, big_d]);
+        let d_phi_q = u.matmul(st.s_used.clone().swap_dims(3, 4))
+            + lam.matmul(st.z_used.clone().unsqueeze_dim::<5>(3)); // [b, h, n, r·c, D]
+        let d_q_gated = x.layout.expand_backward(st.q_gated.clone(), d_phi_q, false);
+        let q_decay = x
+            .a_in
+            .clone()
+            .div_scalar(p)
+            .exp()
+            .reshape([b, h, n, 1, c, 1]);
+        dq = dq
+            + (d_q_gated.clone().reshape([b, h, n, r, c, d]) * q_decay).reshape([b, h, n, rc, d]);
+        // the state path of query i is ∝ e^{G_i}: φ_Q(q e^{ā/p}) = e^{ā} φ_Q(q), so its
+        // Σ_j dℓ_ij = (1/p) q̃·∂/∂q̃
+        d_g = d_g
+            + (d_q_gated * st.q_gated.clone())
+                .sum_dim(4)
+                .reshape([b, h, n, r, c])
+                .sum_dim(3)
+                .reshape([b, h, n, c])
+                .div_scalar(p);
+
+        // the scan, backwards: states entering chunks 0..n−1, then the final state
+        // ⟨dS_T, S_T⟩ + ⟨dz_T, z_T⟩ per head: the final state's own gate gradient
+        final_term = (d_final.0.is_some() || d_final.1.is_some()).then(|| {
+            let mut term = Tensor::<B, 3>::zeros([b, h, 1], (&device, dt));
+            if let Some(ds) = &d_final.0 {
+                term = term
+                    + (ds.clone().to_dtype(dt) * st.final_state.clone())
+                        .reshape([b, h, big_d * e])
+                        .sum_dim(2);
+            }
+            if let Some(dz) = &d_final.1 {
+                term = term + (dz.clone().to_dtype(dt) * st.final_key_sum.clone()).sum_dim(2);
+            }
+            term
+        });
+        let d_final_s = d_final
+            .0
+            .map(|s| s.to_dtype(dt))
+            .unwrap_or_else(|| Tensor::zeros([b, h, big_d, e], (&device, dt)));
+        let d_final_z = d_final
+            .1
+            .map(|z| z.to_dtype(dt))
+            .unwrap_or_else(|| Tensor::zeros([b, h, big_d], (&device, dt)));
+        let ds_in = Tensor::cat(
+            vec![
+                ds_local.reshape([b, h, n, big_d * e]),
+                d_final_s.reshape([b, h, 1, big_d * e]),
+            ],
+            2,
+        ); // [b, h, n+1, D·e]
+        let dz_in = Tensor::cat(vec![dz_local, d_final_z.reshape([b, h, 1, big_d])], 2);
+        // λ_{u+1} = Σ_{u' > u} e^{C_{u'−1} − C_u} dS_{u'}: the gradient of the state after chunk u,
+        // and so of ΔS_u (a product over the n + 1 states only)
+        let d_delta_s = st.decay.clone().swap_dims(2, 3).matmul(ds_in.clone()); // [b, h, n, D·e]
+        let d_delta_z = st.decay.clone().swap_dims(2, 3).matmul(dz_in.clone()); // [b, h, n, D]
+        // the initial state enters chunk u as e^{C_{u−1}} S_0
+        d_initial = st.initial.as_ref().map(|_| {
+            let carry = st.carry.clone().reshape([b, h, 1, n + 1]);
+            let ds0 = carry
+                .clone()
+                .matmul(ds_in.clone())
+                .reshape([b, h, big_d, e]);
+            let dz0 = carry.matmul(dz_in.clone()).reshape([b, h, big_d]);
+            (ds0, dz0)
+        });
+
+        // chunk contributions: ΔS_u = Σ_τ φ_K(k̃_τ) v_τᵀ, k̃ = k e^{(A_u − ā)/p}
+        let d_delta_s = d_delta_s.reshape([b, h, n, big_d, e]);
+        let d_phi_k =
+            x.v.clone().matmul(d_delta_s.clone().swap_dims(3, 4)) + d_delta_z.unsqueeze_dim::<5>(3); // [b, h, n, c, D]
+        dv = dv + st.phi_k.clone().matmul(d_delta_s);
+        let k_gated = x.k.clone() * st.key_decay.clone();
+        let d_k_gated = x.layout.expand_backward(k_gated.clone(), d_phi_k, true);
+        dk = dk + d_k_gated.clone() * st.key_decay.clone();
+        let g_key = (d_k_gated * k_gated)
             .sum_dim(4)
-            .reshape([b, h, n, r, c])
-            .sum_dim(3)
             .reshape([b, h, n, c])
             .div_scalar(p);
-
-    // the scan, backwards: states entering chunks 0..n−1, then the final state
-    // ⟨dS_T, S_T⟩ + ⟨dz_T, z_T⟩ per head: the final state's own gate gradient
-    let final_term = (d_final.0.is_some() || d_final.1.is_some()).then(|| {
-        let mut term = Tensor::<B, 3>::zeros([b, h, 1], (&device, dt));
-        if let Some(ds) = &d_final.0 {
-            term = term
-                + (ds.clone().to_dtype(dt) * x.final_state.clone())
-                    .reshape([b, h, big_d * e])
-                    .sum_dim(2);
-        }
-        if let Some(dz) = &d_final.1 {
-            term = term + (dz.clone().to_dtype(dt) * x.final_key_sum.clone()).sum_dim(2);
-        }
-        term
-    });
-    let d_final_s = d_final
-        .0
-        .map(|s| s.to_dtype(dt))
-        .unwrap_or_else(|| Tensor::zeros([b, h, big_d, e], (&device, dt)));
-    let d_final_z = d_final
-        .1
-        .map(|z| z.to_dtype(dt))
-        .unwrap_or_else(|| Tensor::zeros([b, h, big_d], (&device, dt)));
-    let ds_in = Tensor::cat(
-        vec![
-            ds_local.reshape([b, h, n, big_d * e]),
-            d_final_s.reshape([b, h, 1, big_d * e]),
-        ],
-        2,
-    ); // [b, h, n+1, D·e]
-    let dz_in = Tensor::cat(vec![dz_local, d_final_z.reshape([b, h, 1, big_d])], 2);
-    // λ_{u+1} = Σ_{u' > u} e^{C_{u'−1} − C_u} dS_{u'}: the gradient of the state after chunk u,
-    // and so of ΔS_u (a product over the n + 1 states only)
-    let d_delta_s = x.decay.clone().swap_dims(2, 3).matmul(ds_in.clone()); // [b, h, n, D·e]
-    let d_delta_z = x.decay.clone().swap_dims(2, 3).matmul(dz_in.clone()); // [b, h, n, D]
-    // the initial state enters chunk u as e^{C_{u−1}} S_0
-    let d_initial = x.initial.as_ref().map(|_| {
-        let carry = x.carry.clone().reshape([b, h, 1, n + 1]);
-        let ds0 = carry
-            .clone()
-            .matmul(ds_in.clone())
-            .reshape([b, h, big_d, e]);
-        let dz0 = carry.matmul(dz_in.clone()).reshape([b, h, big_d]);
-        (ds0, dz0)
-    });
-
-    // chunk contributions: ΔS_u = Σ_τ φ_K(k̃_τ) v_τᵀ, k̃ = k e^{(A_u − ā)/p}
-    let d_delta_s = d_delta_s.reshape([b, h, n, big_d, e]);
-    let d_phi_k =
-        x.v.clone().matmul(d_delta_s.clone().swap_dims(3, 4)) + d_delta_z.unsqueeze_dim::<5>(3); // [b, h, n, c, D]
-    dv = dv + x.phi_k.clone().matmul(d_delta_s);
-    let k_gated = x.k.clone() * x.key_decay.clone();
-    let d_k_gated = x.layout.expand_backward(k_gated.clone(), d_phi_k, true);
-    dk = dk + d_k_gated.clone() * x.key_decay.clone();
-    let g_key = (d_k_gated * k_gated)
-        .sum_dim(4)
-        .reshape([b, h, n, c])
-        .div_scalar(p);
-    // keys reach later chunks (and the final state) ∝ e^{−G_j}: their Σ_i dℓ_ij = (1/p) k̃·∂/∂k̃
-    d_g = d_g - g_key;
+        // keys reach later chunks (and the final state) ∝ e^{−G_j}: their Σ_i dℓ_ij = (1/p) k̃·∂/∂k̃
+        d_g = d_g - g_key;
+    }
 
     // the final state is a query at the last position: its terms are ∝ e^{G_T}
     let mut d_g = d_g.reshape([b, h, n * c]);

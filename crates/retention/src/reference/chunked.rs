@@ -40,7 +40,7 @@ pub fn chunked_form<B: Backend>(
     degree: usize,
     scale: f64,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 3>) {
-    let parts = ChunkedParts::new(q, k, v, log_g, initial, chunk_size, degree, scale);
+    let (parts, state) = ChunkedParts::new(q, k, v, log_g, initial, chunk_size, degree, scale);
     let ChunkedDims {
         b,
         t,
@@ -58,7 +58,7 @@ pub fn chunked_form<B: Backend>(
         .reshape([b, n * c, h * r, e])
         .narrow(1, 0, t)
         .to_dtype(out_dtype);
-    (y, parts.final_state, parts.final_key_sum)
+    (y, state.final_state, state.final_key_sum)
 }
 
 /// Sizes of a chunked call.
@@ -78,20 +78,36 @@ pub(crate) struct ChunkedDims {
 }
 
 /// The chunked forward pass with the intermediates its backward pass reads (computed in the
-/// compute dtype, chunk-major layouts `[b, h, n, …]`).
+/// compute dtype, chunk-major layouts `[b, h, n, …]`): the intra-chunk part here, the state
+/// path in [`StateParts`].
 pub(crate) struct ChunkedParts<B: Backend> {
     pub dims: ChunkedDims,
     pub layout: Arc<SympowLayout>,
     /// `σ q`, `[b, h, n, r·c, d]`.
     pub q: Tensor<B, 5>,
-    /// `σ q e^{ā/p}`, the argument of `φ_Q`, `[b, h, n, r·c, d]`.
-    pub q_gated: Tensor<B, 5>,
     /// `[b, h, n, c, d]`.
     pub k: Tensor<B, 5>,
     /// `[b, h, n, c, e]`.
     pub v: Tensor<B, 5>,
     /// Cumulative log-gates inside chunks `ā`, `[b, h, n, c]`.
     pub a_in: Tensor<B, 4>,
+    /// Scores `σ q·k` inside chunks, `[b, h, n, r, c, c]`, and where they are hidden.
+    pub scores: Tensor<B, 6>,
+    pub hidden: Tensor<B, 6, Bool>,
+    /// Row maxima of the log-weights, `[b, h, n, r, c, 1]`.
+    pub row_max: Tensor<B, 6>,
+    /// Intra-chunk weights `e^{ℓ − M}`, `[b, h, n, r, c, c]`.
+    pub weights: Tensor<B, 6>,
+    /// Denominators (scaled by `e^{−M}`), `[b, h, n, r, c, 1]`.
+    pub denom: Tensor<B, 6>,
+    /// Output rows, `[b, h, n, r, c, e]`.
+    pub y: Tensor<B, 6>,
+}
+
+/// The state path of a chunked forward pass (`D`-wide: the feature maps, the states).
+pub(crate) struct StateParts<B: Backend> {
+    /// `σ q e^{ā/p}`, the argument of `φ_Q`, `[b, h, n, r·c, d]`.
+    pub q_gated: Tensor<B, 5>,
     /// `e^{(A_u − ā)/p}`, `[b, h, n, c, 1]`.
     pub key_decay: Tensor<B, 5>,
     /// `φ_K(k e^{(A_u − ā)/p})`, `[b, h, n, c, D]`.
@@ -107,24 +123,17 @@ pub(crate) struct ChunkedParts<B: Backend> {
     pub z_used: Tensor<B, 4>,
     /// `φ_Q(q_gated)`, `[b, h, n, r·c, D]`.
     pub phi_q: Tensor<B, 5>,
+    /// `φ_Q(q_gated)ᵀ S`, `[b, h, n, r, c, e]`.
+    pub y_state: Tensor<B, 6>,
     /// `φ_Q(q_gated)·z`, clamped at 0, `[b, h, n, r, c, 1]`.
     pub l_state: Tensor<B, 6>,
-    /// Scores `σ q·k` inside chunks, `[b, h, n, r, c, c]`, and where they are hidden.
-    pub scores: Tensor<B, 6>,
-    pub hidden: Tensor<B, 6, Bool>,
-    /// Row maxima of the log-weights, `[b, h, n, r, c, 1]`.
-    pub row_max: Tensor<B, 6>,
-    /// Intra-chunk weights `e^{ℓ − M}`, `[b, h, n, r, c, c]`.
-    pub weights: Tensor<B, 6>,
-    /// Denominators (scaled by `e^{−M}`), `[b, h, n, r, c, 1]`.
-    pub denom: Tensor<B, 6>,
-    /// Output rows, `[b, h, n, r, c, e]`.
-    pub y: Tensor<B, 6>,
+    /// The state after the last chunk, `[b, h, D, e]` and `[b, h, D]`.
     pub final_state: Tensor<B, 4>,
     pub final_key_sum: Tensor<B, 3>,
 }
 
 impl<B: Backend> ChunkedParts<B> {
+    /// The whole forward pass: the intra-chunk part and the state path.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         q: Tensor<B, 4>,
@@ -132,6 +141,135 @@ impl<B: Backend> ChunkedParts<B> {
         v: Tensor<B, 4>,
         log_g: Option<Tensor<B, 3>>,
         initial: Option<(Tensor<B, 4>, Tensor<B, 3>)>,
+        chunk_size: usize,
+        degree: usize,
+        scale: f64,
+    ) -> (Self, StateParts<B>) {
+        let prep = Prepared::new(q, k, v, log_g, chunk_size, degree, scale);
+        let state = StateParts::new(&prep, initial);
+        (Self::assemble(prep, Some(&state)), state)
+    }
+
+    /// The forward pass without a state path, for a call whose state path is zero: one chunk,
+    /// no initial state (and no use of the final state).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn intra_only(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        log_g: Option<Tensor<B, 3>>,
+        chunk_size: usize,
+        degree: usize,
+        scale: f64,
+    ) -> Self {
+        Self::assemble(
+            Prepared::new(q, k, v, log_g, chunk_size, degree, scale),
+            None,
+        )
+    }
+
+    fn assemble(prep: Prepared<B>, state: Option<&StateParts<B>>) -> Self {
+        let Prepared {
+            dims,
+            layout,
+            q,
+            k,
+            v,
+            a_in,
+            ..
+        } = prep;
+        let ChunkedDims {
+            b,
+            h,
+            r,
+            c,
+            n,
+            e,
+            d,
+            p,
+            ..
+        } = dims;
+        let degree = p as usize;
+        let device = q.device();
+        let qc = q.permute([0, 1, 3, 2, 4, 5]); // [b, h, n, r, c, d]
+        // 4b. intra-chunk causal gated power scores, in log space
+        let qc = qc.reshape([b, h, n, r * c, d]);
+        let scores = qc
+            .clone()
+            .matmul(k.clone().swap_dims(3, 4))
+            .reshape([b, h, n, r, c, c]);
+        let hidden = Tensor::<B, 2, Bool>::tril_mask([c, c], 0, &device)
+            .reshape([1, 1, 1, 1, c, c])
+            .expand([b, h, n, r, c, c]);
+        // zero scores are hidden too (weight 0, as `log_power` makes them)
+        let hidden = hidden.bool_or(scores.clone().equal_elem(0.0));
+        let logits = log_power(scores.clone(), hidden.clone(), degree)
+            + a_in.clone().reshape([b, h, n, 1, c, 1])
+            - a_in.clone().reshape([b, h, n, 1, 1, c]);
+
+        // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
+        let row_max = logits.clone().max_dim(5);
+        let state_terms = state.map(|st| {
+            let y_state = normalise(st.y_state.clone(), st.l_state.clone());
+            (y_state, log_nonneg(st.l_state.clone()))
+        });
+        let row_max = match &state_terms {
+            Some((_, log_l_state)) => row_max.max_pair(log_l_state.clone()),
+            None => row_max,
+        };
+        // the stabiliser cancels analytically: no gradient through it
+        let row_max = row_max.clamp_min(NEG_LARGE).detach();
+        let weights = (logits - row_max.clone()).exp();
+        let mut num = weights
+            .clone()
+            .reshape([b, h, n, r * c, c])
+            .matmul(v.clone())
+            .reshape([b, h, n, r, c, e]);
+        let mut denom = weights.clone().sum_dim(5);
+        if let Some((y_state, log_l_state)) = state_terms {
+            let beta = (log_l_state - row_max.clone()).exp();
+            num = num + y_state * beta.clone();
+            denom = denom + beta;
+        }
+        let denom = denom.clamp_min(1.0);
+        let y = num / denom.clone();
+        Self {
+            dims,
+            layout,
+            q: qc,
+            k,
+            v,
+            a_in,
+            scores,
+            hidden,
+            row_max,
+            weights,
+            denom,
+            y,
+        }
+    }
+}
+
+/// The inputs in the compute dtype and chunk-major layouts, and the gates inside chunks.
+struct Prepared<B: Backend> {
+    dims: ChunkedDims,
+    layout: Arc<SympowLayout>,
+    /// `σ q`, `[b, h, r, n, c, d]`.
+    q: Tensor<B, 6>,
+    k: Tensor<B, 5>,
+    v: Tensor<B, 5>,
+    /// `ā`, `[b, h, n, c]`.
+    a_in: Tensor<B, 4>,
+    /// `A_u`, `[b, h, n, 1]`.
+    a_tot: Tensor<B, 4>,
+}
+
+impl<B: Backend> Prepared<B> {
+    fn new(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        log_g: Option<Tensor<B, 3>>,
         chunk_size: usize,
         degree: usize,
         scale: f64,
@@ -167,6 +305,55 @@ impl<B: Backend> ChunkedParts<B> {
         let a_in = a.cumsum(3); // ā, [b, h, n, c]
         let a_tot = a_in.clone().narrow(3, c - 1, 1); // A_u, [b, h, n, 1]
 
+        Self {
+            dims: ChunkedDims {
+                b,
+                t,
+                h,
+                r,
+                d,
+                e,
+                c,
+                n,
+                big_d,
+                p,
+                out_dtype,
+            },
+            layout,
+            q,
+            k,
+            v,
+            a_in,
+            a_tot,
+        }
+    }
+}
+
+impl<B: Backend> StateParts<B> {
+    /// Steps 2, 3 and 4a of [`chunked_form`].
+    fn new(prep: &Prepared<B>, initial: Option<(Tensor<B, 4>, Tensor<B, 3>)>) -> Self {
+        let ChunkedDims {
+            b,
+            h,
+            r,
+            d,
+            e,
+            c,
+            n,
+            big_d,
+            p,
+            ..
+        } = prep.dims;
+        let layout = &prep.layout;
+        let (k, v, a_in, a_tot) = (
+            prep.k.clone(),
+            prep.v.clone(),
+            prep.a_in.clone(),
+            prep.a_tot.clone(),
+        );
+        let device = k.device();
+        let dt = k.dtype();
+        let q = prep.q.clone();
         // 2. chunk contributions, keys discounted to the end of their chunk
         let key_decay = (a_tot.clone() - a_in.clone())
             .div_scalar(p)
@@ -229,61 +416,8 @@ impl<B: Backend> ChunkedParts<B> {
             .reshape([b, h, n, r, c, 1])
             .clamp_min(0.0);
 
-        // 4b. intra-chunk causal gated power scores, in log space
-        let qc = qc.reshape([b, h, n, r * c, d]);
-        let scores = qc
-            .clone()
-            .matmul(k.clone().swap_dims(3, 4))
-            .reshape([b, h, n, r, c, c]);
-        let hidden = Tensor::<B, 2, Bool>::tril_mask([c, c], 0, &device)
-            .reshape([1, 1, 1, 1, c, c])
-            .expand([b, h, n, r, c, c]);
-        // zero scores are hidden too (weight 0, as `log_power` makes them)
-        let hidden = hidden.bool_or(scores.clone().equal_elem(0.0));
-        let logits = log_power(scores.clone(), hidden.clone(), degree)
-            + a_in.clone().reshape([b, h, n, 1, c, 1])
-            - a_in.clone().reshape([b, h, n, 1, 1, c]);
-
-        // 4c. merge: y = (Σ w v + β ŷ_state) / (Σ w + β), every term scaled by the row maximum
-        let y_state = normalise(y_state, l_state.clone());
-        let log_l_state = log_nonneg(l_state.clone());
-        // the stabiliser cancels analytically: no gradient through it
-        let row_max = logits
-            .clone()
-            .max_dim(5)
-            .max_pair(log_l_state.clone())
-            .clamp_min(NEG_LARGE)
-            .detach();
-        let weights = (logits - row_max.clone()).exp();
-        let beta = (log_l_state - row_max.clone()).exp();
-        let num = weights
-            .clone()
-            .reshape([b, h, n, r * c, c])
-            .matmul(v.clone())
-            .reshape([b, h, n, r, c, e])
-            + y_state * beta.clone();
-        let denom = (weights.clone().sum_dim(5) + beta).clamp_min(1.0);
-        let y = num / denom.clone();
         Self {
-            dims: ChunkedDims {
-                b,
-                t,
-                h,
-                r,
-                d,
-                e,
-                c,
-                n,
-                big_d,
-                p,
-                out_dtype,
-            },
-            layout,
-            q: qc,
             q_gated,
-            k,
-            v,
-            a_in,
             key_decay,
             phi_k,
             decay,
@@ -292,13 +426,8 @@ impl<B: Backend> ChunkedParts<B> {
             s_used,
             z_used,
             phi_q,
+            y_state,
             l_state,
-            scores,
-            hidden,
-            row_max,
-            weights,
-            denom,
-            y,
             final_state,
             final_key_sum,
         }
