@@ -127,9 +127,7 @@ pub unsafe fn launch_query_grads<R: Runtime>(
             dims.batch as u32,
         )
     };
-    for (index, (first, len)) in feature_slices(&tiles, dims).into_iter().enumerate() {
-        tiles.intra = index == 0;
-        tiles.accumulate = index > 0;
+    for_each_slice(tiles, dims, |tiles, first, len| {
         // SAFETY: the buffers hold what the caller promised.
         unsafe {
             chunk_grad_queries_kernel::launch_unchecked::<R>(
@@ -159,7 +157,7 @@ pub unsafe fn launch_query_grads<R: Runtime>(
                 dtype,
             )
         }
-    }
+    });
 }
 
 /// Launches the key-side backward kernel.
@@ -192,9 +190,7 @@ pub unsafe fn launch_key_grads<R: Runtime>(
             dims.batch as u32,
         )
     };
-    for (index, (first, len)) in feature_slices(&tiles, dims).into_iter().enumerate() {
-        tiles.intra = index == 0;
-        tiles.accumulate = index > 0;
+    for_each_slice(tiles, dims, |tiles, first, len| {
         // SAFETY: the buffers hold what the caller promised.
         unsafe {
             chunk_grad_keys_kernel::launch_unchecked::<R>(
@@ -225,7 +221,7 @@ pub unsafe fn launch_key_grads<R: Runtime>(
                 dtype,
             )
         }
-    }
+    });
 }
 
 /// Feature blocks one launch walks at most: the state path is split over several launches
@@ -233,6 +229,20 @@ pub unsafe fn launch_key_grads<R: Runtime>(
 /// cube walking all of Brumby's 8,256 features in 16-feature blocks ran past what Mesa's
 /// lavapipe completes correctly.
 const FEATURE_BLOCKS_PER_LAUNCH: usize = 256;
+
+/// Calls `launch` once per slice of the state's feature blocks (once without a state), with
+/// `tiles.intra` set for the first launch and `tiles.accumulate` for the others.
+fn for_each_slice(
+    mut tiles: GradTiles,
+    dims: GradDims,
+    mut launch: impl FnMut(GradTiles, u32, u32),
+) {
+    for (index, (first, len)) in feature_slices(&tiles, dims).into_iter().enumerate() {
+        tiles.intra = index == 0;
+        tiles.accumulate = index > 0;
+        launch(tiles, first, len);
+    }
+}
 
 /// `(first block, block count)` of each launch: one launch without a state.
 fn feature_slices(tiles: &GradTiles, dims: GradDims) -> Vec<(u32, u32)> {

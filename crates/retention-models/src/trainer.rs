@@ -108,6 +108,16 @@ pub struct Trainer<B: AutodiffBackend> {
     device: B::Device,
 }
 
+/// The recorder of checkpoints: full precision, so a restored model is bit-identical.
+type Checkpointer = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+fn checkpoint_error(dir: &Path, file: &str, e: &dyn std::fmt::Display) -> ModelError {
+    ModelError::Checkpoint {
+        path: dir.join(file).display().to_string(),
+        message: e.to_string(),
+    }
+}
+
 /// The files of a checkpoint directory.
 const MODEL_FILE: &str = "model";
 const OPTIMIZER_FILE: &str = "optimizer";
@@ -229,11 +239,8 @@ where
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        let failed = |file: &str, e: &dyn std::fmt::Display| ModelError::Checkpoint {
-            path: dir.join(file).display().to_string(),
-            message: e.to_string(),
-        };
+        let recorder = Checkpointer::new();
+        let failed = |file: &str, e: &dyn std::fmt::Display| checkpoint_error(dir, file, e);
         self.model
             .clone()
             .save_file(dir.join(MODEL_FILE), &recorder)
@@ -253,11 +260,8 @@ where
     /// [`ModelError::Checkpoint`] when a file is missing or does not match the model.
     pub fn resume(mut self, dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
-        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-        let failed = |file: &str, e: &dyn std::fmt::Display| ModelError::Checkpoint {
-            path: dir.join(file).display().to_string(),
-            message: e.to_string(),
-        };
+        let recorder = Checkpointer::new();
+        let failed = |file: &str, e: &dyn std::fmt::Display| checkpoint_error(dir, file, e);
         self.model = self
             .model
             .load_file(dir.join(MODEL_FILE), &recorder, &self.device)
