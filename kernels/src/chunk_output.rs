@@ -51,8 +51,11 @@ pub struct OutputArgs<R: Runtime> {
     /// [`launch_query_state`](crate::query_state::launch_query_state), `f32 [b, t, hq, e]` and
     /// `f32 [b, t, hq]`.
     pub states: Option<(ArrayArg<R>, ArrayArg<R>)>,
-    /// Output `[b, t, hq, e]`, dtype of `q`.
+    /// Output `[b, t, hq, e]`, of `out_dtype`.
     pub out: ArrayArg<R>,
+    /// The element type of `out`: that of `q` for a forward pass; `f32` where a backward pass
+    /// needs the rows at full precision.
+    pub out_dtype: StorageType,
     /// Each row's normaliser `L_i` (`y_i = N_i / L_i`; the backward pass reads it),
     /// `f32 [b, t, hq]`; `None`: not written.
     pub stats: Option<ArrayArg<R>>,
@@ -63,7 +66,7 @@ pub struct OutputArgs<R: Runtime> {
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`OutputArgs`] for `dims`, `dtype` must be
-/// the element type of `q`, `k`, `v` and `out`, and `tiles` must come from
+/// the element type of `q`, `k`, `v` (and `args.out_dtype` that of `out`), and `tiles` must come from
 /// [`OutputTiles::plan`] for this client, dtype and head dims.
 pub unsafe fn launch_output<R: Runtime>(
     client: &ComputeClient<R>,
@@ -118,7 +121,7 @@ pub unsafe fn launch_output<R: Runtime>(
             dims.expanded_dim as u32,
             dims.scale,
             tiles,
-            dtype,
+            [dtype, args.out_dtype],
         )
     }
 }
@@ -144,19 +147,19 @@ type OutputLaunch<R> = unsafe fn(
     u32,
     f32,
     OutputTiles,
-    StorageType,
+    [StorageType; 2],
 );
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn chunk_output_kernel<F: Float>(
+fn chunk_output_kernel<F: Float, O: Float>(
     q: &Array<F>,
     k: &Array<F>,
     v: &Array<F>,
     gates: &Array<f32>,
     states: &Array<f32>,
     sums: &Array<f32>,
-    out: &mut Array<F>,
+    out: &mut Array<O>,
     stats: &mut Array<f32>,
     seq: u32,
     q_heads: u32,
@@ -166,7 +169,7 @@ fn chunk_output_kernel<F: Float>(
     big_d: u32,
     scale: f32,
     #[comptime] cfg: OutputTiles,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, O)] _dtypes: [StorageType; 2],
 ) {
     let bq = comptime!(cfg.block_q as usize);
     let bk = comptime!(cfg.block_k as usize);
@@ -375,7 +378,7 @@ fn chunk_output_kernel<F: Float>(
         for c in 0..per_unit {
             let col = lane + c * lanes;
             if col < e {
-                out[base + col] = F::cast_from(acc[c] * inv);
+                out[base + col] = O::cast_from(acc[c] * inv);
             }
         }
         if comptime!(cfg.with_stats) {

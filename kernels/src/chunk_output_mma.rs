@@ -47,14 +47,14 @@ pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize, el: usize) -> usiz
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_output_mma_kernel<F: Float>(
+pub(crate) fn chunk_output_mma_kernel<F: Float, O: Float>(
     q: &Array<Vector<F, Const<8>>>,
     k: &Array<Vector<F, Const<8>>>,
     v: &Array<Vector<F, Const<8>>>,
     gates: &Array<f32>,
     state_num: &Array<f32>,
     state_den: &Array<f32>,
-    out: &mut Array<F>,
+    out: &mut Array<O>,
     stats: &mut Array<f32>,
     seq: u32,
     q_heads: u32,
@@ -64,7 +64,7 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
     _big_d: u32,
     scale: f32,
     #[comptime] cfg: OutputTiles,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, O)] _dtypes: [StorageType; 2],
 ) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
@@ -358,10 +358,12 @@ pub(crate) fn chunk_output_mma_kernel<F: Float>(
                     val += state_num[at * e + col];
                 }
                 let inv = select(l > 0.0, 1.0 / l, 0.0f32);
-                out[at * e + col] = F::cast_from(val * inv);
+                out[at * e + col] = O::cast_from(val * inv);
                 if comptime!(cfg.with_stats) {
                     if col == 0 {
-                        stats[at] = l;
+                        // `l` carries the row factor `1/(σ|q|)²`: the normaliser itself is
+                        // `l·(σ|q|)²`
+                        stats[at] = l * scaled_norm2::<F>(&sq, (plane * PR + rr) * ds, scale, d);
                     }
                 }
             }

@@ -276,6 +276,48 @@ impl StateGradTiles {
     }
 }
 
+/// Tiles of the tensor-core intra-chunk backward kernels
+/// ([`chunk_grad_intra_mma`](crate::chunk_grad_intra_mma)): a cube of 8 planes owns 128 rows
+/// (queries or keys) and walks the other side 64 rows at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IntraGradTiles {
+    /// `d` (a multiple of 16, at most 128).
+    pub head_dim: u32,
+    /// `e` (a multiple of 32, at most 128).
+    pub value_dim: u32,
+    /// `p`.
+    pub degree: u32,
+    /// Whether log-gates are given (set at launch from the arguments).
+    pub gated: bool,
+}
+
+impl IntraGradTiles {
+    /// Tiles on `client` for inputs of `dtype`: `None` unless the tensor cores take `dtype`
+    /// and bf16 operands, `d % 16 == 0`, `e % 32 == 0`, both at most 128, and both kernels fit
+    /// in shared memory.
+    pub fn plan<R: Runtime>(
+        client: &ComputeClient<R>,
+        dtype: StorageType,
+        strategy: Strategy,
+        head_dim: usize,
+        value_dim: usize,
+        degree: usize,
+    ) -> Option<Self> {
+        let bf16 = half::bf16::as_type_native_unchecked().storage_type();
+        (use_mma(client, strategy, dtype, &[bf16], head_dim, value_dim)
+            && head_dim <= 128
+            && value_dim <= 128
+            && crate::chunk_grad_intra_mma::shared_bytes(head_dim, value_dim)
+                <= shared_memory_max(client))
+        .then_some(Self {
+            head_dim: head_dim as u32,
+            value_dim: value_dim as u32,
+            degree: degree as u32,
+            gated: false,
+        })
+    }
+}
+
 /// Tiles of the backward row kernels ([`chunk_grad`](crate::chunk_grad)): one cube owns
 /// `block_rows` queries (or keys) and walks the other side's rows, and the state's features,
 /// `block_inner` at a time. FMA only.

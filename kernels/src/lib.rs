@@ -13,7 +13,9 @@
 //!   FMA path); with no state it is the attention form (any even `p`);
 //! - [`chunk_state_grad`], [`chunk_grad`]: the backward pass (the queries' gradient of the
 //!   entering states, then the gradients of queries, keys, values and gates; the state
-//!   gradients are scanned backwards by [`discumsum`]);
+//!   gradients are scanned backwards by [`discumsum`]); on tensor cores
+//!   [`chunk_grad_intra_mma`] (the intra-chunk pairs) and [`chunk_grad_state_mma`] (the state
+//!   path);
 //! - [`decode`]: recurrent steps for a batch of sequences (one token, or a window of recent
 //!   tokens kept beside the state, read and absorbed separately).
 //!
@@ -27,6 +29,7 @@
 mod block_mma;
 pub mod chunk_gates;
 pub mod chunk_grad;
+pub mod chunk_grad_intra_mma;
 mod chunk_grad_keys;
 mod chunk_grad_queries;
 pub mod chunk_grad_state_mma;
@@ -45,7 +48,7 @@ pub mod query_state;
 pub mod tile_load;
 
 pub use config::{
-    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, OutputTiles, QueryStateTiles, StateGradTiles,
+    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles, StateGradTiles,
     StateTiles, Strategy, mma_supported, shared_memory_budget,
 };
 pub use cubecl;

@@ -301,6 +301,7 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
             gates: with_state.then(|| gates.arg()),
             states: states_arg,
             out: out.arg(),
+            out_dtype: dtype,
             stats: None,
         };
         let output = if with_state {

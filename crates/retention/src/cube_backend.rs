@@ -159,6 +159,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             gates: gates.map(arg),
             states: None,
             out: arg(out.clone()),
+            out_dtype: dtype.into(),
             stats: None,
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.
@@ -275,6 +276,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             gates: gates.map(arg),
             states: Some(state_part),
             out: arg(out.clone()),
+            out_dtype: dtype.into(),
             stats: None,
         };
         // SAFETY: buffers are contiguous with the documented shapes and dtype.

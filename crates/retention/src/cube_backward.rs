@@ -16,10 +16,11 @@ use burn_cubecl::{
     tensor::CubeTensor,
 };
 use retention_kernels::{
-    ChunkedTiles, GradTiles, OutputTiles, StateGradTiles, StateTiles, Strategy,
+    ChunkedTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles, StateGradTiles, StateTiles, Strategy,
     chunk_grad::{
         GradDims, GradInputs, KeyGradArgs, QueryGradArgs, launch_key_grads, launch_query_grads,
     },
+    chunk_grad_intra_mma::{IntraGradInputs, launch_intra_key_grads, launch_intra_query_grads},
     chunk_grad_state_mma::{StateGradRowArgs, launch_state_grad_rows},
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state_grad::{
@@ -27,7 +28,7 @@ use retention_kernels::{
         launch_chunk_state_grad_mma,
     },
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
-    query_state::state_scale,
+    query_state::{QueryStateArgs, launch_query_state, state_scale},
 };
 
 use crate::RetentionOptions;
@@ -76,8 +77,18 @@ where
         return None;
     }
     // the pass runs in f32 whatever the inputs: the recomputed rows `y` enter `dy·y`, where
-    // half-precision rounding of `y` cancels against `dy·v` (bf16 gate gradients were off by 0.5)
+    // half-precision rounding of `y` cancels against `dy·v` (bf16 gate gradients were off by
+    // 0.5); half inputs recompute them as the forward does (tensor cores), written in f32
     let dtype = DType::F32;
+    let half_tiles = OutputTiles::plan(
+        &client,
+        inputs.q.dtype.into(),
+        Strategy::Auto,
+        d,
+        e,
+        options.degree,
+    )
+    .filter(|t| t.mma && inputs.q.dtype == inputs.k.dtype && inputs.k.dtype == inputs.v.dtype);
     let out_tiles = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?;
     let grad_tiles = GradTiles::plan(&client, d, e, options.degree)?;
     let sizes = Sizes {
@@ -92,6 +103,13 @@ where
         big_d: 0,
     };
     let types = Dtypes::of(&inputs);
+    let half_inputs = half_tiles.map(|_| {
+        (
+            into_contiguous(inputs.q.clone()),
+            into_contiguous(inputs.k.clone()),
+            into_contiguous(inputs.v.clone()),
+        )
+    });
     let (q, k, v) = (
         to_f32::<R, F, I, BT, 4>(inputs.q),
         to_f32::<R, F, I, BT, 4>(inputs.k),
@@ -101,28 +119,50 @@ where
     let dims = output_dims(sizes, options);
     let out = empty(&q, &[b, t, hq, e], dtype);
     let stats = empty_f32(&q, &[b, t, hq]);
+    let ((rq, rk, rv), row_dtype, row_tiles) = match (half_inputs, half_tiles) {
+        (Some(inputs), Some(tiles)) => (inputs, types.q, tiles),
+        _ => ((q.clone(), k.clone(), v.clone()), dtype, out_tiles),
+    };
+    // half inputs take the pairs on tensor cores too
+    let intra = IntraGradTiles::plan(
+        &client,
+        row_dtype.into(),
+        Strategy::Auto,
+        d,
+        e,
+        options.degree,
+    )
+    .filter(|_| row_dtype != dtype)
+    .map(|tiles| (tiles, (rq.clone(), rk.clone(), rv.clone())));
     let args = OutputArgs {
-        q: arg(q.clone()),
-        k: arg(k.clone()),
-        v: arg(v.clone()),
+        q: arg(rq),
+        k: arg(rk),
+        v: arg(rv),
         gates: gates.clone().map(arg),
         states: None,
         out: arg(out.clone()),
+        out_dtype: dtype.into(),
         stats: Some(arg(stats.clone())),
     };
-    // SAFETY: buffers are contiguous with the documented shapes and dtype.
-    unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
-    let (d_num, d_den) = row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes);
-    let grads = row_kernels(
-        sizes,
-        options,
-        grad_tiles,
-        (q, k, v),
-        gates,
-        (d_num, d_den),
-        None,
-        None,
-    );
+    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+    unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
+    let (d_num, d_den) =
+        row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes, intra.is_some());
+    let grads = match intra {
+        Some((tiles, half)) => {
+            intra_kernels::<R, F, I, BT>(sizes, options, tiles, half, row_dtype, gates, d_num, d_den)
+        }
+        None => row_kernels(
+            sizes,
+            options,
+            grad_tiles,
+            (q, k, v),
+            gates,
+            (d_num, d_den),
+            None,
+            None,
+        ),
+    };
     Some(finish::<R, F, I, BT>(sizes, grads, None, None, types))
 }
 
@@ -174,17 +214,18 @@ where
     let state_mma = matches!(types.q, DType::F16 | DType::BF16)
         .then(|| StateGradTiles::plan(&client, Strategy::Auto, d, e))
         .flatten();
-    // with it, the chunk contributions are recomputed as the forward computed them (tensor
-    // cores, from the half-precision keys and values)
-    let half_contributions = state_mma
-        .and_then(|_| StateTiles::plan(&client, types.k.into(), Strategy::Auto, d, e))
-        .filter(|tiles| tiles.mma && types.k == types.v)
-        .map(|tiles| {
-            (
-                tiles,
-                into_contiguous(inputs.k.clone()),
-                into_contiguous(inputs.v.clone()),
-            )
+    // with it, the forward is recomputed as the forward computed it (tensor cores, from the
+    // half-precision inputs), only the rows written in f32
+    let half_forward = state_mma
+        .and_then(|_| ChunkedTiles::plan(&client, types.q.into(), Strategy::Auto, d, e))
+        .filter(|t| t.state.mma && t.output.mma && types.q == types.k && types.k == types.v)
+        .and_then(|t| t.query.map(|query| (t, query)))
+        .map(|(tiles, query)| HalfForward {
+            tiles,
+            query,
+            q: into_contiguous(inputs.q.clone()),
+            k: into_contiguous(inputs.k.clone()),
+            v: into_contiguous(inputs.v.clone()),
         });
     let (q, k, v) = (
         to_f32::<R, F, I, BT, 4>(inputs.q),
@@ -197,13 +238,10 @@ where
     let half = |shape: &[usize]| state_mma.map(|_| empty(&q, shape, DType::F16));
 
     // 1. the forward pass again: states entering each chunk (in place), final state, rows
-    let (states, sums) = match &half_contributions {
-        Some((state_tiles, k_half, v_half)) => {
-            chunk_contributions(k_half, v_half, &gates, types.k, *state_tiles, chunk, n)
-        }
+    let (states, sums) = match &half_forward {
+        Some(hf) => chunk_contributions(&hf.k, &hf.v, &gates, types.k, hf.tiles.state, chunk, n),
         None => chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n),
     };
-    drop(half_contributions);
     let final_state = empty_f32(&q, &[b, h, big_d, e]);
     let final_sum = empty_f32(&q, &[b, h, big_d]);
     let initial = inputs
@@ -220,29 +258,58 @@ where
             (&sums, z0, &final_sum, big_d, None),
         ],
         false,
+        // the f32 entering states feed the FMA kernels only
+        half_forward.is_none(),
     );
-    let out = empty(&q, &[b, t, hq, e], dtype);
+    let out = empty_f32(&q, &[b, t, hq, e]);
     let stats = empty_f32(&q, &[b, t, hq]);
+    let dims = output_dims(sizes, options);
+    let (row_inputs, row_tiles, state_part) = match (half_forward, &half_states) {
+        (Some(hf), Some(half_states)) => {
+            let num = empty_f32(&q, &[b, t, hq, e]);
+            let den = empty_f32(&q, &[b, t, hq]);
+            let args = QueryStateArgs {
+                q: arg(hf.q.clone()),
+                gates: gates.clone().map(arg),
+                states: arg(half_states.clone()),
+                sums: arg(sums.clone()),
+                num: arg(num.clone()),
+                den: arg(den.clone()),
+            };
+            // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+            unsafe { launch_query_state(&client, types.q.into(), dims, hf.query, args) };
+            (
+                (hf.q, hf.k, hf.v, types.q),
+                hf.tiles.output,
+                (arg(num), arg(den)),
+            )
+        }
+        // the FMA output kernel reads the f32 entering states
+        _ => (
+            (q.clone(), k.clone(), v.clone(), dtype),
+            tiles.output,
+            (arg(states.clone()), arg(sums.clone())),
+        ),
+    };
+    let (rq, rk, rv, row_dtype) = row_inputs;
+    // the intra-chunk pairs on tensor cores where the forward ran there
+    let intra = IntraGradTiles::plan(&client, row_dtype.into(), Strategy::Auto, d, e, 2)
+        .filter(|_| row_dtype != dtype)
+        .map(|tiles| (tiles, (rq.clone(), rk.clone(), rv.clone())));
     let args = OutputArgs {
-        q: arg(q.clone()),
-        k: arg(k.clone()),
-        v: arg(v.clone()),
+        q: arg(rq),
+        k: arg(rk),
+        v: arg(rv),
         gates: gates.clone().map(arg),
-        states: Some((arg(states.clone()), arg(sums.clone()))),
+        states: Some(state_part),
         out: arg(out.clone()),
+        out_dtype: DType::F32.into(),
         stats: Some(arg(stats.clone())),
     };
-    // SAFETY: as above; the FMA output kernel reads the f32 entering states.
-    unsafe {
-        launch_output(
-            &client,
-            dtype.into(),
-            output_dims(sizes, options),
-            tiles.output,
-            args,
-        )
-    };
-    let (d_num, d_den) = row_grads::<R, F, I, BT>(upstream.output, out, stats, sizes);
+    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+    unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
+    let (d_num, d_den) =
+        row_grads::<R, F, I, BT>(upstream.output, out, stats, sizes, intra.is_some());
 
     // 2. what the queries send to the entering states, scanned backwards from the final
     //    state's gradient: slot u then holds the gradient of ΔS_u, the end that of S_0
@@ -305,20 +372,34 @@ where
             (&lambda_z, d_final_z, &d_z0, big_d, None),
         ],
         true,
+        // the f32 slots feed the FMA row kernels only
+        state_mma.is_none(),
     );
 
     // 3. rows: the state path on the FMA row kernels, or on tensor cores after them
     let fma_state = state_mma.is_none();
-    let grads = row_kernels(
-        sizes,
-        options,
-        grad_tiles,
-        (q.clone(), k.clone(), v.clone()),
-        gates.clone(),
-        (d_num.clone(), d_den.clone()),
-        fma_state.then(|| (states, sums.clone())),
-        fma_state.then(|| (lambda, lambda_z.clone())),
-    );
+    let grads = match intra {
+        Some((tiles, half)) => intra_kernels::<R, F, I, BT>(
+            sizes,
+            options,
+            tiles,
+            half,
+            row_dtype,
+            gates.clone(),
+            d_num.clone(),
+            d_den.clone(),
+        ),
+        None => row_kernels(
+            sizes,
+            options,
+            grad_tiles,
+            (q.clone(), k.clone(), v.clone()),
+            gates.clone(),
+            (d_num.clone(), d_den.clone()),
+            fma_state.then(|| (states, sums.clone())),
+            fma_state.then(|| (lambda, lambda_z.clone())),
+        ),
+    };
     if let (Some(tiles), Some(half_states), Some(half_lambda)) =
         (state_mma, half_states, half_lambda)
     {
@@ -369,6 +450,15 @@ const BACKWARD_CHUNK: usize = 512;
 
 fn backward_chunk(forward: usize) -> usize {
     forward.min(BACKWARD_CHUNK)
+}
+
+/// The half-precision inputs and tiles of a forward pass recomputed on tensor cores.
+struct HalfForward<R: CubeRuntime> {
+    tiles: ChunkedTiles,
+    query: QueryStateTiles,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
 }
 
 /// The dtypes the gradients take: those of the inputs.
@@ -422,13 +512,15 @@ type ScanPart<'a, R> = (
     Option<CubeTensor<R>>,
 );
 
-/// One scan launch per part; `reverse` walks from the last chunk.
+/// One scan launch per part; `reverse` walks from the last chunk; `keep_f32`: parts with an
+/// f16 copy also keep their f32 slots.
 fn scan<R: CubeRuntime>(
     client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
     s: Sizes,
     gates: &Option<CubeTensor<R>>,
     parts: [ScanPart<'_, R>; 2],
     reverse: bool,
+    keep_f32: bool,
 ) {
     for (chunks, init, last, width, half) in parts {
         let dims = ScanDims {
@@ -442,7 +534,7 @@ fn scan<R: CubeRuntime>(
             chunks: arg(chunks.clone()),
             half: half.map(arg),
             half_scale: state_scale(s.big_d.max(1)),
-            keep_f32: true,
+            keep_f32,
             initial: init.map(arg),
             gates: gates.clone().map(arg),
             last: arg(last.clone()),
@@ -452,13 +544,19 @@ fn scan<R: CubeRuntime>(
     }
 }
 
-/// `dN = dy / L`, `dL = −(dy·y) / L` (`f32 [b, t, hq, e]`, `f32 [b, t, hq]`), zero where
-/// `L ≤ 0` (the forward pass wrote a zero row there) or no output gradient arrived.
+/// `dN = dy / L`, `dL = −(dy·y) / L = −dN·y` (`f32 [b, t, hq, e]`, `f32 [b, t, hq]`), zero
+/// where `L ≤ 0` (the forward pass wrote a zero row there) or no output gradient arrived.
+///
+/// `round`: `dN` is rounded to bf16 (kept in f32) and `dL` taken from the rounded `dN`, for the
+/// tensor-core kernels, which multiply bf16 `dN`: each pair's `dw = dN·(v_j − y_i)` then
+/// cancels as it should (a `dL` from the unrounded `dN` leaves `(dN' − dN)·y_i` in every pair,
+/// which the gate gradients sum over whole rows).
 fn row_grads<R, F, I, BT>(
     d_output: Option<CubeTensor<R>>,
     out: CubeTensor<R>,
     stats: CubeTensor<R>,
     s: Sizes,
+    round: bool,
 ) -> (CubeTensor<R>, CubeTensor<R>)
 where
     R: CubeRuntime,
@@ -486,8 +584,11 @@ where
         .recip()
         .mask_fill(live.bool_not(), 0.0)
         .unsqueeze_dim::<4>(3);
-    let d_den = (dy.clone() * y).sum_dim(3).neg() * inv.clone();
-    let d_num = dy * inv;
+    let mut d_num = dy * inv;
+    if round {
+        d_num = d_num.to_dtype(DType::BF16).to_dtype(DType::F32);
+    }
+    let d_den = (d_num.clone() * y).sum_dim(3).neg();
     (
         into_contiguous(prim(d_num)),
         into_contiguous(prim(d_den.reshape([s.b, s.t, s.hq]))),
@@ -625,6 +726,77 @@ fn row_kernels<R: CubeRuntime>(
     };
     // SAFETY: as above.
     unsafe { launch_key_grads(&client, dtype.into(), dims, tiles, args) };
+    RowGrads {
+        dq,
+        dk,
+        dv,
+        dg_q,
+        dg_k,
+    }
+}
+
+/// The intra-chunk pairs on tensor cores
+/// ([`chunk_grad_intra_mma`](retention_kernels::chunk_grad_intra_mma)): `∂q`, `∂k`, `∂v` and
+/// both sides of the gate terms, written for the state path to add to. `dN` enters in bf16,
+/// rounded once here so both kernels multiply the same operands.
+#[allow(clippy::too_many_arguments)]
+fn intra_kernels<R, F, I, BT>(
+    s: Sizes,
+    options: &RetentionOptions,
+    tiles: IntraGradTiles,
+    (q, k, v): (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
+    dtype: DType,
+    gates: Option<CubeTensor<R>>,
+    d_num: CubeTensor<R>,
+    d_den: CubeTensor<R>,
+) -> RowGrads<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let client = q.client.clone();
+    let dims = grad_dims_of(s, options);
+    let dn16 = into_contiguous(prim(
+        float::<Cube<R, F, I, BT>, 4>(d_num).to_dtype(DType::BF16),
+    ));
+    let dq = empty_f32(&q, &[s.b, s.t, s.hq, s.d]);
+    let dg_q = empty_f32(&q, &[s.b, s.t, s.hq]);
+    let dk = empty_f32(&q, &[s.b, s.t, s.h, s.d]);
+    let dv = empty_f32(&q, &[s.b, s.t, s.h, s.e]);
+    let dg_k = empty_f32(&q, &[s.b, s.t, s.h]);
+    let inputs = IntraGradInputs {
+        q: buffer(q),
+        k: buffer(k),
+        v: buffer(v),
+        d_num: buffer(dn16),
+        d_den: buffer(d_den),
+        gates: gates.map(buffer),
+    };
+    let out = |t: &CubeTensor<R>| buffer(t.clone());
+    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+    unsafe {
+        launch_intra_query_grads(
+            &client,
+            dtype.into(),
+            dims,
+            tiles,
+            &inputs,
+            &out(&dq),
+            &out(&dg_q),
+        );
+        launch_intra_key_grads(
+            &client,
+            dtype.into(),
+            dims,
+            tiles,
+            &inputs,
+            &out(&dk),
+            &out(&dv),
+            &out(&dg_k),
+        );
+    }
     RowGrads {
         dq,
         dk,
