@@ -402,8 +402,26 @@ pub(crate) fn intra_query_grads_kernel<F: Float>(
     if k_blocks > 0 {
         let present = rows_present(0, chunk_len);
         let at = kv_token0 + kvh as usize;
-        fetch_rows::<F>(k, &mut kregs, at * (d / 8), key_stride * (d / 8), present, STEP, d, UNITS);
-        fetch_rows::<F>(v, &mut vregs, at * (e / 8), key_stride * (e / 8), present, STEP, e, UNITS);
+        fetch_rows::<F>(
+            k,
+            &mut kregs,
+            at * (d / 8),
+            key_stride * (d / 8),
+            present,
+            STEP,
+            d,
+            UNITS,
+        );
+        fetch_rows::<F>(
+            v,
+            &mut vregs,
+            at * (e / 8),
+            key_stride * (e / 8),
+            present,
+            STEP,
+            e,
+            UNITS,
+        );
         store_rows::<F, F>(&kregs, &mut sk, 0, STEP, d, ds, UNITS);
         store_rows::<F, bf16>(&kregs, &mut skb, 0, STEP, d, ds, UNITS);
         store_rows::<F, bf16>(&vregs, &mut sv, 0, STEP, e, vs, UNITS);
@@ -429,12 +447,34 @@ pub(crate) fn intra_query_grads_kernel<F: Float>(
             let first = k0 + STEP as u32;
             let present = rows_present(first, chunk_len);
             let at = kv_token0 + first as usize * key_stride + kvh as usize;
-            fetch_rows::<F>(k, &mut kregs, at * (d / 8), key_stride * (d / 8), present, STEP, d, UNITS);
-            fetch_rows::<F>(v, &mut vregs, at * (e / 8), key_stride * (e / 8), present, STEP, e, UNITS);
+            fetch_rows::<F>(
+                k,
+                &mut kregs,
+                at * (d / 8),
+                key_stride * (d / 8),
+                present,
+                STEP,
+                d,
+                UNITS,
+            );
+            fetch_rows::<F>(
+                v,
+                &mut vregs,
+                at * (e / 8),
+                key_stride * (e / 8),
+                present,
+                STEP,
+                e,
+                UNITS,
+            );
             if comptime!(cfg.gated) {
                 if UNIT_POS < STEP as u32 {
                     let pos = first + UNIT_POS;
-                    greg = select(pos < chunk, gates[gate_base + (chunk_start + pos) as usize], 0.0);
+                    greg = select(
+                        pos < chunk,
+                        gates[gate_base + (chunk_start + pos) as usize],
+                        0.0,
+                    );
                 }
             }
         }
@@ -461,8 +501,7 @@ pub(crate) fn intra_query_grads_kernel<F: Float>(
                 let keep = row_valid && k0 + c as u32 <= row_pos;
                 let dw = so[tile_s + r * SS + c] + row_dl;
                 gsum += select(keep, gate * power * dw, 0.0f32);
-                sw[tile_w + r * ws + c] =
-                    bf16::cast_from(select(keep, gate * slope * dw, 0.0f32));
+                sw[tile_w + r * ws + c] = bf16::cast_from(select(keep, gate * slope * dw, 0.0f32));
             }
             sync_plane();
             accumulate_pairs(&sw, tile_w, ws, &skb, ds, &mut acc, d_tiles);
@@ -484,7 +523,17 @@ pub(crate) fn intra_query_grads_kernel<F: Float>(
     if k_blocks > 0 {
         let limit = rows_present(plane_first, chunk_len);
         let first = token0 + plane_first as usize * q_heads as usize + head as usize;
-        write_rows(&acc, &mut so, tile_s, dq, first, q_heads as usize, limit, scale, d_tiles);
+        write_rows(
+            &acc,
+            &mut so,
+            tile_s,
+            dq,
+            first,
+            q_heads as usize,
+            limit,
+            scale,
+            d_tiles,
+        );
     }
     let total = gsum + plane_shuffle_xor(gsum, 1u32);
     if row_valid && odd == 0 {
@@ -606,8 +655,26 @@ pub(crate) fn intra_key_grads_kernel<F: Float>(
         let q0 = q_first * STEP as u32;
         let present = rows_present(q0, chunk_len);
         let at = token0 + q0 as usize * q_stride + (kvh * ratio) as usize;
-        fetch_rows::<F>(q, &mut qregs, at * (d / 8), q_stride * (d / 8), present, STEP, d, UNITS);
-        fetch_rows::<bf16>(d_num, &mut nregs, at * (e / 8), q_stride * (e / 8), present, STEP, e, UNITS);
+        fetch_rows::<F>(
+            q,
+            &mut qregs,
+            at * (d / 8),
+            q_stride * (d / 8),
+            present,
+            STEP,
+            d,
+            UNITS,
+        );
+        fetch_rows::<bf16>(
+            d_num,
+            &mut nregs,
+            at * (e / 8),
+            q_stride * (e / 8),
+            present,
+            STEP,
+            e,
+            UNITS,
+        );
         store_rows::<F, F>(&qregs, &mut sq, 0, STEP, d, ds, UNITS);
         store_rows::<F, bf16>(&qregs, &mut sqb, 0, STEP, d, ds, UNITS);
         store_rows::<bf16, bf16>(&nregs, &mut sn, 0, STEP, e, vs, UNITS);
@@ -640,8 +707,26 @@ pub(crate) fn intra_key_grads_kernel<F: Float>(
             let head = kvh * ratio + nstep / q_steps;
             let present = rows_present(first, chunk_len);
             let at = token0 + first as usize * q_stride + head as usize;
-            fetch_rows::<F>(q, &mut qregs, at * (d / 8), q_stride * (d / 8), present, STEP, d, UNITS);
-            fetch_rows::<bf16>(d_num, &mut nregs, at * (e / 8), q_stride * (e / 8), present, STEP, e, UNITS);
+            fetch_rows::<F>(
+                q,
+                &mut qregs,
+                at * (d / 8),
+                q_stride * (d / 8),
+                present,
+                STEP,
+                d,
+                UNITS,
+            );
+            fetch_rows::<bf16>(
+                d_num,
+                &mut nregs,
+                at * (e / 8),
+                q_stride * (e / 8),
+                present,
+                STEP,
+                e,
+                UNITS,
+            );
             if UNIT_POS < STEP as u32 {
                 let pos = first + UNIT_POS;
                 lreg = 0.0;
@@ -680,8 +765,7 @@ pub(crate) fn intra_key_grads_kernel<F: Float>(
                 let dw = so[tile_s + r * SS + c] + sl[c];
                 gsum += select(keep, w * dw, 0.0f32);
                 sw[tile_w + r * ws + c] = bf16::cast_from(select(keep, w, 0.0f32));
-                sx[tile_w + r * ws + c] =
-                    bf16::cast_from(select(keep, gate * slope * dw, 0.0f32));
+                sx[tile_w + r * ws + c] = bf16::cast_from(select(keep, gate * slope * dw, 0.0f32));
             }
             sync_plane();
             accumulate_pairs(&sw, tile_w, ws, &sn, vs, &mut acc_v, e_tiles);
@@ -703,8 +787,28 @@ pub(crate) fn intra_key_grads_kernel<F: Float>(
     if k_rows > 0 {
         let limit = rows_present(plane_first, chunk_len);
         let first = kv_token0 + plane_first as usize * kv_heads as usize + kvh as usize;
-        write_rows(&acc_k, &mut so, tile_s, dk, first, kv_heads as usize, limit, scale, d_tiles);
-        write_rows(&acc_v, &mut so, tile_s, dv, first, kv_heads as usize, limit, 1.0, e_tiles);
+        write_rows(
+            &acc_k,
+            &mut so,
+            tile_s,
+            dk,
+            first,
+            kv_heads as usize,
+            limit,
+            scale,
+            d_tiles,
+        );
+        write_rows(
+            &acc_v,
+            &mut so,
+            tile_s,
+            dv,
+            first,
+            kv_heads as usize,
+            limit,
+            1.0,
+            e_tiles,
+        );
     }
     let total = gsum + plane_shuffle_xor(gsum, 1u32);
     if key_valid && odd == 0 {

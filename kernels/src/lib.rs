@@ -15,7 +15,8 @@
 //!   entering states, then the gradients of queries, keys, values and gates; the state
 //!   gradients are scanned backwards by [`discumsum`]); on tensor cores
 //!   [`chunk_grad_intra_mma`] (the intra-chunk pairs) and [`chunk_grad_state_mma`] (the state
-//!   path);
+//!   path); [`row_grads`] and [`gate_grads`] start and finish it (the rows' `dN`, `dL`; the
+//!   log-gates' gradient from per-position terms);
 //! - [`decode`]: recurrent steps for a batch of sequences (one token, or a window of recent
 //!   tokens kept beside the state, read and absorbed separately).
 //!
@@ -43,13 +44,15 @@ pub mod decode;
 pub mod discumsum;
 #[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
 pub mod feature_pairs;
+pub mod gate_grads;
 pub mod query_state;
+pub mod row_grads;
 #[allow(missing_docs)]
 pub mod tile_load;
 
 pub use config::{
-    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles, StateGradTiles,
-    StateTiles, Strategy, mma_supported, shared_memory_budget,
+    ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles,
+    StateGradTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,
 };
 pub use cubecl;
 

@@ -16,7 +16,8 @@ use burn_cubecl::{
     tensor::CubeTensor,
 };
 use retention_kernels::{
-    ChunkedTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles, StateGradTiles, StateTiles, Strategy,
+    ChunkedTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles, StateGradTiles,
+    StateTiles, Strategy,
     chunk_grad::{
         GradDims, GradInputs, KeyGradArgs, QueryGradArgs, launch_key_grads, launch_query_grads,
     },
@@ -28,7 +29,9 @@ use retention_kernels::{
         launch_chunk_state_grad_mma,
     },
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    gate_grads::{GateGradArgs, launch_gate_grads},
     query_state::{QueryStateArgs, launch_query_state, state_scale},
+    row_grads::{RowGradArgs, RowGradDims, launch_row_grads},
 };
 
 use crate::RetentionOptions;
@@ -146,13 +149,13 @@ where
     };
     // SAFETY: buffers are contiguous with the documented shapes and dtypes.
     unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
-    let (d_num, d_den) =
-        row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes, intra.is_some());
-    let grads = match intra {
-        Some((tiles, half)) => {
-            intra_kernels::<R, F, I, BT>(sizes, options, tiles, half, row_dtype, gates, d_num, d_den)
+    let rows = row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes, intra.is_some(), false);
+    let (d_num, d_den) = (rows.d_num, rows.d_den);
+    let grads = match (intra, rows.d_num_half) {
+        (Some((tiles, half)), Some(dn16)) => {
+            intra_kernels(sizes, options, tiles, half, row_dtype, gates, dn16, d_den)
         }
-        None => row_kernels(
+        _ => row_kernels(
             sizes,
             options,
             grad_tiles,
@@ -308,8 +311,18 @@ where
     };
     // SAFETY: buffers are contiguous with the documented shapes and dtypes.
     unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
-    let (d_num, d_den) =
-        row_grads::<R, F, I, BT>(upstream.output, out, stats, sizes, intra.is_some());
+    let f16_state_tiles = state_mma
+        .and_then(|_| StateTiles::plan(&client, DType::F16.into(), Strategy::Auto, d, e))
+        .filter(|tiles| tiles.mma);
+    let rows = row_grads::<R, F, I, BT>(
+        upstream.output,
+        out,
+        stats,
+        sizes,
+        intra.is_some(),
+        f16_state_tiles.is_some(),
+    );
+    let (d_num, d_den) = (rows.d_num, rows.d_den);
 
     // 2. what the queries send to the entering states, scanned backwards from the final
     //    state's gradient: slot u then holds the gradient of ΔS_u, the end that of S_0
@@ -325,12 +338,9 @@ where
         expanded_dim: big_d,
         scale: options.scale_for(d) as f32,
     };
-    let f16_state_tiles = state_mma
-        .and_then(|_| StateTiles::plan(&client, DType::F16.into(), Strategy::Auto, d, e))
-        .filter(|tiles| tiles.mma);
-    if let Some(mma_tiles) = f16_state_tiles {
+    if let (Some(mma_tiles), Some(row_max)) = (f16_state_tiles, rows.row_max) {
         let (q16, dn16, scales) =
-            half_query_rows::<R, F, I, BT>(&q, &d_num, sizes, options.scale_for(d));
+            half_query_rows::<R, F, I, BT>(&q, &d_num, row_max, sizes, options.scale_for(d));
         let grad_args = StateGradMmaArgs {
             q: arg(q16),
             d_num: arg(dn16),
@@ -378,18 +388,18 @@ where
 
     // 3. rows: the state path on the FMA row kernels, or on tensor cores after them
     let fma_state = state_mma.is_none();
-    let grads = match intra {
-        Some((tiles, half)) => intra_kernels::<R, F, I, BT>(
+    let grads = match (intra, rows.d_num_half) {
+        (Some((tiles, half)), Some(dn16)) => intra_kernels(
             sizes,
             options,
             tiles,
             half,
             row_dtype,
             gates.clone(),
-            d_num.clone(),
+            dn16,
             d_den.clone(),
         ),
-        None => row_kernels(
+        _ => row_kernels(
             sizes,
             options,
             grad_tiles,
@@ -544,63 +554,94 @@ fn scan<R: CubeRuntime>(
     }
 }
 
-/// `dN = dy / L`, `dL = −(dy·y) / L = −dN·y` (`f32 [b, t, hq, e]`, `f32 [b, t, hq]`), zero
-/// where `L ≤ 0` (the forward pass wrote a zero row there) or no output gradient arrived.
+/// What [`row_grads`] returns.
+struct RowGradients<R: CubeRuntime> {
+    /// `dN = dy / L`, `f32 [b, t, hq, e]`.
+    d_num: CubeTensor<R>,
+    /// `dL = −dN·y`, `f32 [b, t, hq]`.
+    d_den: CubeTensor<R>,
+    /// `dN` in bf16 for the tensor-core pair kernels, if asked for.
+    d_num_half: Option<CubeTensor<R>>,
+    /// Each row's largest `|dN|`, `f32 [b, h, t·r]`, if asked for.
+    row_max: Option<CubeTensor<R>>,
+}
+
+/// `dN = dy / L`, `dL = −dN·y` ([`row_grads`](retention_kernels::row_grads)), zero where
+/// `L ≤ 0` (the forward pass wrote a zero row there) or no output gradient arrived.
 ///
-/// `round`: `dN` is rounded to bf16 (kept in f32) and `dL` taken from the rounded `dN`, for the
-/// tensor-core kernels, which multiply bf16 `dN`: each pair's `dw = dN·(v_j − y_i)` then
-/// cancels as it should (a `dL` from the unrounded `dN` leaves `(dN' − dN)·y_i` in every pair,
-/// which the gate gradients sum over whole rows).
+/// `half`: the tensor-core pair kernels run: `dN` is rounded to bf16 (kept in f32, and in a
+/// bf16 copy for them) and `dL` taken from the rounded `dN`: each pair's `dw = dN·(v_j − y_i)`
+/// then cancels as it should (a `dL` from the unrounded `dN` leaves `(dN' − dN)·y_i` in every
+/// pair, which the gate gradients sum over whole rows). `with_max`: also each row's largest
+/// `|dN|`.
 fn row_grads<R, F, I, BT>(
     d_output: Option<CubeTensor<R>>,
     out: CubeTensor<R>,
     stats: CubeTensor<R>,
     s: Sizes,
-    round: bool,
-) -> (CubeTensor<R>, CubeTensor<R>)
+    half: bool,
+    with_max: bool,
+) -> RowGradients<R>
 where
     R: CubeRuntime,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,
 {
-    let Some(dy) = d_output else {
-        let zeros = |shape: Vec<usize>| {
-            into_contiguous(prim(Tensor::<Cube<R, F, I, BT>, 1>::zeros(
-                [shape.iter().product::<usize>()],
-                (&out.device, DType::F32),
-            )))
-        };
-        return (
-            zeros(vec![s.b, s.t, s.hq, s.e]),
-            zeros(vec![s.b, s.t, s.hq]),
-        );
+    let d_num = empty_f32(&out, &[s.b, s.t, s.hq, s.e]);
+    let d_den = empty_f32(&out, &[s.b, s.t, s.hq]);
+    let d_num_half = half.then(|| empty(&out, &[s.b, s.t, s.hq, s.e], DType::BF16));
+    let row_max = with_max.then(|| empty_f32(&out, &[s.b, s.h, s.t * (s.hq / s.h)]));
+    // no upstream gradient: as a zero one
+    let dy = d_output.map(into_contiguous).unwrap_or_else(|| {
+        into_contiguous(prim(Tensor::<Cube<R, F, I, BT>, 1>::zeros(
+            [s.b * s.t * s.hq * s.e],
+            (&out.device, DType::F32),
+        )))
+    });
+    let dims = RowGradDims {
+        batch: s.b,
+        seq: s.t,
+        q_heads: s.hq,
+        kv_heads: s.h,
+        value_dim: s.e,
     };
-    let dy = float::<Cube<R, F, I, BT>, 4>(dy).to_dtype(DType::F32);
-    let y = float::<Cube<R, F, I, BT>, 4>(out).to_dtype(DType::F32);
-    let l = float::<Cube<R, F, I, BT>, 3>(stats);
-    let live = l.clone().greater_elem(0.0);
-    let inv = l
-        .recip()
-        .mask_fill(live.bool_not(), 0.0)
-        .unsqueeze_dim::<4>(3);
-    let mut d_num = dy * inv;
-    if round {
-        d_num = d_num.to_dtype(DType::BF16).to_dtype(DType::F32);
+    let args = RowGradArgs {
+        dy: buffer(dy.clone()),
+        y: buffer(out),
+        stats: buffer(stats),
+        d_num: buffer(d_num.clone()),
+        d_den: buffer(d_den.clone()),
+        d_num_half: d_num_half.clone().map(buffer),
+        row_max: row_max.clone().map(buffer),
+    };
+    let half_dtype = if half { DType::BF16 } else { DType::F32 };
+    // SAFETY: buffers are contiguous with the documented shapes; `dy` has its own dtype.
+    unsafe {
+        launch_row_grads(
+            &dy.client,
+            dy.dtype.into(),
+            half_dtype.into(),
+            dims,
+            half,
+            args,
+        )
+    };
+    RowGradients {
+        d_num,
+        d_den,
+        d_num_half,
+        row_max,
     }
-    let d_den = (d_num.clone() * y).sum_dim(3).neg();
-    (
-        into_contiguous(prim(d_num)),
-        into_contiguous(prim(d_den.reshape([s.b, s.t, s.hq]))),
-    )
 }
 
 /// The tensor-core state-gradient kernel's operands: `σq` in f16, `dN/β` in f16 with `β` the
-/// largest `|dN|` of each `(b, h)` (so the f16 rows stay in range whatever the gradients'
-/// scale; 1 where all are zero), and `β` (`f32 [b, h]`).
+/// largest `|dN|` of each `(b, h)` (from the rows' maxima, so the f16 rows stay in range
+/// whatever the gradients' scale; 1 where all are zero), and `β` (`f32 [b, h]`).
 fn half_query_rows<R, F, I, BT>(
     q: &CubeTensor<R>,
     d_num: &CubeTensor<R>,
+    row_max: CubeTensor<R>,
     s: Sizes,
     scale: f64,
 ) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>)
@@ -613,14 +654,9 @@ where
     let r = s.hq / s.h;
     let q16 = (float::<Cube<R, F, I, BT>, 4>(q.clone()) * scale).to_dtype(DType::F16);
     let dn = float::<Cube<R, F, I, BT>, 4>(d_num.clone()).reshape([s.b, s.t, s.h, r * s.e]);
-    let beta = dn
-        .clone()
-        .abs()
-        .max_dim(3)
-        .max_dim(1)
-        .reshape([s.b, 1, s.h, 1]);
+    let beta = float::<Cube<R, F, I, BT>, 3>(row_max).max_dim(2);
     let beta = beta.clone().mask_fill(beta.equal_elem(0.0), 1.0);
-    let dn16 = (dn / beta.clone())
+    let dn16 = (dn / beta.clone().reshape([s.b, 1, s.h, 1]))
         .reshape([s.b, s.t, s.hq, s.e])
         .to_dtype(DType::F16);
     (
@@ -737,30 +773,21 @@ fn row_kernels<R: CubeRuntime>(
 
 /// The intra-chunk pairs on tensor cores
 /// ([`chunk_grad_intra_mma`](retention_kernels::chunk_grad_intra_mma)): `∂q`, `∂k`, `∂v` and
-/// both sides of the gate terms, written for the state path to add to. `dN` enters in bf16,
-/// rounded once here so both kernels multiply the same operands.
+/// both sides of the gate terms, written for the state path to add to. `dN` enters in bf16
+/// (`dn16`, from [`row_grads`]), so both kernels multiply the same operands.
 #[allow(clippy::too_many_arguments)]
-fn intra_kernels<R, F, I, BT>(
+fn intra_kernels<R: CubeRuntime>(
     s: Sizes,
     options: &RetentionOptions,
     tiles: IntraGradTiles,
     (q, k, v): (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>),
     dtype: DType,
     gates: Option<CubeTensor<R>>,
-    d_num: CubeTensor<R>,
+    dn16: CubeTensor<R>,
     d_den: CubeTensor<R>,
-) -> RowGrads<R>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
+) -> RowGrads<R> {
     let client = q.client.clone();
     let dims = grad_dims_of(s, options);
-    let dn16 = into_contiguous(prim(
-        float::<Cube<R, F, I, BT>, 4>(d_num).to_dtype(DType::BF16),
-    ));
     let dq = empty_f32(&q, &[s.b, s.t, s.hq, s.d]);
     let dg_q = empty_f32(&q, &[s.b, s.t, s.hq]);
     let dk = empty_f32(&q, &[s.b, s.t, s.h, s.d]);
@@ -807,8 +834,8 @@ where
 }
 
 /// Casts the gradients to the inputs' dtypes and turns the per-position gate terms into
-/// `∂log_g`: `∂G = Σ_heads(query side) − key side (+ the final state's term at the last
-/// position)`, then `∂log_g_t = Σ_{i ≥ t} ∂G_i`.
+/// `∂log_g` ([`gate_grads`](retention_kernels::gate_grads)): `∂G = Σ_heads(query side) − key
+/// side (+ the final state's term at the last position)`, then `∂log_g_t = Σ_{i ≥ t} ∂G_i`.
 fn finish<R, F, I, BT>(
     s: Sizes,
     g: RowGrads<R>,
@@ -822,22 +849,17 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    type T<R, F, I, BT, const N: usize> = Tensor<Cube<R, F, I, BT>, N>;
     let log_g = types.log_g.map(|gate_dtype| {
-        let r = s.hq / s.h;
-        let dg_q: T<R, F, I, BT, 3> = float(g.dg_q);
-        let dg_k: T<R, F, I, BT, 3> = float(g.dg_k);
-        let mut dg = dg_q
-            .reshape([s.b, s.t, s.h, r])
-            .sum_dim(3)
-            .reshape([s.b, s.t, s.h])
-            - dg_k;
-        if let Some(term) = final_term {
-            let last = dg.clone().narrow(1, s.t - 1, 1) + term.reshape([s.b, 1, s.h]);
-            dg = dg.slice_assign([0..s.b, s.t - 1..s.t, 0..s.h], last);
-        }
-        // flipped, not `total − prefix`: no cancellation when the terms are large
-        prim(dg.flip([1]).cumsum(1).flip([1]).to_dtype(gate_dtype))
+        let out = empty_f32(&g.dg_k, &[s.b, s.t, s.h]);
+        let args = GateGradArgs {
+            dg_q: buffer(g.dg_q.clone()),
+            dg_k: buffer(g.dg_k.clone()),
+            last: final_term.map(|term| buffer(into_contiguous(prim(term)))),
+            out: buffer(out.clone()),
+        };
+        // SAFETY: buffers are contiguous f32 with the documented shapes.
+        unsafe { launch_gate_grads(&out.client, [s.b, s.t, s.hq, s.h], args) };
+        prim(float::<Cube<R, F, I, BT>, 3>(out).to_dtype(gate_dtype))
     });
     let cast =
         |x: CubeTensor<R>, dtype: DType| prim(float::<Cube<R, F, I, BT>, 4>(x).to_dtype(dtype));
