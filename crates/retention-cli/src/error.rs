@@ -63,6 +63,12 @@ pub enum CliError {
         /// What it takes.
         supported: String,
     },
+    /// A benchmark CSV is malformed or holds nothing to draw.
+    #[error("{0}")]
+    Input(String),
+    /// Drawing a chart failed.
+    #[error("plot: {0}")]
+    Plot(String),
     /// The requested backend is not compiled into this binary.
     #[error(
         "backend `{0}` is not compiled in; rebuild with `--features {0}` (see docs/backends.md)"

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod backend_choice;
 pub mod bench;
+pub mod bench_plot;
 pub mod demo;
 pub mod dtype_choice;
 pub mod error;

@@ -1,8 +1,9 @@
-//! `retention`: demo, apply, train, and (with kernels) selftest and bench.
+//! `retention`: demo, apply, train, plot, and (with kernels) selftest and bench.
 
 use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
 use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
+use retention_cli::bench_plot::{parse_rows, plot_rows};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
@@ -75,6 +76,16 @@ enum Command {
         /// Also check gradients (the backward pass) against the f64 reference.
         #[arg(long)]
         grad: bool,
+    },
+    /// Draws benchmark rows (the CSV of `bench` and the anchor script) as SVG charts: time,
+    /// tokens/s and TFLOP/s against the sequence length, decode latency against the context.
+    Plot {
+        /// The CSV (e.g. docs/bench/h200.csv).
+        #[arg(long)]
+        csv: std::path::PathBuf,
+        /// Directory for the charts (`<shape>-<chart>.svg`).
+        #[arg(long, default_value = "docs/img")]
+        out: std::path::PathBuf,
     },
     /// Trains the decoder language model on a real corpus (retention, attention, or both) and
     /// draws their loss curves (`<out>/loss.svg`).
@@ -238,6 +249,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 grad
             )
             .map(drop))
+        }
+        Command::Plot { csv, out } => {
+            let text = std::fs::read_to_string(&csv).map_err(|source| CliError::Io {
+                path: csv.display().to_string(),
+                source,
+            })?;
+            for path in plot_rows(&parse_rows(&text)?, &out)? {
+                println!("{}", path.display());
+            }
+            Ok(())
         }
         Command::Train { backend, args } => {
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))
