@@ -110,6 +110,12 @@ type Series = BTreeMap<String, (Style, Vec<(f64, f64)>)>;
 
 /// What a chart draws, and how.
 struct Chart<'a> {
+    /// File name part: `<shape>-<name>.svg`.
+    name: &'a str,
+    /// The value drawn against `t`.
+    value: fn(&PlotRow) -> f64,
+    /// Decode rows (against the context) instead of fwd / fwd+bwd rows.
+    decode: bool,
     title: String,
     x_desc: &'a str,
     y_desc: &'a str,
@@ -142,57 +148,50 @@ pub fn plot_rows(rows: &[PlotRow], dir: &Path) -> Result<Vec<PathBuf>, CliError>
             .filter(|r| r.implementation == "matmul_peak")
             .map(|r| (format!("bf16 matmul peak ({})", r.mode), r.tflops))
             .collect();
-        let charts: [(&str, Chart<'_>, fn(&PlotRow) -> f64, bool); 4] = [
-            (
-                "time",
-                Chart {
-                    title: format!("{shape}: time per call (64k tokens)"),
-                    x_desc: "sequence length t",
-                    y_desc: "ms per call",
-                    log_y: true,
-                    lines: Vec::new(),
-                },
-                |r| r.ms,
-                false,
-            ),
-            (
-                "throughput",
-                Chart {
-                    title: format!("{shape}: throughput"),
-                    x_desc: "sequence length t",
-                    y_desc: "tokens / s",
-                    log_y: true,
-                    lines: Vec::new(),
-                },
-                |r| r.tokens_per_s,
-                false,
-            ),
-            (
-                "tflops",
-                Chart {
-                    title: format!("{shape}: achieved TFLOP/s"),
-                    x_desc: "sequence length t",
-                    y_desc: "TFLOP/s",
-                    log_y: false,
-                    lines: peaks,
-                },
-                |r| r.tflops,
-                false,
-            ),
-            (
-                "decode",
-                Chart {
-                    title: format!("{shape}: decode step latency"),
-                    x_desc: "context (tokens)",
-                    y_desc: "ms per step",
-                    log_y: true,
-                    lines: Vec::new(),
-                },
-                |r| r.ms,
-                true,
-            ),
+        let charts = [
+            Chart {
+                name: "time",
+                value: |r| r.ms,
+                decode: false,
+                title: format!("{shape}: time per call (64k tokens)"),
+                x_desc: "sequence length t",
+                y_desc: "ms per call",
+                log_y: true,
+                lines: Vec::new(),
+            },
+            Chart {
+                name: "throughput",
+                value: |r| r.tokens_per_s,
+                decode: false,
+                title: format!("{shape}: throughput"),
+                x_desc: "sequence length t",
+                y_desc: "tokens / s",
+                log_y: true,
+                lines: Vec::new(),
+            },
+            Chart {
+                name: "tflops",
+                value: |r| r.tflops,
+                decode: false,
+                title: format!("{shape}: achieved TFLOP/s"),
+                x_desc: "sequence length t",
+                y_desc: "TFLOP/s",
+                log_y: false,
+                lines: peaks,
+            },
+            Chart {
+                name: "decode",
+                value: |r| r.ms,
+                decode: true,
+                title: format!("{shape}: decode step latency"),
+                x_desc: "context (tokens)",
+                y_desc: "ms per step",
+                log_y: true,
+                lines: Vec::new(),
+            },
         ];
-        for (name, chart, value, decode) in charts {
+        for chart in charts {
+            let (name, value, decode) = (chart.name, chart.value, chart.decode);
             let mut series = Series::new();
             for r in of_shape.iter().filter(|r| {
                 if decode {
