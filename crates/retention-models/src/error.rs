@@ -11,6 +11,14 @@ pub enum ModelError {
     /// A configuration value is out of range: which, and why.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Token ids given to the model lie outside its vocabulary.
+    #[error("tokens: {count} of the ids lie outside 0..{vocab_size}")]
+    TokenIds {
+        /// The model's vocabulary size.
+        vocab_size: usize,
+        /// How many ids lie outside it.
+        count: usize,
+    },
     /// The corpus could not be read or produced.
     #[error("corpus: {0}")]
     Corpus(String),

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::attention::MultiHeadAttentionConfig;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, backend::Backend};
 use retention::{PowerRetentionConfig, RetentionBackend, SequenceMixerConfig};
 
 use crate::ModelError;
@@ -162,8 +162,19 @@ impl<B: RetentionBackend> LanguageModel<B> {
     /// - `tokens`: `[batch, seq]` ids `< vocab_size` → `[batch, seq, vocab_size]`
     ///
     /// # Errors
-    /// The mixers' errors.
+    /// [`ModelError::TokenIds`] when an id lies outside the vocabulary (checked on the device,
+    /// one read of a count per call); the mixers' errors.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
+        let vocab = self.vocab_size as i64;
+        let outside = tokens.clone().greater_equal_elem(vocab).int().sum()
+            + tokens.clone().lower_elem(0).int().sum();
+        let count: i64 = outside.into_scalar().elem();
+        if count > 0 {
+            return Err(ModelError::TokenIds {
+                vocab_size: self.vocab_size,
+                count: count as usize,
+            });
+        }
         let mut x = self.embed.forward(tokens);
         for block in &self.blocks {
             x = block.forward(x)?;
@@ -224,6 +235,29 @@ mod tests {
             .unwrap();
         let n = model.num_params();
         assert!((12_000_000..16_000_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_are_refused() {
+        let dev = Default::default();
+        let model = LanguageModelConfig::tiny(300)
+            .init::<NdArray>(&dev)
+            .unwrap();
+        for (ids, count) in [(vec![1i64, 300, 2, 301], 2), (vec![-1i64, 0, 5, 7], 1)] {
+            let tokens = Tensor::<NdArray, 2, Int>::from_data(TensorData::new(ids, [2, 2]), &dev);
+            match model.forward(tokens) {
+                Err(ModelError::TokenIds {
+                    vocab_size,
+                    count: n,
+                }) => {
+                    assert_eq!((vocab_size, n), (300, count))
+                }
+                other => panic!(
+                    "expected a token-id error, got {:?}",
+                    other.map(|t| t.dims())
+                ),
+            }
+        }
     }
 
     #[test]
