@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU run, every number side by side: `retention bench` (our kernels) and the anchor script
-# (Manifest's Triton `power_retention` and PyTorch SDPA) at the same shapes, on the same GPU.
+# One GPU run, every number side by side: `retention bench --compare` times our kernels, a Burn
+# matmul, then runs the anchor script (Manifest's Triton `power_retention`, PyTorch SDPA, a torch
+# matmul) at the same shapes, lengths and modes, on the same GPU, into one CSV per shape.
 #
 # Run on the GPU machine from the repository root, with the CLI staged in .gpu/
 # (../shared/tools/gpu-pack target/release/retention) and the `retention` wheel in .whl/:
@@ -9,10 +10,10 @@
 # the Triton cache as OUT_DIR/triton-cache.tgz.aa, .ab, … (15 MB pieces: a run brings back at
 # most 8 files of 16 MiB). Keep the pieces in .triton-cache/ (ignored) and carry it: the next run
 # unpacks them, so Triton does not autotune again.
-# ANCHOR_TIMEOUT (seconds, default 900) bounds each anchor run; rows printed before it count.
-# ANCHOR_TS (comma-separated sequence lengths) limits the anchor rows (each new shape autotunes);
-# BENCH_ARGS adds arguments to `retention bench` (`--backward` for our fwd+bwd rows);
-# ANCHOR_MODES (default fwd) is the anchor script's --modes (fwd,fwd+bwd for training rows).
+# BENCH_ARGS adds arguments to `retention bench` (`--backward` for fwd+bwd rows of both sides,
+# `--seqs 8192,16384` to limit the lengths: each new anchor shape autotunes);
+# BENCH_TIMEOUT (seconds, default 1500) bounds each shape; if it strikes, the rows printed
+# before it are taken from the log.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-bench.sh OUT_DIR [shape ...]}
 shift
@@ -29,12 +30,15 @@ fi
 work=$(mktemp -d)
 echo "impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops" > "$out/h200.csv"
 for shape in $shapes; do
-  .gpu/retention bench --backend cuda --shape "$shape" --out "$work/ours-$shape.csv" ${BENCH_ARGS:-} \
-    2>&1 | tee -a "$out/log.txt"
-  tail -n +2 "$work/ours-$shape.csv" >> "$out/h200.csv"
-  timeout "${ANCHOR_TIMEOUT:-900}" python3 benches/anchors/anchor_bench.py --shape "$shape" --modes "${ANCHOR_MODES:-fwd}" \
-    --ts "${ANCHOR_TS:-1024,2048,4096,8192,16384,32768,65536}" 2>&1 \
-    | tee "$work/anchors-$shape.txt" | tee -a "$out/log.txt"
-  grep -E '^(sdpa|retention_triton),' "$work/anchors-$shape.txt" >> "$out/h200.csv"
+  timeout "${BENCH_TIMEOUT:-1500}" .gpu/retention bench --backend cuda --shape "$shape" \
+    --out "$work/$shape.csv" --matmul 8192 --compare ${BENCH_ARGS:-} 2>&1 \
+    | tee "$work/$shape.log" | tee -a "$out/log.txt"
+  if [ -s "$work/$shape.csv" ]; then
+    tail -n +2 "$work/$shape.csv" >> "$out/h200.csv"
+  else
+    # cut short: the anchor rows it printed (ours print as a table, not as CSV)
+    grep -E "^(sdpa|retention_triton|torch_matmul),[^,]+,$shape,([^,]*,){8}[0-9.]+," \
+      "$work/$shape.log" >> "$out/h200.csv"
+  fi
 done
 tar czf - .triton | split -b 15m - "$out/triton-cache.tgz."

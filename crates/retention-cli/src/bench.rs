@@ -1,6 +1,8 @@
-//! `retention bench`: forward and decode-step timings at the shapes of the anchor benchmark,
-//! as a table and as CSV rows with the anchor script's schema
-//! (`impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) and FLOP formulas.
+//! `retention bench`: forward, forward + backward and decode-step timings at the shapes of the
+//! anchor benchmark, as a table and as CSV rows with the anchor script's schema
+//! (`impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) and FLOP formulas; with
+//! `compare`, the anchor script's rows (Manifest's Triton kernels, SDPA, torch's matmul) from
+//! the same run in the same file.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -93,6 +95,13 @@ pub struct BenchArgs {
     pub out: Option<String>,
     /// Element type of q, k, v.
     pub dtype: DType,
+    /// Side of a square matmul timed through Burn in `dtype` (a `burn_matmul` row: the
+    /// backend's tensor-core ceiling beside the op's rows); `None`: not timed.
+    pub matmul: Option<usize>,
+    /// The anchor script to run after our rows, in the same process tree and on the same GPU
+    /// (`python3 SCRIPT --shape .. --tokens .. --chunk .. --ts .. --modes ..`); its CSV rows
+    /// are printed and appended to `out`. `None`: ours only.
+    pub compare: Option<std::path::PathBuf>,
 }
 
 /// One measured row.
@@ -434,8 +443,16 @@ pub fn bench<B: RetentionBackend>(
             }
         }
     }
+    if let Some(n) = args.matmul {
+        bar.set_message(format!("burn matmul {n}³"));
+        rows.push(time_matmul::<B>(dev, args, n));
+    }
     bar.finish_and_clear();
     print_table(&rows);
+    let anchors = match &args.compare {
+        Some(script) => run_anchors(script, args)?,
+        None => Vec::new(),
+    };
     if let Some(path) = &args.out {
         let io = |source| CliError::Io {
             path: path.clone(),
@@ -446,6 +463,88 @@ pub fn bench<B: RetentionBackend>(
         for row in &rows {
             writeln!(file, "{}", row.csv()).map_err(io)?;
         }
+        for line in &anchors {
+            writeln!(file, "{line}").map_err(io)?;
+        }
+    }
+    Ok(rows)
+}
+
+/// A `burn_matmul` row: the median time of an `n × n` by `n × n` matmul in the bench dtype
+/// (`2n³` FLOPs), the ceiling the op's TFLOP/s compare with.
+fn time_matmul<B: Backend>(dev: &B::Device, args: &BenchArgs, n: usize) -> BenchRow {
+    let a = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), dev).cast(args.dtype);
+    let b = Tensor::<B, 2>::random([n, n], Distribution::Normal(0.0, 1.0), dev).cast(args.dtype);
+    let ms = time_ms_per_call::<B>(dev, args.warmup, args.reps, args.calls_per_sync, || {
+        drop(a.clone().matmul(b.clone()));
+    });
+    BenchRow {
+        implementation: "burn_matmul",
+        mode: "matmul",
+        shape: args.shape.name(),
+        b: 1,
+        t: n,
+        hq: 0,
+        hk: 0,
+        d: 0,
+        chunk: None,
+        ms,
+        flops: 2.0 * (n as f64).powi(3),
+        tokens: 0,
+    }
+}
+
+/// Runs the anchor script at this benchmark's shape, sequence lengths, tokens and chunk (modes
+/// `fwd`, plus `fwd+bwd` with `backward`), passing its output through; returns its CSV rows
+/// (lines of the anchor schema other than the header; comments start with `#`).
+///
+/// # Errors
+/// [`CliError::Io`] when `python3` cannot start; [`CliError::Device`] when the script fails.
+fn run_anchors(script: &std::path::Path, args: &BenchArgs) -> Result<Vec<String>, CliError> {
+    use std::io::BufRead as _;
+    let ts: Vec<String> = args.seqs.iter().map(usize::to_string).collect();
+    let modes = if args.backward { "fwd,fwd+bwd" } else { "fwd" };
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--shape", args.shape.name()])
+        .args(["--tokens", &args.tokens.to_string()])
+        .args(["--chunk", &args.chunk.to_string()])
+        .args(["--ts", &ts.join(",")])
+        .args(["--modes", modes])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| CliError::Io {
+            path: format!("python3 {}", script.display()),
+            source,
+        })?;
+    let mut rows = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.map_err(|source| CliError::Io {
+                path: script.display().to_string(),
+                source,
+            })?;
+            println!("{line}");
+            // a row has the schema's 12 fields with a number of milliseconds (a failed
+            // measurement prints `ERR …` there)
+            let fields: Vec<&str> = line.split(',').collect();
+            if !line.starts_with('#')
+                && fields.len() == 12
+                && fields.get(9).is_some_and(|ms| ms.parse::<f64>().is_ok())
+            {
+                rows.push(line);
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| CliError::Io {
+        path: script.display().to_string(),
+        source,
+    })?;
+    if !status.success() {
+        return Err(CliError::Device(format!(
+            "anchor script {} exited with {status}",
+            script.display()
+        )));
     }
     Ok(rows)
 }

@@ -1,7 +1,7 @@
 //! `retention plot`: benchmark rows (the anchor script's CSV schema,
 //! `impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) as SVG charts, per head shape:
 //! time against the sequence length (log-log), tokens/s, achieved TFLOP/s (with the matmul peak
-//! of the same machine as a line where the CSV has `matmul_peak` rows), and the decode step's
+//! of the same machine as lines where the CSV has `matmul` rows), and the decode step's
 //! latency against the context.
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use crate::CliError;
 /// One CSV row, the columns the charts use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlotRow {
-    /// `burn_retention`, `retention_triton`, `sdpa`, `matmul_peak`, …
+    /// `burn_retention`, `retention_triton`, `sdpa`, `torch_matmul`, `burn_matmul`, …
     pub implementation: String,
     /// `fwd`, `fwd+bwd`, `decode`, `decode_window`, `matmul`.
     pub mode: String,
@@ -145,8 +145,13 @@ pub fn plot_rows(rows: &[PlotRow], dir: &Path) -> Result<Vec<PathBuf>, CliError>
         let sequence_rows = |r: &&&PlotRow| matches!(r.mode.as_str(), "fwd" | "fwd+bwd");
         let peaks: Vec<(String, f64)> = of_shape
             .iter()
-            .filter(|r| r.implementation == "matmul_peak")
-            .map(|r| (format!("bf16 matmul peak ({})", r.mode), r.tflops))
+            .filter(|r| r.mode == "matmul")
+            .map(|r| {
+                (
+                    format!("{} {}³", display_name(&r.implementation), r.t),
+                    r.tflops,
+                )
+            })
             .collect();
         let charts = [
             Chart {
@@ -296,6 +301,8 @@ fn display_name(implementation: &str) -> &str {
         "burn_reference" => "ours (reference)",
         "retention_triton" => "Manifest Triton",
         "sdpa" => "SDPA (flash)",
+        "torch_matmul" => "torch matmul",
+        "burn_matmul" => "Burn matmul",
         other => other,
     }
 }
@@ -425,7 +432,7 @@ burn_retention,fwd,mha64,32,2048,8,8,64,1024,5.4,12006365,63.7
 retention_triton,fwd,mha64,32,2048,8,8,64,1024,5.9,11006365,58.1
 burn_retention,decode,mha64,1,1024,8,8,64,-,0.07,14394,0.1
 burn_retention,decode,mha64,1,65536,8,8,64,-,0.066,15221,0.1
-matmul_peak,matmul,mha64,1,8192,0,0,0,-,1.4,0,780.0
+torch_matmul,matmul,mha64,1,8192,0,0,0,-,1.4,0,780.0
 ";
 
     #[test]
@@ -470,7 +477,7 @@ matmul_peak,matmul,mha64,1,8192,0,0,0,-,1.4,0,780.0
             ]
         );
         let tflops = std::fs::read_to_string(dir.path().join("mha64-tflops.svg")).expect("svg");
-        assert!(tflops.contains("bf16 matmul peak"), "peak line drawn");
+        assert!(tflops.contains("torch matmul 8192"), "ceiling line drawn");
         assert!(tflops.contains("Manifest Triton fwd"));
     }
 

@@ -155,6 +155,16 @@ enum Command {
         /// CSV output file.
         #[arg(long)]
         out: Option<String>,
+        /// Also time an N × N matmul through Burn in the input dtype (a `burn_matmul` row).
+        #[arg(long, value_name = "N")]
+        matmul: Option<usize>,
+        /// After our rows, run the anchor script (Manifest's Triton kernels, SDPA, torch's
+        /// matmul) at the same shape, lengths and modes; its rows join the table and the CSV.
+        #[arg(long)]
+        compare: bool,
+        /// The anchor script `--compare` runs with python3.
+        #[arg(long, default_value = "benches/anchors/anchor_bench.py")]
+        anchor_script: std::path::PathBuf,
     },
 }
 
@@ -279,6 +289,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             fold_every,
             dtype,
             out,
+            matmul,
+            compare,
+            anchor_script,
         } => {
             check_dtype(backend, dtype)?;
             let args = BenchArgs {
@@ -296,6 +309,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 fold_every,
                 out,
                 dtype: dtype.dtype(),
+                matmul,
+                compare: compare.then_some(anchor_script),
             };
             with_backend!(backend, |Bk, dev| bench::<Bk>(&dev, &args).map(drop))
         }
