@@ -718,6 +718,19 @@ struct RowGrads<R: CubeRuntime> {
     dg_k: CubeTensor<R>,
 }
 
+impl<R: CubeRuntime> RowGrads<R> {
+    /// Uninitialised f32 outputs on `like`'s device (the first kernel of a pass writes them).
+    fn empty(like: &CubeTensor<R>, s: Sizes) -> Self {
+        Self {
+            dq: empty_f32(like, &[s.b, s.t, s.hq, s.d]),
+            dk: empty_f32(like, &[s.b, s.t, s.h, s.d]),
+            dv: empty_f32(like, &[s.b, s.t, s.h, s.e]),
+            dg_q: empty_f32(like, &[s.b, s.t, s.hq]),
+            dg_k: empty_f32(like, &[s.b, s.t, s.h]),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn row_kernels<R: CubeRuntime>(
     s: Sizes,
@@ -740,35 +753,25 @@ fn row_kernels<R: CubeRuntime>(
         d_num: buffer(d_num.clone()),
         d_den: buffer(d_den.clone()),
     };
-    let dq = empty_f32(&q, &[s.b, s.t, s.hq, s.d]);
-    let dg_q = empty_f32(&q, &[s.b, s.t, s.hq]);
+    let grads = RowGrads::empty(&q, s);
     let args = QueryGradArgs {
         inputs: inputs(),
         states: states.map(|(st, z)| (buffer(st), buffer(z))),
-        dq: buffer(dq.clone()),
-        dg: buffer(dg_q.clone()),
+        dq: buffer(grads.dq.clone()),
+        dg: buffer(grads.dg_q.clone()),
     };
     // SAFETY: buffers are contiguous with the documented shapes and dtypes.
     unsafe { launch_query_grads(&client, dtype.into(), dims, tiles, args) };
-    let dk = empty_f32(&q, &[s.b, s.t, s.h, s.d]);
-    let dv = empty_f32(&q, &[s.b, s.t, s.h, s.e]);
-    let dg_k = empty_f32(&q, &[s.b, s.t, s.h]);
     let args = KeyGradArgs {
         inputs: inputs(),
         lambda: lambda.map(|(l, z)| (buffer(l), buffer(z))),
-        dk: buffer(dk.clone()),
-        dv: buffer(dv.clone()),
-        dg: buffer(dg_k.clone()),
+        dk: buffer(grads.dk.clone()),
+        dv: buffer(grads.dv.clone()),
+        dg: buffer(grads.dg_k.clone()),
     };
     // SAFETY: as above.
     unsafe { launch_key_grads(&client, dtype.into(), dims, tiles, args) };
-    RowGrads {
-        dq,
-        dk,
-        dv,
-        dg_q,
-        dg_k,
-    }
+    grads
 }
 
 /// The intra-chunk pairs on tensor cores
@@ -788,11 +791,7 @@ fn intra_kernels<R: CubeRuntime>(
 ) -> RowGrads<R> {
     let client = q.client.clone();
     let dims = grad_dims_of(s, options);
-    let dq = empty_f32(&q, &[s.b, s.t, s.hq, s.d]);
-    let dg_q = empty_f32(&q, &[s.b, s.t, s.hq]);
-    let dk = empty_f32(&q, &[s.b, s.t, s.h, s.d]);
-    let dv = empty_f32(&q, &[s.b, s.t, s.h, s.e]);
-    let dg_k = empty_f32(&q, &[s.b, s.t, s.h]);
+    let grads = RowGrads::empty(&q, s);
     let inputs = IntraGradInputs {
         q: buffer(q),
         k: buffer(k),
@@ -810,8 +809,8 @@ fn intra_kernels<R: CubeRuntime>(
             dims,
             tiles,
             &inputs,
-            &out(&dq),
-            &out(&dg_q),
+            &out(&grads.dq),
+            &out(&grads.dg_q),
         );
         launch_intra_key_grads(
             &client,
@@ -819,18 +818,12 @@ fn intra_kernels<R: CubeRuntime>(
             dims,
             tiles,
             &inputs,
-            &out(&dk),
-            &out(&dv),
-            &out(&dg_k),
+            &out(&grads.dk),
+            &out(&grads.dv),
+            &out(&grads.dg_k),
         );
     }
-    RowGrads {
-        dq,
-        dk,
-        dv,
-        dg_q,
-        dg_k,
-    }
+    grads
 }
 
 /// Casts the gradients to the inputs' dtypes and turns the per-position gate terms into
