@@ -6,13 +6,17 @@
 use cubecl::prelude::*;
 use half::{bf16, f16};
 use retention_kernels::{
-    Buffer, ChunkedTiles, DecodeMode, DecodeTiles, OutputTiles, Strategy,
+    Buffer, ChunkedTiles, DecodeMode, DecodeTiles, IntraGradTiles, OutputTiles, Strategy,
     chunk_gates::{GateDims, launch_chunk_gates},
+    chunk_grad::GradDims,
+    chunk_grad_intra_mma::{IntraGradInputs, launch_intra_key_grads, launch_intra_query_grads},
     chunk_output::{OutputArgs, OutputDims, launch_output},
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     decode::{DecodeArgs, DecodeDims, launch_decode},
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    gate_grads::{GateGradArgs, launch_gate_grads},
     query_state::{QueryStateArgs, launch_query_state, state_scale},
+    row_grads::{RowGradArgs, RowGradDims, launch_row_grads},
 };
 
 /// A client, or `None` (loudly) without a device; under `CI` a missing wgpu adapter fails.
@@ -318,6 +322,132 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
         };
         assert_written(name, client, &out);
     }
+
+    // backward: the rows' gradients, the tensor-core intra-chunk pairs, the gate gradient
+    let rows = B * T * HQ;
+    let half_rows = elem != Elem::F32;
+    let dy = Buf::new(client, &values(rows * e, 11), elem);
+    let y = Buf::new(client, &values(rows * e, 12), Elem::F32);
+    let stats: Vec<f32> = values(rows, 13).iter().map(|x| 0.5 + x.abs()).collect();
+    let stats = Buf::new(client, &stats, Elem::F32);
+    let d_num = Buf::poisoned(client, rows * e, Elem::F32);
+    let d_den = Buf::poisoned(client, rows, Elem::F32);
+    let d_num_half = Buf::poisoned(client, rows * e, Elem::Bf16);
+    let row_max = Buf::poisoned(client, rows, Elem::F32);
+    let args = RowGradArgs {
+        dy: dy.buffer(),
+        y: y.buffer(),
+        stats: stats.buffer(),
+        d_num: d_num.buffer(),
+        d_den: d_den.buffer(),
+        d_num_half: half_rows.then(|| d_num_half.buffer()),
+        row_max: Some(row_max.buffer()),
+    };
+    let row_dims = RowGradDims {
+        batch: B,
+        seq: T,
+        q_heads: HQ,
+        kv_heads: H,
+        value_dim: e,
+    };
+    let half_type = if half_rows { Elem::Bf16 } else { Elem::F32 };
+    // SAFETY: sizes as documented.
+    unsafe {
+        launch_row_grads(
+            client,
+            dtype,
+            half_type.storage(),
+            row_dims,
+            half_rows,
+            args,
+        )
+    };
+    assert_written("row gradients dN", client, &d_num);
+    assert_written("row gradients dL", client, &d_den);
+    assert_written("row maxima", client, &row_max);
+    if half_rows {
+        assert_written("row gradients dN (bf16)", client, &d_num_half);
+    }
+    if let Some(intra) = IntraGradTiles::plan(client, dtype, strategy, D, e, 2) {
+        for (chunk, n_chunks) in [(C, N), (T, 1)] {
+            let dims = GradDims {
+                batch: B,
+                seq: T,
+                q_heads: HQ,
+                kv_heads: H,
+                chunk,
+                n_chunks,
+                expanded_dim: BIG_D,
+                scale: 0.25,
+            };
+            let chunk_gates: Vec<f32> = values(B * H * n_chunks * chunk, 14)
+                .iter()
+                .map(|x| -0.1 * x.abs())
+                .collect();
+            let chunk_gates = Buf::new(client, &chunk_gates, Elem::F32);
+            let inputs = IntraGradInputs {
+                q: q.buffer(),
+                k: k.buffer(),
+                v: v.buffer(),
+                d_num: d_num_half.buffer(),
+                d_den: d_den.buffer(),
+                gates: Some(chunk_gates.buffer()),
+            };
+            let dq = Buf::poisoned(client, B * T * HQ * D, Elem::F32);
+            let dg_q = Buf::poisoned(client, B * T * HQ, Elem::F32);
+            let dk = Buf::poisoned(client, B * T * H * D, Elem::F32);
+            let dv = Buf::poisoned(client, B * T * H * e, Elem::F32);
+            let dg_k = Buf::poisoned(client, B * T * H, Elem::F32);
+            // SAFETY: sizes as documented.
+            unsafe {
+                launch_intra_query_grads(
+                    client,
+                    dtype,
+                    dims,
+                    intra,
+                    &inputs,
+                    &dq.buffer(),
+                    &dg_q.buffer(),
+                );
+                launch_intra_key_grads(
+                    client,
+                    dtype,
+                    dims,
+                    intra,
+                    &inputs,
+                    &dk.buffer(),
+                    &dv.buffer(),
+                    &dg_k.buffer(),
+                );
+            }
+            for (name, buf) in [
+                ("intra ∂q", &dq),
+                ("intra query gate terms", &dg_q),
+                ("intra ∂k", &dk),
+                ("intra ∂v", &dv),
+                ("intra key gate terms", &dg_k),
+            ] {
+                assert_written(&format!("{name}, chunk {chunk}"), client, buf);
+            }
+        }
+    } else {
+        assert!(
+            strategy != Strategy::Mma,
+            "the tensor-core pairs run where asked"
+        );
+    }
+    let dg_q = Buf::new(client, &values(B * T * HQ, 15), Elem::F32);
+    let dg_k = Buf::new(client, &values(B * T * H, 16), Elem::F32);
+    let log_g_grad = Buf::poisoned(client, B * T * H, Elem::F32);
+    let args = GateGradArgs {
+        dg_q: dg_q.buffer(),
+        dg_k: dg_k.buffer(),
+        last: None,
+        out: log_g_grad.buffer(),
+    };
+    // SAFETY: sizes as documented.
+    unsafe { launch_gate_grads(client, [B, T, HQ, H], args) };
+    assert_written("gate gradient", client, &log_g_grad);
 
     // decode: a one-token step, a window read and a window absorption
     let sum0: Vec<f32> = values(B * H * BIG_D, 6).iter().map(|x| x.abs()).collect();
