@@ -453,6 +453,9 @@ pub fn bench<B: RetentionBackend>(
         Some(script) => run_anchors(script, args)?,
         None => Vec::new(),
     };
+    if !anchors.is_empty() {
+        print_ratios(&rows, &anchors);
+    }
     if let Some(path) = &args.out {
         let io = |source| CliError::Io {
             path: path.clone(),
@@ -582,6 +585,44 @@ fn prefill_state<B: RetentionBackend>(
         state: state.state.repeat_dim(0, b),
         key_sum: state.key_sum.repeat_dim(0, b),
     })
+}
+
+/// Our time against each anchor's at the same mode, shape and length, from this run's rows:
+/// `speed-up = anchor ms / our ms` (above 1: ours is faster).
+fn print_ratios(ours: &[BenchRow], anchors: &[String]) {
+    let text = std::iter::once(CSV_HEADER.to_string())
+        .chain(anchors.iter().cloned())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Ok(anchor_rows) = crate::bench_plot::parse_rows(&text) else {
+        return;
+    };
+    println!(
+        "\n{:<8} {:<7} {:>7} {:>10} {:>22} {:>22}",
+        "mode", "shape", "t", "ours ms", "Manifest ms (speed-up)", "SDPA ms (speed-up)"
+    );
+    for r in ours.iter().filter(|r| r.implementation == "burn_retention") {
+        let anchor = |name: &str| {
+            anchor_rows
+                .iter()
+                .rev()
+                .find(|a| {
+                    a.implementation == name && a.mode == r.mode && a.shape == r.shape && a.t == r.t
+                })
+                .map_or("-".to_string(), |a| {
+                    format!("{:.4} ({:.2}×)", a.ms, a.ms / r.ms)
+                })
+        };
+        println!(
+            "{:<8} {:<7} {:>7} {:>10.4} {:>22} {:>22}",
+            r.mode,
+            r.shape,
+            r.t,
+            r.ms,
+            anchor("retention_triton"),
+            anchor("sdpa")
+        );
+    }
 }
 
 fn print_table(rows: &[BenchRow]) {

@@ -59,6 +59,18 @@ fn compare_appends_the_anchor_rows_of_the_same_run() {
         .expect("the binary runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench --compare failed: {stderr}");
+    // the same-run ratios: Manifest's fwd row failed, SDPA's fwd and Manifest's fwd+bwd exist
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ratio_line = |mode: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{mode} ")) && l.contains("mha64"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let fwd = ratio_line("fwd");
+    assert!(fwd.contains("0.0100 (") && fwd.contains(" - "), "{stdout}");
+    assert!(ratio_line("fwd+bwd").contains("0.0300 ("), "{stdout}");
 
     let args = std::fs::read_to_string(dir.path().join("anchor.py.args")).expect("script ran");
     assert_eq!(
