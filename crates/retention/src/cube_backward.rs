@@ -1,11 +1,17 @@
 //! The backward pass of the attention and chunked forms on the CubeCL kernels: the forward
-//! pass is recomputed (chunk states, then each row's output and normaliser `L_i`), the rows'
-//! gradients `dN = dy / L`, `dL = −(dy·y) / L` formed in tensor ops, then
+//! pass is recomputed (chunk states, then each row's output `y_i` in f32 and its normaliser
+//! `L_i`: for f16/bf16 inputs by the forward's own tensor-core kernels), the rows' gradients
+//! `dN = dy / L`, `dL = −dN·y` ([`row_grads`](retention_kernels::row_grads)), then
 //! 1. the gradient the queries send to each chunk's entering state
 //!    ([`chunk_state_grad`](retention_kernels::chunk_state_grad)),
 //! 2. the reverse scan of state gradients (the initial state's gradient falls out at its end),
-//! 3. the query-side and key-side kernels ([`chunk_grad`](retention_kernels::chunk_grad)),
-//! 4. gate gradients: per position on the cumulative gates, summed backwards.
+//! 3. the query-side and key-side passes: for f32 inputs the FMA kernels
+//!    ([`chunk_grad`](retention_kernels::chunk_grad)) do the intra-chunk pairs and the state
+//!    path together; for f16/bf16 inputs the pairs run on tensor cores
+//!    ([`chunk_grad_intra_mma`](retention_kernels::chunk_grad_intra_mma)) and the state path
+//!    adds its share ([`chunk_grad_state_mma`](retention_kernels::chunk_grad_state_mma)),
+//! 4. the log-gates' gradient: per position on the cumulative gates, summed backwards
+//!    ([`gate_grads`](retention_kernels::gate_grads)).
 //!
 //! Nothing but the inputs is kept between the passes; the chunk states exist only during the
 //! backward call (`O(t/c · D · e)`, as in the forward call).
