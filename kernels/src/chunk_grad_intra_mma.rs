@@ -17,9 +17,12 @@
 //! and `v` kept as fragments) and walks the queries of every head of the group 64 at a time:
 //! `Sᵀ = K Qᵀ`, `dPᵀ = V dNᵀ`, then `∂V += Wᵀ dN` and `∂K += ∂Sᵀ Q`.
 //!
-//! Keys, values, queries and `dN` are staged as bf16 through registers while the previous step
-//! computes; `dN` arrives in bf16 (the caller rounds it once, so both kernels see the same
-//! operands and their gate terms cancel as they should).
+//! The other side's rows are staged through registers while the previous step computes: keys
+//! (or queries) twice, in the input dtype for the scores (computed as the forward computes
+//! them) and in bf16 for the products with `∂S`; values and `dN` in bf16. `dN` arrives in bf16
+//! (the caller rounds it once, so both kernels see the same operands and their gate terms
+//! cancel as they should). A cube's own 128 rows reach their fragments through a 64-row tile,
+//! in two halves.
 
 use cubecl::prelude::*;
 use half::bf16;
