@@ -102,6 +102,9 @@ pub struct BenchArgs {
     /// (`python3 SCRIPT --shape .. --tokens .. --chunk .. --ts .. --modes ..`); its CSV rows
     /// are printed and appended to `out`. `None`: ours only.
     pub compare: Option<std::path::PathBuf>,
+    /// Directory for the charts of this run's rows ([`plot_rows`](crate::bench_plot::plot_rows));
+    /// `None`: no charts.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// One measured row.
@@ -468,6 +471,16 @@ pub fn bench<B: RetentionBackend>(
         }
         for line in &anchors {
             writeln!(file, "{line}").map_err(io)?;
+        }
+    }
+    if let Some(dir) = &args.plot {
+        let text = std::iter::once(CSV_HEADER.to_string())
+            .chain(rows.iter().map(BenchRow::csv))
+            .chain(anchors.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for path in crate::bench_plot::plot_rows(&crate::bench_plot::parse_rows(&text)?, dir)? {
+            println!("{}", path.display());
         }
     }
     Ok(rows)

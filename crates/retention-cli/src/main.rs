@@ -165,6 +165,9 @@ enum Command {
         /// The anchor script `--compare` runs with python3.
         #[arg(long, default_value = "benches/anchors/anchor_bench.py")]
         anchor_script: std::path::PathBuf,
+        /// Also draw this run's rows as SVG charts into this directory (as `retention plot`).
+        #[arg(long, value_name = "DIR")]
+        plot: Option<std::path::PathBuf>,
     },
 }
 
@@ -292,6 +295,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             matmul,
             compare,
             anchor_script,
+            plot,
         } => {
             check_dtype(backend, dtype)?;
             let args = BenchArgs {
@@ -311,6 +315,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 dtype: dtype.dtype(),
                 matmul,
                 compare: compare.then_some(anchor_script),
+                plot,
             };
             with_backend!(backend, |Bk, dev| bench::<Bk>(&dev, &args).map(drop))
         }

@@ -55,10 +55,16 @@ fn compare_appends_the_anchor_rows_of_the_same_run() {
         .arg(&script)
         .arg("--out")
         .arg(&csv)
+        .arg("--plot")
+        .arg(dir.path().join("run-charts"))
         .output()
         .expect("the binary runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench --compare failed: {stderr}");
+    assert!(
+        dir.path().join("run-charts/mha64-time.svg").exists(),
+        "--plot draws the run's rows"
+    );
     // the same-run ratios: Manifest's fwd row failed, SDPA's fwd and Manifest's fwd+bwd exist
     let stdout = String::from_utf8_lossy(&out.stdout);
     let ratio_line = |mode: &str| {
