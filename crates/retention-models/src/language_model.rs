@@ -162,33 +162,21 @@ impl<B: RetentionBackend> LanguageModel<B> {
     /// - `tokens`: `[batch, seq]` ids `< vocab_size` → `[batch, seq, vocab_size]`
     ///
     /// # Errors
-    /// [`ModelError::TokenIds`] when an id lies outside the vocabulary (checked on the device,
+    /// [`ModelError::TokenIds`] when an id lies outside the vocabulary (counted on the device:
     /// one read of a count per call); the mixers' errors.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
-        let vocab = self.vocab_size as i64;
-        let outside = tokens.clone().greater_equal_elem(vocab).int().sum()
-            + tokens.clone().lower_elem(0).int().sum();
-        let count: i64 = outside.into_scalar().elem();
-        if count > 0 {
-            return Err(ModelError::TokenIds {
-                vocab_size: self.vocab_size,
-                count: count as usize,
-            });
-        }
-        let mut x = self.embed.forward(tokens);
-        for block in &self.blocks {
-            x = block.forward(x)?;
-        }
-        Ok(self.head.forward(self.norm.forward(x)))
+        self.check_ids(&[&tokens])?;
+        self.logits(tokens)
     }
 
     /// Mean next-token cross-entropy (nats per token) of `inputs` predicting `targets`.
     ///
     /// # Shapes
-    /// - `inputs`, `targets`: `[batch, seq]` → a one-element tensor
+    /// - `inputs`, `targets`: `[batch, seq]` ids `< vocab_size` → a one-element tensor
     ///
     /// # Errors
-    /// [`ModelError::Config`] when the two shapes differ; the mixers' errors.
+    /// [`ModelError::Config`] when the two shapes differ; [`ModelError::TokenIds`] when an id
+    /// of either lies outside the vocabulary; the mixers' errors.
     pub fn loss(
         &self,
         inputs: Tensor<B, 2, Int>,
@@ -201,10 +189,54 @@ impl<B: RetentionBackend> LanguageModel<B> {
                 targets.dims()
             )));
         }
+        self.check_ids(&[&inputs, &targets])?;
+        self.loss_of_checked(inputs, targets)
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// [`loss`](Self::loss) for ids already known to be in range (the trainer checks its token
+    /// streams once, on the host, instead of reading a count back every step).
+    pub(crate) fn loss_of_checked(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Result<Tensor<B, 1>, ModelError> {
         let [b, t] = targets.dims();
-        let logits = self.forward(inputs)?.reshape([b * t, self.vocab_size]);
+        let logits = self.logits(inputs)?.reshape([b * t, self.vocab_size]);
         let ce = CrossEntropyLossConfig::new().init(&logits.device());
         Ok(ce.forward(logits, targets.reshape([b * t])))
+    }
+
+    fn logits(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
+        let mut x = self.embed.forward(tokens);
+        for block in &self.blocks {
+            x = block.forward(x)?;
+        }
+        Ok(self.head.forward(self.norm.forward(x)))
+    }
+
+    /// [`ModelError::TokenIds`] unless every id of `tensors` lies in `0..vocab_size`.
+    fn check_ids(&self, tensors: &[&Tensor<B, 2, Int>]) -> Result<(), ModelError> {
+        let vocab = self.vocab_size as i64;
+        let outside = tensors
+            .iter()
+            .map(|t| {
+                let t = (*t).clone();
+                t.clone().greater_equal_elem(vocab).int().sum() + t.lower_elem(0).int().sum()
+            })
+            .reduce(|a, b| a + b);
+        let count: i64 = outside.map_or(0, |c| c.into_scalar().elem());
+        if count > 0 {
+            return Err(ModelError::TokenIds {
+                vocab_size: self.vocab_size,
+                count: count as usize,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -258,6 +290,24 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn targets_outside_the_vocabulary_are_refused() {
+        let dev = Default::default();
+        let model = LanguageModelConfig::tiny(300)
+            .init::<NdArray>(&dev)
+            .unwrap();
+        let ids =
+            |v: Vec<i64>| Tensor::<NdArray, 2, Int>::from_data(TensorData::new(v, [1, 3]), &dev);
+        let err = model.loss(ids(vec![1, 2, 3]), ids(vec![2, 3, 300]));
+        assert!(matches!(
+            err,
+            Err(ModelError::TokenIds {
+                vocab_size: 300,
+                count: 1
+            })
+        ));
     }
 
     #[test]

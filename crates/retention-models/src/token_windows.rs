@@ -44,6 +44,14 @@ impl TokenWindows {
         self.ids.len()
     }
 
+    /// How many ids of the stream lie outside `0..vocab_size`.
+    pub fn ids_outside(&self, vocab_size: usize) -> usize {
+        self.ids
+            .iter()
+            .filter(|&&id| id as usize >= vocab_size)
+            .count()
+    }
+
     /// Whether the stream is empty (never: [`TokenWindows::new`] refuses short streams).
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()

@@ -132,7 +132,8 @@ where
     ///
     /// # Errors
     /// [`ModelError::Config`] for zero steps, batch size or sequence length, or a validation
-    /// stream shorter than one window.
+    /// stream shorter than one window; [`ModelError::TokenIds`] when a stream holds ids outside
+    /// the model's vocabulary (checked here, once, so the steps need not).
     pub fn new(
         config: TrainingConfig,
         model: LanguageModel<B>,
@@ -145,6 +146,11 @@ where
                 "steps ({}), batch_size ({}) and seq_len ({}) must be positive",
                 config.steps, config.batch_size, config.seq_len
             )));
+        }
+        let vocab_size = model.vocab_size();
+        let count = train.ids_outside(vocab_size) + valid.ids_outside(vocab_size);
+        if count > 0 {
+            return Err(ModelError::TokenIds { vocab_size, count });
         }
         let valid = valid.evenly_spaced(config.eval_batches.max(1), config.batch_size, device);
         Ok(Self {
@@ -195,7 +201,7 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let loss = self.model.loss(batch.inputs, batch.targets)?;
+        let loss = self.model.loss_of_checked(batch.inputs, batch.targets)?;
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         let lr = self.config.learning_rate_at(self.step);
@@ -226,7 +232,7 @@ where
         let model = self.model.valid();
         let mut total = 0.0;
         for batch in &self.valid {
-            let loss = model.loss(batch.inputs.clone(), batch.targets.clone())?;
+            let loss = model.loss_of_checked(batch.inputs.clone(), batch.targets.clone())?;
             total += loss.into_scalar().elem::<f64>();
         }
         Ok(total / self.valid.len().max(1) as f64)
@@ -292,5 +298,23 @@ mod tests {
         assert!((c.learning_rate_at(110) - 0.1).abs() < 1e-12);
         let rates: Vec<f64> = (10..110).map(|s| c.learning_rate_at(s)).collect();
         assert!(rates.windows(2).all(|w| w[1] <= w[0]));
+    }
+
+    #[test]
+    fn streams_with_ids_outside_the_vocabulary_are_refused_up_front() {
+        type B = burn::backend::Autodiff<burn::backend::NdArray>;
+        let dev = Default::default();
+        let model = crate::LanguageModelConfig::tiny(50)
+            .init::<B>(&dev)
+            .expect("model");
+        let train = TokenWindows::new((0..120u32).map(|i| i % 60).collect(), 8).expect("train");
+        let valid = TokenWindows::new(vec![1; 20], 8).expect("valid");
+        match Trainer::new(TrainingConfig::new(2, 1, 8), model, train, &valid, &dev) {
+            Err(ModelError::TokenIds { vocab_size, count }) => {
+                assert_eq!((vocab_size, count), (50, 20))
+            }
+            Err(e) => panic!("expected a token-id error, got {e}"),
+            Ok(_) => panic!("expected a token-id error"),
+        }
     }
 }
