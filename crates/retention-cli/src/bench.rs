@@ -17,6 +17,7 @@ use retention::{
 };
 
 use crate::CliError;
+use crate::bench_plot::{PlotRow, parse_rows, plot_rows};
 
 /// Head shapes of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +157,21 @@ impl BenchRow {
             self.tokens as f64 / self.ms * 1e3,
             self.flops / self.ms / 1e9
         )
+    }
+}
+
+impl From<&BenchRow> for PlotRow {
+    fn from(r: &BenchRow) -> Self {
+        Self {
+            implementation: r.implementation.to_string(),
+            mode: r.mode.to_string(),
+            shape: r.shape.to_string(),
+            b: r.b,
+            t: r.t,
+            ms: r.ms,
+            tokens_per_s: r.tokens as f64 / r.ms * 1e3,
+            tflops: r.flops / r.ms / 1e9,
+        }
     }
 }
 
@@ -456,8 +472,15 @@ pub fn bench<B: RetentionBackend>(
         Some(script) => run_anchors(script, args)?,
         None => Vec::new(),
     };
-    if !anchors.is_empty() {
-        print_ratios(&rows, &anchors);
+    // the anchors' rows, read once for the ratios and the charts
+    let anchor_rows = parse_rows(
+        &std::iter::once(CSV_HEADER)
+            .chain(anchors.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )?;
+    if !anchor_rows.is_empty() {
+        print_ratios(&rows, &anchor_rows);
     }
     if let Some(path) = &args.out {
         let io = |source| CliError::Io {
@@ -474,12 +497,8 @@ pub fn bench<B: RetentionBackend>(
         }
     }
     if let Some(dir) = &args.plot {
-        let text = std::iter::once(CSV_HEADER.to_string())
-            .chain(rows.iter().map(BenchRow::csv))
-            .chain(anchors.iter().cloned())
-            .collect::<Vec<_>>()
-            .join("\n");
-        for path in crate::bench_plot::plot_rows(&crate::bench_plot::parse_rows(&text)?, dir)? {
+        let all: Vec<PlotRow> = rows.iter().map(PlotRow::from).chain(anchor_rows).collect();
+        for path in plot_rows(&all, dir)? {
             println!("{}", path.display());
         }
     }
@@ -602,14 +621,7 @@ fn prefill_state<B: RetentionBackend>(
 
 /// Our time against each anchor's at the same mode, shape and length, from this run's rows:
 /// `speed-up = anchor ms / our ms` (above 1: ours is faster).
-fn print_ratios(ours: &[BenchRow], anchors: &[String]) {
-    let text = std::iter::once(CSV_HEADER.to_string())
-        .chain(anchors.iter().cloned())
-        .collect::<Vec<_>>()
-        .join("\n");
-    let Ok(anchor_rows) = crate::bench_plot::parse_rows(&text) else {
-        return;
-    };
+fn print_ratios(ours: &[BenchRow], anchor_rows: &[PlotRow]) {
     println!(
         "\n{:<8} {:<7} {:>7} {:>10} {:>22} {:>22}",
         "mode", "shape", "t", "ours ms", "Manifest ms (speed-up)", "SDPA ms (speed-up)"
