@@ -110,10 +110,7 @@ pub unsafe fn launch_query_grads<R: Runtime>(
     let i = args.inputs;
     tiles.gated = i.gates.is_some();
     tiles.with_state = args.states.is_some();
-    let dummy = Buffer {
-        handle: client.empty(4),
-        len: 1,
-    };
+    let dummy = Buffer::unused(client);
     let (states, sums) = args
         .states
         .unwrap_or_else(|| (dummy.clone(), dummy.clone()));
@@ -174,10 +171,7 @@ pub unsafe fn launch_key_grads<R: Runtime>(
     let i = args.inputs;
     tiles.gated = i.gates.is_some();
     tiles.with_state = args.lambda.is_some();
-    let dummy = Buffer {
-        handle: client.empty(4),
-        len: 1,
-    };
+    let dummy = Buffer::unused(client);
     let (lambda, lambda_z) = args
         .lambda
         .unwrap_or_else(|| (dummy.clone(), dummy.clone()));

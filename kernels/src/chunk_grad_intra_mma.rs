@@ -852,7 +852,10 @@ pub unsafe fn launch_intra_query_grads<R: Runtime>(
     dg: &Buffer,
 ) {
     tiles.gated = inputs.gates.is_some();
-    let gates = gates_or_dummy(client, inputs);
+    let gates = inputs
+        .gates
+        .clone()
+        .unwrap_or_else(|| Buffer::unused(client));
     let ratio = dims.q_heads / dims.kv_heads;
     let count = CubeCount::Static(
         (dims.chunk.div_ceil(ROWS) * ratio) as u32,
@@ -902,7 +905,10 @@ pub unsafe fn launch_intra_key_grads<R: Runtime>(
     dg: &Buffer,
 ) {
     tiles.gated = inputs.gates.is_some();
-    let gates = gates_or_dummy(client, inputs);
+    let gates = inputs
+        .gates
+        .clone()
+        .unwrap_or_else(|| Buffer::unused(client));
     let count = CubeCount::Static(
         dims.chunk.div_ceil(ROWS) as u32,
         (dims.n_chunks * dims.kv_heads) as u32,
@@ -933,11 +939,4 @@ pub unsafe fn launch_intra_key_grads<R: Runtime>(
             dtype,
         )
     }
-}
-
-fn gates_or_dummy<R: Runtime>(client: &ComputeClient<R>, inputs: &IntraGradInputs) -> Buffer {
-    inputs.gates.clone().unwrap_or_else(|| Buffer {
-        handle: client.empty(4),
-        len: 1,
-    })
 }

@@ -460,10 +460,7 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
 ) {
     tiles.gated = args.gates.is_some();
     tiles.keys = keys;
-    let dummy = Buffer {
-        handle: client.empty(4),
-        len: 1,
-    };
+    let dummy = Buffer::unused(client);
     let heads = if keys { dims.kv_heads } else { dims.q_heads };
     let ratio = heads / dims.kv_heads;
     let rows = 16 * tiles.planes as usize;

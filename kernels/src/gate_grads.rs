@@ -108,10 +108,7 @@ pub unsafe fn launch_gate_grads<R: Runtime>(
     args: GateGradArgs,
 ) {
     let with_last = args.last.is_some();
-    let last = args.last.unwrap_or_else(|| Buffer {
-        handle: client.empty(4),
-        len: 1,
-    });
+    let last = args.last.unwrap_or_else(|| Buffer::unused(client));
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
         gate_grads_kernel::launch_unchecked::<R>(

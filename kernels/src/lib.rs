@@ -68,6 +68,14 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    /// A one-element buffer for an argument the launch leaves unread (an absent option).
+    pub fn unused<R: Runtime>(client: &cubecl::prelude::ComputeClient<R>) -> Self {
+        Self {
+            handle: client.empty(4),
+            len: 1,
+        }
+    }
+
     /// The buffer as a kernel argument.
     ///
     /// # Safety
