@@ -85,21 +85,35 @@ where
     if !kernel_dtype(inputs.q.dtype) {
         return None;
     }
-    // the pass runs in f32 whatever the inputs: the recomputed rows `y` enter `dy·y`, where
-    // half-precision rounding of `y` cancels against `dy·v` (bf16 gate gradients were off by
-    // 0.5); half inputs recompute them as the forward does (tensor cores), written in f32
+    // the rows `y` are recomputed in f32 whatever the inputs (`dL = −dN·y` cancels against
+    // `dN·v` in every weight's gradient); half inputs recompute them as the forward does and
+    // take the pairs on tensor cores, where both kernels fit, else everything runs on FMA units
     let dtype = DType::F32;
-    let half_tiles = OutputTiles::plan(
+    let types = Dtypes::of(&inputs);
+    let tensor_cores = OutputTiles::plan(
         &client,
-        inputs.q.dtype.into(),
+        types.q.into(),
         Strategy::Auto,
         d,
         e,
         options.degree,
     )
-    .filter(|t| t.mma && inputs.q.dtype == inputs.k.dtype && inputs.k.dtype == inputs.v.dtype);
-    let out_tiles = OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?;
-    let grad_tiles = GradTiles::plan(&client, d, e, options.degree)?;
+    .filter(|t| t.mma && types.q == types.k && types.k == types.v)
+    .zip(IntraGradTiles::plan(
+        &client,
+        types.q.into(),
+        Strategy::Auto,
+        d,
+        e,
+        options.degree,
+    ));
+    let fma = match tensor_cores {
+        Some(_) => None,
+        None => Some((
+            OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?,
+            GradTiles::plan(&client, d, e, options.degree)?,
+        )),
+    };
     let sizes = Sizes {
         b,
         t,
@@ -111,42 +125,31 @@ where
         n: 1,
         big_d: 0,
     };
-    let types = Dtypes::of(&inputs);
-    let half_inputs = half_tiles.map(|_| {
-        (
-            into_contiguous(inputs.q.clone()),
-            into_contiguous(inputs.k.clone()),
-            into_contiguous(inputs.v.clone()),
-        )
-    });
-    let (q, k, v) = (
-        to_f32::<R, F, I, BT, 4>(inputs.q),
-        to_f32::<R, F, I, BT, 4>(inputs.k),
-        to_f32::<R, F, I, BT, 4>(inputs.v),
-    );
     let gates = inputs.log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
-    let dims = output_dims(sizes, options);
-    let out = empty(&q, &[b, t, hq, e], dtype);
-    let stats = empty_f32(&q, &[b, t, hq]);
-    let ((rq, rk, rv), row_dtype, row_tiles) = match (half_inputs, half_tiles) {
-        (Some(inputs), Some(tiles)) => (inputs, types.q, tiles),
-        _ => ((q.clone(), k.clone(), v.clone()), dtype, out_tiles),
+    let out = empty(&inputs.q, &[b, t, hq, e], dtype);
+    let stats = empty_f32(&inputs.q, &[b, t, hq]);
+    // the operands: as given (tensor cores), or f32 copies (FMA units)
+    let (q, k, v) = match fma {
+        None => (
+            into_contiguous(inputs.q),
+            into_contiguous(inputs.k),
+            into_contiguous(inputs.v),
+        ),
+        Some(_) => (
+            to_f32::<R, F, I, BT, 4>(inputs.q),
+            to_f32::<R, F, I, BT, 4>(inputs.k),
+            to_f32::<R, F, I, BT, 4>(inputs.v),
+        ),
     };
-    // half inputs take the pairs on tensor cores too
-    let intra = IntraGradTiles::plan(
-        &client,
-        row_dtype.into(),
-        Strategy::Auto,
-        d,
-        e,
-        options.degree,
-    )
-    .filter(|_| row_dtype != dtype)
-    .map(|tiles| (tiles, (rq.clone(), rk.clone(), rv.clone())));
+    let (row_dtype, row_tiles) = match (tensor_cores, fma) {
+        (Some((tiles, _)), _) => (types.q, tiles),
+        (None, Some((tiles, _))) => (dtype, tiles),
+        (None, None) => return None,
+    };
     let args = OutputArgs {
-        q: arg(rq),
-        k: arg(rk),
-        v: arg(rv),
+        q: arg(q.clone()),
+        k: arg(k.clone()),
+        v: arg(v.clone()),
         gates: gates.clone().map(arg),
         states: None,
         out: arg(out.clone()),
@@ -154,23 +157,46 @@ where
         stats: Some(arg(stats.clone())),
     };
     // SAFETY: buffers are contiguous with the documented shapes and dtypes.
-    unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
-    let rows = row_grads::<R, F, I, BT>(Some(d_output), out, stats, sizes, intra.is_some(), false);
-    let (d_num, d_den) = (rows.d_num, rows.d_den);
-    let grads = match (intra, rows.d_num_half) {
-        (Some((tiles, half)), Some(dn16)) => {
-            intra_kernels(sizes, options, tiles, half, row_dtype, gates, dn16, d_den)
-        }
-        _ => row_kernels(
+    unsafe {
+        launch_output(
+            &client,
+            row_dtype.into(),
+            output_dims(sizes, options),
+            row_tiles,
+            args,
+        )
+    };
+    let rows = row_grads::<R, F, I, BT>(
+        Some(d_output),
+        out,
+        stats,
+        sizes,
+        tensor_cores.is_some(),
+        false,
+    );
+    let grads = match (tensor_cores, fma, rows.d_num_half) {
+        (Some((_, tiles)), _, Some(dn16)) => intra_kernels(
             sizes,
             options,
-            grad_tiles,
+            tiles,
+            (q, k, v),
+            row_dtype,
+            gates,
+            dn16,
+            rows.d_den,
+        ),
+        (_, Some((_, tiles)), _) => row_kernels(
+            sizes,
+            options,
+            tiles,
             (q, k, v),
             gates,
-            (d_num, d_den),
+            (rows.d_num, rows.d_den),
             None,
             None,
         ),
+        // a bf16 `dN` is written whenever the tensor cores run
+        _ => return None,
     };
     Some(finish::<R, F, I, BT>(sizes, grads, None, None, types))
 }
