@@ -224,10 +224,10 @@ where
     if options.degree != 2 || !kernel_dtype(inputs.q.dtype) || !initial_ok {
         return None;
     }
-    // in f32, as the attention form's backward
+    // rows and gradients in f32, as the attention form's backward
     let dtype = DType::F32;
     let chunk = backward_chunk(chunk);
-    // the recomputed forward keeps its entering states in f32 (the FMA output kernel reads them)
+    // the FMA kernels' tiles, for f32 inputs (and any part the tensor cores do not take)
     let tiles = ChunkedTiles::plan(&client, dtype.into(), Strategy::Fma, d, e)?;
     let grad_tiles = GradTiles::plan(&client, d, e, 2)?;
     let n = t.div_ceil(chunk);
