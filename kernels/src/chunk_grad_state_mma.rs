@@ -18,10 +18,11 @@
 //! [`feature_pairs`](crate::feature_pairs)), the f16 state block double-buffered in shared
 //! memory. Each plane multiplies its 16 rows of `w/α` (f16, `α` the row's largest magnitude,
 //! kept in registers as `e/16` fragments) by the block's transpose, stages the `16 × 32` product
-//! in shared memory and scatters it: lane `(ρ, h)` takes the 8 features `8h..8h + 8` of each
-//! group. Inner-coordinate gradients accumulate in registers while the block `m` lasts; every
-//! coordinate has one owning lane (`(c / 8) mod 2 = h`), so no two lanes ever write the same
-//! shared word and the scatter needs no barrier.
+//! in shared memory (column-major, so the 32 lanes' reads hit 32 banks) and scatters it: lane
+//! `(ρ, h)` takes the 8 features `2r + h` of each group. Inner-coordinate gradients accumulate
+//! in registers while the block `m` lasts; every coordinate has one owning lane
+//! (`c mod 2 = h`), so no two lanes ever write the same shared word and the scatter needs no
+//! barrier.
 
 use cubecl::prelude::*;
 use half::f16;
@@ -86,7 +87,9 @@ pub(crate) fn chunk_grad_state_mma_kernel(
     let mut coef_sum = SharedMemory::<f32>::new(rows);
     let mut decay_of = SharedMemory::<f32>::new(rows);
     let mut part = SharedMemory::<f32>::new(units);
-    let mut dxs = SharedMemory::<f32>::new(rows * d);
+    // rows padded by one float: the lanes of a plane add to 16 different rows at once
+    let dxs_s = comptime!(cfg.head_dim as usize + 1);
+    let mut dxs = SharedMemory::<f32>::new(rows * dxs_s);
     let mut sst = SharedMemory::<f16>::new(2 * FEATS * ss);
     let mut zb = SharedMemory::<f32>::new(2 * FEATS);
     let mut stage = SharedMemory::<f32>::new(planes * 16 * STAGE_STRIDE);
@@ -100,7 +103,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
         row_index[UNIT_POS as usize] = select(pos < chunk && chunk_start + pos < seq, at, SKIP_ROW);
     }
     let mut idx = UNIT_POS as usize;
-    while idx < rows * d {
+    while idx < rows * dxs_s {
         dxs[idx] = 0.0;
         idx += units;
     }
@@ -197,7 +200,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
         }
     }
 
-    // lane (ρ, h): row 16·plane + ρ, features 8h..8h + 8 of each group
+    // lane (ρ, h): row 16·plane + ρ, features 2r + h (r < 8) of each group
     let rl = lane % 16;
     let h = lane / 16;
     let row = plane * 16 + rl;
@@ -267,11 +270,13 @@ pub(crate) fn chunk_grad_state_mma_kernel(
                     );
                     cmma::execute::<f16, f16, f32, f32>(a_frags.index(ks), &bm, &acc, &acc);
                 }
+                // column-major, 16 floats per feature: lane (ρ, h) reads feature 2r + h of
+                // row ρ at bank 16h + ρ, so a plane's 32 reads hit 32 banks
                 cmma::store(
-                    &mut stage.slice_mut(st + ct * 16, st + 16 * STAGE_STRIDE),
+                    &mut stage.slice_mut(st + ct * 256, st + 16 * STAGE_STRIDE),
                     &acc,
-                    STAGE_STRIDE as u32,
-                    cmma::MatrixLayout::RowMajor,
+                    16u32,
+                    cmma::MatrixLayout::ColMajor,
                 );
             }
             sync_plane();
@@ -290,13 +295,13 @@ pub(crate) fn chunk_grad_state_mma_kernel(
                         if have_m {
                             #[unroll]
                             for r in 0..8usize {
-                                dxs[row * d + cur_m as usize * 16 + 8 * h + r] += dacc[r];
+                                dxs[row * dxs_s + cur_m as usize * 16 + 2 * r + h] += dacc[r];
                                 dacc[r] = 0.0;
                             }
                         }
                         #[unroll]
                         for r in 0..8usize {
-                            xin[r] = f32::cast_from(sx[row * xs + inner0 + 8 * h + r]);
+                            xin[r] = f32::cast_from(sx[row * xs + inner0 + 2 * r + h]);
                         }
                         cur_m = m;
                         have_m = true;
@@ -312,9 +317,10 @@ pub(crate) fn chunk_grad_state_mma_kernel(
                 let mut psum = 0.0f32;
                 #[unroll]
                 for r in 0..8usize {
-                    let fl = gi * 16 + 8 * h + r;
+                    let fl = gi * 16 + 2 * r + h;
                     let gval = wgt
-                        * (cs * stage[st + rl * STAGE_STRIDE + fl] + cz * zb[prev * FEATS + fl]);
+                        * (cs * stage[st + gi * 256 + (2 * r + h) * 16 + rl]
+                            + cz * zb[prev * FEATS + fl]);
                     dacc[r] += gval * xo;
                     psum += gval * xin[r];
                     if comptime!(cfg.keys) {
@@ -323,8 +329,8 @@ pub(crate) fn chunk_grad_state_mma_kernel(
                     }
                 }
                 let total = psum + plane_shuffle_xor(psum, 16u32);
-                if g < groups && (x_at / 8) % 2 == h {
-                    dxs[row * d + x_at] += total;
+                if g < groups && x_at % 2 == h {
+                    dxs[row * dxs_s + x_at] += total;
                     gsum += total * xo;
                 }
             }
@@ -368,19 +374,19 @@ pub(crate) fn chunk_grad_state_mma_kernel(
     if have_m {
         #[unroll]
         for r in 0..8usize {
-            dxs[row * d + cur_m as usize * 16 + 8 * h + r] += dacc[r];
+            dxs[row * dxs_s + cur_m as usize * 16 + 2 * r + h] += dacc[r];
         }
     }
 
-    // every coordinate of the row is owned by one lane: `(c / 8) mod 2 = h`
+    // every coordinate of the row is owned by one lane: `c mod 2 = h`
     let at = row_index[row];
     if at != SKIP_ROW {
         for j in 0..d / 16 {
             #[unroll]
             for r in 0..8usize {
-                let c = j * 16 + 8 * h + r;
+                let c = j * 16 + 2 * r + h;
                 let o = at as usize * d + c;
-                dx[o] += out_scale * dxs[row * d + c];
+                dx[o] += out_scale * dxs[row * dxs_s + c];
             }
         }
     }

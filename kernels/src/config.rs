@@ -268,7 +268,7 @@ impl StateGradTiles {
             + 2 * rows * (value_dim + 8)
             + 4 * 3 * rows
             + 4 * 32 * planes
-            + 4 * rows * head_dim
+            + 4 * rows * (head_dim + 1)
             + 2 * 2 * 32 * (value_dim + 8)
             + 4 * 2 * 32
             + 4 * rows * 32
