@@ -1,6 +1,7 @@
 //! `Autodiff<B>`: inference (no input tracked) runs the inner backend's forms, so
 //! `Autodiff<Cuda>` uses the kernels. With tracked inputs the attention and chunked forms are
-//! single graph nodes: the forward pass runs the inner backend and keeps only the inputs, the
+//! single graph nodes: the forward pass runs the inner backend and keeps the inputs (and, for
+//! the chunked form, the output rows where the backend keeps them: `O(t)` either way), the
 //! backward pass calls the inner backend's `retention_*_backward` (kernels where the backend
 //! has them, else the reference). The decode forms differentiate through the plain-tensor
 //! reference.
@@ -241,6 +242,7 @@ fn tracked_attention<B: RetentionBackend, C: CheckpointStrategy>(
         v: v.primitive,
         log_g: log_g.map(|g| g.primitive),
         initial: None,
+        rows: None,
     };
     let y = <B as RetentionBackend>::retention_attention(
         inputs.q.clone(),
@@ -341,27 +343,29 @@ fn tracked_chunked<B: RetentionBackend, C: CheckpointStrategy>(
             .map_or(dummy.clone(), |(s, _)| s.node.clone()),
         initial.as_ref().map_or(dummy, |(_, z)| z.node.clone()),
     ];
-    let inputs: RetentionInputs<B> = RetentionInputs {
+    let mut inputs: RetentionInputs<B> = RetentionInputs {
         q: q.primitive,
         k: k.primitive,
         v: v.primitive,
         log_g: log_g.map(|g| g.primitive),
         initial: initial.map(|(s, z)| (s.primitive, z.primitive)),
+        rows: None,
     };
-    let saved = ChunkedSaved {
-        inputs: inputs.clone(),
-        chunk_size,
-        options: options.clone(),
-    };
-    let (y, s, z) = B::retention_chunked(
-        inputs.q,
-        inputs.k,
-        inputs.v,
-        inputs.log_g,
-        inputs.initial,
+    let (y, s, z, rows) = B::retention_chunked_keeping_rows(
+        inputs.q.clone(),
+        inputs.k.clone(),
+        inputs.v.clone(),
+        inputs.log_g.clone(),
+        inputs.initial.clone(),
         chunk_size,
         options,
     );
+    inputs.rows = rows;
+    let saved = ChunkedSaved {
+        inputs,
+        chunk_size,
+        options: options.clone(),
+    };
     let node = |which: ChunkedOutput, out: FloatTensor<B>| match ChunkedBackward(which)
         .prepare::<C>(nodes.clone())
         .compute_bound()

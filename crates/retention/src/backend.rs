@@ -1,10 +1,10 @@
 //! The backend extension trait: one method per form of the op, each with the plain-tensor
 //! reference as its default body. Kernel backends override what they accelerate.
 
-use burn::tensor::{Tensor, TensorPrimitive, backend::Backend, ops::FloatTensor};
+use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend, ops::FloatTensor};
 
 use crate::backward::{
-    ChunkedUpstream, RetentionGrads, RetentionInputs, reference_attention_backward,
+    ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
     reference_chunked_backward,
 };
 use crate::{RetentionOptions, reference};
@@ -45,6 +45,44 @@ pub trait RetentionBackend: Backend {
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options)
+    }
+
+    /// Whether [`Self::retention_chunked_keeping_rows`] keeps the rows ([`ForwardRows`]) for
+    /// inputs of these dtypes (`q, k, v`, then the initial state and key-sum if given) and
+    /// head dims `d`, `e` on `device`. The default keeps none. `Fusion<B>` asks before it
+    /// registers the call, so the answer must not depend on anything else.
+    fn retention_keeps_rows(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        let _ = (device, dtypes, head_dim, value_dim, options);
+        false
+    }
+
+    /// [`Self::retention_chunked`] for a call whose backward pass will follow: also returns the
+    /// rows the backward pass would otherwise compute again, exactly when
+    /// [`Self::retention_keeps_rows`] says so. `Autodiff<Self>` calls it for tracked inputs and
+    /// hands the rows to [`Self::retention_chunked_backward`] with the inputs.
+    #[allow(clippy::type_complexity)]
+    fn retention_chunked_keeping_rows(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ForwardRows<Self>>,
+    ) {
+        let (y, s, z) = Self::retention_chunked(q, k, v, log_g, initial, chunk_size, options);
+        (y, s, z, None)
     }
 
     /// One recurrent step (`t = 1`) from `(state, key_sum)`; returns `(output, state, key_sum)`.

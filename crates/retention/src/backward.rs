@@ -12,6 +12,18 @@ use burn::tensor::{backend::Backend, ops::FloatTensor};
 use crate::backend::{float, prim};
 use crate::{RetentionOptions, reference};
 
+/// What a forward call computed anyway and its backward pass would otherwise compute again:
+/// the output rows before rounding to the inputs' dtype and each row's normaliser. `O(t·e)`
+/// memory, like the inputs (flash attention keeps its output and log-sum-exp the same way);
+/// the chunk states are never kept.
+#[derive(Debug, Clone)]
+pub struct ForwardRows<B: Backend> {
+    /// The output rows `y`, `f32 [b, t, hq, e]`.
+    pub output: FloatTensor<B>,
+    /// Each row's normaliser `L` (`y = N / L`), `f32 [b, t, hq]`.
+    pub normaliser: FloatTensor<B>,
+}
+
 /// The inputs of a forward call, kept for its backward pass.
 ///
 /// Shapes as in [`RetentionBackend`](crate::RetentionBackend): `q [b, t, hq, d]`,
@@ -29,6 +41,10 @@ pub struct RetentionInputs<B: Backend> {
     pub log_g: Option<FloatTensor<B>>,
     /// Initial `(state, key_sum)` of the chunked form, if any.
     pub initial: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    /// The rows the forward call kept
+    /// ([`retention_chunked_keeping_rows`](crate::RetentionBackend::retention_chunked_keeping_rows)),
+    /// if it kept them; the backward pass computes them again otherwise.
+    pub rows: Option<ForwardRows<B>>,
 }
 
 /// Gradients arriving at the outputs of a chunked call; `None` where an output received none.

@@ -26,10 +26,10 @@ use crate::backend::{
     reference_step, reference_window,
 };
 use crate::backward::{
-    ChunkedUpstream, RetentionGrads, RetentionInputs, reference_attention_backward,
+    ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
     reference_chunked_backward,
 };
-use crate::cube_backward::{attention_backward, chunked_backward};
+use crate::cube_backward::{attention_backward, chunked_backward, keeps_rows};
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
 
@@ -176,112 +176,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let initial_ok = initial
-            .as_ref()
-            .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
-        let [b, t, hq, d] = dims4(&q);
-        let [_, _, h, e] = dims4(&v);
-        let dtype = q.dtype;
-        let client = q.client.clone();
-        let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
-            .then(|| ChunkedTiles::plan(&client, dtype.into(), Strategy::Auto, d, e))
-            .flatten();
-        let Some(ChunkedTiles {
-            state: state_tiles,
-            query: query_tiles,
-            output: out_tiles,
-        }) = plans
-        else {
-            return reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options);
-        };
-        let c = chunk_size;
-        let n = t.div_ceil(c);
-        let big_d = expanded_dim(d, 2);
-        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
-        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
+            q, k, v, log_g, initial, chunk_size, options, false,
+        );
+        (y, s, z)
+    }
 
-        // 1. chunk contributions
-        let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
+    fn retention_keeps_rows(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        let client = R::client(device);
+        keeps_rows(&client, dtypes, head_dim, value_dim, options)
+    }
 
-        // 2. states entering each chunk, and the final state
-        let final_state = empty_f32(&q, &[b, h, big_d, e]);
-        let final_sum = empty_f32(&q, &[b, h, big_d]);
-        let (s0, z0) = match initial {
-            Some((s, z)) => (
-                Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
-                Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
-            ),
-            None => (None, None),
-        };
-        // the query-state kernel reads the entering states as f16 `S/γ`
-        let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
-        for (chunks, init, last, width, half) in [
-            (&states, s0, &final_state, big_d * e, half_states.clone()),
-            (&sums, z0, &final_sum, big_d, None),
-        ] {
-            let dims = ScanDims {
-                sequences: b * h,
-                width,
-                n_chunks: n,
-                chunk: c,
-                reverse: false,
-            };
-            let args = ScanArgs {
-                chunks: arg(chunks.clone()),
-                half: half.map(arg),
-                half_scale: state_scale(big_d),
-                keep_f32: false,
-                initial: init.map(arg),
-                gates: gates.clone().map(arg),
-                last: arg(last.clone()),
-            };
-            // SAFETY: buffers are contiguous f32 with the documented shapes.
-            unsafe { launch_discumsum(&client, dims, args) };
-        }
-
-        // 3. outputs
-        let out = empty(&q, &[b, t, hq, e], dtype);
-        let dims = OutputDims {
-            batch: b,
-            seq: t,
-            q_heads: hq,
-            kv_heads: h,
-            chunk: c,
-            n_chunks: n,
-            expanded_dim: big_d,
-            scale: options.scale_for(d) as f32,
-        };
-        let state_part = match (query_tiles, half_states) {
-            (Some(tiles), Some(half_states)) => {
-                let num = empty_f32(&q, &[b, t, hq, e]);
-                let den = empty_f32(&q, &[b, t, hq]);
-                let args = QueryStateArgs {
-                    q: arg(q.clone()),
-                    gates: gates.clone().map(arg),
-                    states: arg(half_states),
-                    sums: arg(sums),
-                    num: arg(num.clone()),
-                    den: arg(den.clone()),
-                };
-                // SAFETY: buffers are contiguous with the documented shapes and dtypes.
-                unsafe { launch_query_state(&client, dtype.into(), dims, tiles, args) };
-                (arg(num), arg(den))
-            }
-            _ => (arg(states), arg(sums)),
-        };
-        let args = OutputArgs {
-            q: arg(q),
-            k: arg(k),
-            v: arg(v),
-            gates: gates.map(arg),
-            states: Some(state_part),
-            out: arg(out.clone()),
-            out_dtype: dtype.into(),
-            stats: None,
-        };
-        // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
-        (out, final_state, final_sum)
+    fn retention_chunked_keeping_rows(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ForwardRows<Self>>,
+    ) {
+        chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, chunk_size, options, true)
     }
 
     fn retention_step(
@@ -544,4 +470,159 @@ where
 pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
     let s = t.meta.shape();
     [s[0], s[1], s[2], s[3]]
+}
+
+/// The chunked form on the kernels; with `keep`, also the rows its backward pass takes
+/// ([`ForwardRows`]) wherever [`keeps_rows`] says so: the output kernel then writes the rows
+/// in f32 with their normalisers, and the output is their cast to the inputs' dtype.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn chunked_forward<R, F, I, BT>(
+q: CubeTensor<R>,
+k: CubeTensor<R>,
+v: CubeTensor<R>,
+log_g: Option<CubeTensor<R>>,
+initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+chunk_size: usize,
+options: &RetentionOptions,
+keep: bool,
+) -> (
+CubeTensor<R>,
+CubeTensor<R>,
+CubeTensor<R>,
+Option<ForwardRows<Cube<R, F, I, BT>>>,
+)
+where
+R: CubeRuntime,
+F: FloatElement,
+I: IntElement,
+BT: BoolElement,
+{
+    let initial_ok = initial
+        .as_ref()
+        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
+    let [b, t, hq, d] = dims4(&q);
+    let [_, _, h, e] = dims4(&v);
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
+        .then(|| ChunkedTiles::plan(&client, dtype.into(), Strategy::Auto, d, e))
+        .flatten();
+    let Some(ChunkedTiles {
+        state: state_tiles,
+        query: query_tiles,
+        output: out_tiles,
+    }) = plans
+    else {
+        let (y, s, z) =
+            reference_chunked::<Cube<R, F, I, BT>>(q, k, v, log_g, initial, chunk_size, options);
+        return (y, s, z, None);
+    };
+    let mut dtypes = vec![dtype, k.dtype, v.dtype];
+    if let Some((s, z)) = &initial {
+        dtypes.extend([s.dtype, z.dtype]);
+    }
+    let keep = keep && keeps_rows(&client, &dtypes, d, e, options);
+    let c = chunk_size;
+    let n = t.div_ceil(c);
+    let big_d = expanded_dim(d, 2);
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+
+    // 1. chunk contributions
+    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
+
+    // 2. states entering each chunk, and the final state
+    let final_state = empty_f32(&q, &[b, h, big_d, e]);
+    let final_sum = empty_f32(&q, &[b, h, big_d]);
+    let (s0, z0) = match initial {
+        Some((s, z)) => (
+            Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
+            Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
+        ),
+        None => (None, None),
+    };
+    // the query-state kernel reads the entering states as f16 `S/γ`
+    let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
+    for (chunks, init, last, width, half) in [
+        (&states, s0, &final_state, big_d * e, half_states.clone()),
+        (&sums, z0, &final_sum, big_d, None),
+    ] {
+        let dims = ScanDims {
+            sequences: b * h,
+            width,
+            n_chunks: n,
+            chunk: c,
+            reverse: false,
+        };
+        let args = ScanArgs {
+            chunks: arg(chunks.clone()),
+            half: half.map(arg),
+            half_scale: state_scale(big_d),
+            keep_f32: false,
+            initial: init.map(arg),
+            gates: gates.clone().map(arg),
+            last: arg(last.clone()),
+        };
+        // SAFETY: buffers are contiguous f32 with the documented shapes.
+        unsafe { launch_discumsum(&client, dims, args) };
+    }
+
+    // 3. outputs (in f32 with their normalisers where the backward pass takes them)
+    let out = match keep {
+        true => empty_f32(&q, &[b, t, hq, e]),
+        false => empty(&q, &[b, t, hq, e], dtype),
+    };
+    let stats = keep.then(|| empty_f32(&q, &[b, t, hq]));
+    let dims = OutputDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: h,
+        chunk: c,
+        n_chunks: n,
+        expanded_dim: big_d,
+        scale: options.scale_for(d) as f32,
+    };
+    let state_part = match (query_tiles, half_states) {
+        (Some(tiles), Some(half_states)) => {
+            let num = empty_f32(&q, &[b, t, hq, e]);
+            let den = empty_f32(&q, &[b, t, hq]);
+            let args = QueryStateArgs {
+                q: arg(q.clone()),
+                gates: gates.clone().map(arg),
+                states: arg(half_states),
+                sums: arg(sums),
+                num: arg(num.clone()),
+                den: arg(den.clone()),
+            };
+            // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+            unsafe { launch_query_state(&client, dtype.into(), dims, tiles, args) };
+            (arg(num), arg(den))
+        }
+        _ => (arg(states), arg(sums)),
+    };
+    let args = OutputArgs {
+        q: arg(q),
+        k: arg(k),
+        v: arg(v),
+        gates: gates.map(arg),
+        states: Some(state_part),
+        out: arg(out.clone()),
+        out_dtype: match keep {
+            true => DType::F32.into(),
+            false => dtype.into(),
+        },
+        stats: stats.clone().map(arg),
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_output(&client, dtype.into(), dims, out_tiles, args) };
+    let Some(normaliser) = stats else {
+        return (out, final_state, final_sum, None);
+    };
+    let y = prim(float::<Cube<R, F, I, BT>, 4>(out.clone()).to_dtype(dtype));
+    let rows = ForwardRows {
+        output: out,
+        normaliser,
+    };
+    (y, final_state, final_sum, Some(rows))
 }

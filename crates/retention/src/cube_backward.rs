@@ -1,6 +1,7 @@
 //! The backward pass of the attention and chunked forms on the CubeCL kernels: the forward
 //! pass is recomputed (chunk states, then each row's output `y_i` in f32 and its normaliser
-//! `L_i`: for f16/bf16 inputs by the forward's own tensor-core kernels), the rows' gradients
+//! `L_i`: for f16/bf16 inputs by the forward's own tensor-core kernels, whose chunked forward
+//! keeps the rows instead when it runs for a backward pass), the rows' gradients
 //! `dN = dy / L`, `dL = −dN·y` ([`row_grads`](retention_kernels::row_grads)), then
 //! 1. the gradient the queries send to each chunk's entering state
 //!    ([`chunk_state_grad`](retention_kernels::chunk_state_grad)),
@@ -13,8 +14,8 @@
 //! 4. the log-gates' gradient: per position on the cumulative gates, summed backwards
 //!    ([`gate_grads`](retention_kernels::gate_grads)).
 //!
-//! Nothing but the inputs is kept between the passes; the chunk states exist only during the
-//! backward call (`O(t/c · D · e)`, as in the forward call).
+//! Nothing but the inputs and those rows (`O(t)`) is kept between the passes; the chunk
+//! states exist only during the backward call (`O(t/c · D · e)`, as in the forward call).
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::{
@@ -37,6 +38,7 @@ use retention_kernels::{
     discumsum::{ScanArgs, ScanDims, launch_discumsum},
     gate_grads::{GateGradArgs, launch_gate_grads},
     query_state::{QueryStateArgs, launch_query_state, state_scale},
+    cubecl::prelude::ComputeClient,
     row_grads::{RowGradArgs, RowGradDims, launch_row_grads},
 };
 
@@ -203,7 +205,7 @@ where
 
 /// Gradients of the chunked form on the kernels (degree 2), or `None` where they do not apply.
 pub(crate) fn chunked_backward<R, F, I, BT>(
-    inputs: RetentionInputs<Cube<R, F, I, BT>>,
+    mut inputs: RetentionInputs<Cube<R, F, I, BT>>,
     chunk: usize,
     upstream: ChunkedUpstream<Cube<R, F, I, BT>>,
     options: &RetentionOptions,
@@ -226,7 +228,22 @@ where
     }
     // rows and gradients in f32, as the attention form's backward
     let dtype = DType::F32;
-    let chunk = backward_chunk(chunk);
+    let types = Dtypes::of(&inputs);
+    // half-precision inputs take the state path on tensor cores (f16 state operands: their
+    // rounding is below the half inputs' own, not below f32's)
+    let state_mma = matches!(types.q, DType::F16 | DType::BF16)
+        .then(|| StateGradTiles::plan(&client, Strategy::Auto, d, e))
+        .flatten();
+    // with it, the forward is recomputed as the forward computed it (tensor cores, from the
+    // half-precision inputs), only the rows written in f32
+    let half_tiles = state_mma
+        .and_then(|_| half_forward_tiles(&client, [types.q, types.k, types.v], d, e));
+    // rows the forward kept (the same kernels at the same chunk) are taken as they are
+    let kept = inputs.rows.take().filter(|_| half_tiles.is_some());
+    let chunk = match kept {
+        Some(_) => chunk,
+        None => backward_chunk(chunk),
+    };
     // the FMA kernels' tiles, for f32 inputs (and any part the tensor cores do not take)
     let tiles = ChunkedTiles::plan(&client, dtype.into(), Strategy::Fma, d, e)?;
     let grad_tiles = GradTiles::plan(&client, d, e, 2)?;
@@ -243,19 +260,7 @@ where
         n,
         big_d,
     };
-    let types = Dtypes::of(&inputs);
-    // half-precision inputs take the state path on tensor cores (f16 state operands: their
-    // rounding is below the half inputs' own, not below f32's)
-    let state_mma = matches!(types.q, DType::F16 | DType::BF16)
-        .then(|| StateGradTiles::plan(&client, Strategy::Auto, d, e))
-        .flatten();
-    // with it, the forward is recomputed as the forward computed it (tensor cores, from the
-    // half-precision inputs), only the rows written in f32
-    let half_forward = state_mma
-        .and_then(|_| ChunkedTiles::plan(&client, types.q.into(), Strategy::Auto, d, e))
-        .filter(|t| t.state.mma && t.output.mma && types.q == types.k && types.k == types.v)
-        .and_then(|t| t.query.map(|query| (t, query)))
-        .map(|(tiles, query)| HalfForward {
+    let half_forward = half_tiles.map(|(tiles, query)| HalfForward {
             tiles,
             query,
             q: into_contiguous(inputs.q.clone()),
@@ -296,10 +301,13 @@ where
         // the f32 entering states feed the FMA kernels only
         half_forward.is_none(),
     );
-    let out = empty_f32(&q, &[b, t, hq, e]);
-    let stats = empty_f32(&q, &[b, t, hq]);
     let dims = output_dims(sizes, options);
     let (row_inputs, row_tiles, state_part) = match (half_forward, &half_states) {
+        (Some(hf), Some(_)) if kept.is_some() => (
+            (hf.q, hf.k, hf.v, types.q),
+            hf.tiles.output,
+            None,
+        ),
         (Some(hf), Some(half_states)) => {
             let num = empty_f32(&q, &[b, t, hq, e]);
             let den = empty_f32(&q, &[b, t, hq]);
@@ -316,14 +324,14 @@ where
             (
                 (hf.q, hf.k, hf.v, types.q),
                 hf.tiles.output,
-                (arg(num), arg(den)),
+                Some((arg(num), arg(den))),
             )
         }
         // the FMA output kernel reads the f32 entering states
         _ => (
             (q.clone(), k.clone(), v.clone(), dtype),
             tiles.output,
-            (arg(states.clone()), arg(sums.clone())),
+            Some((arg(states.clone()), arg(sums.clone()))),
         ),
     };
     let (rq, rk, rv, row_dtype) = row_inputs;
@@ -331,18 +339,26 @@ where
     let intra = IntraGradTiles::plan(&client, row_dtype.into(), Strategy::Auto, d, e, 2)
         .filter(|_| row_dtype != dtype)
         .map(|tiles| (tiles, (rq.clone(), rk.clone(), rv.clone())));
-    let args = OutputArgs {
-        q: arg(rq),
-        k: arg(rk),
-        v: arg(rv),
-        gates: gates.clone().map(arg),
-        states: Some(state_part),
-        out: arg(out.clone()),
-        out_dtype: DType::F32.into(),
-        stats: Some(arg(stats.clone())),
+    let (out, stats) = match (kept, state_part) {
+        (Some(rows), _) => (rows.output, rows.normaliser),
+        (None, state_part) => {
+            let out = empty_f32(&q, &[b, t, hq, e]);
+            let stats = empty_f32(&q, &[b, t, hq]);
+            let args = OutputArgs {
+                q: arg(rq),
+                k: arg(rk),
+                v: arg(rv),
+                gates: gates.clone().map(arg),
+                states: state_part,
+                out: arg(out.clone()),
+                out_dtype: DType::F32.into(),
+                stats: Some(arg(stats.clone())),
+            };
+            // SAFETY: buffers are contiguous with the documented shapes and dtypes.
+            unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
+            (out, stats)
+        }
     };
-    // SAFETY: buffers are contiguous with the documented shapes and dtypes.
-    unsafe { launch_output(&client, row_dtype.into(), dims, row_tiles, args) };
     let f16_state_tiles = state_mma
         .and_then(|_| StateTiles::plan(&client, DType::F16.into(), Strategy::Auto, d, e))
         .filter(|tiles| tiles.mma);
@@ -487,11 +503,50 @@ where
 /// during the call) for intra-chunk work. Measured on an H200 (bf16, t = 16k, forward chunk
 /// 1024): fwd+bwd 97.7 → 81.3 → 74.0 ms at 8 × d 64 heads and 1591 → 1444 → 1381 ms at
 /// Brumby's heads for a backward chunk of 1024 → 512 → 256; 512 keeps the states at twice the
-/// forward's size.
+/// forward's size. With the pairs on tensor cores the difference shrank to 1.1 ms of 25 (mha64)
+/// and 7 ms of 381 (Brumby heads), less than the rows' recompute it saves: where the forward
+/// kept its rows, the backward runs at the forward's chunk.
 const BACKWARD_CHUNK: usize = 512;
 
 fn backward_chunk(forward: usize) -> usize {
     forward.min(BACKWARD_CHUNK)
+}
+
+/// The forward's tensor-core tiles for f16/bf16 `q, k, v` of one dtype (chunk contributions,
+/// output) and its query-state tiles: the backward pass computes the forward's rows again
+/// with them, exactly as the forward computed them. `None` where any part would run on FMA
+/// units.
+fn half_forward_tiles<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    [q, k, v]: [DType; 3],
+    d: usize,
+    e: usize,
+) -> Option<(ChunkedTiles, QueryStateTiles)> {
+    if !matches!(q, DType::F16 | DType::BF16) || k != q || v != q {
+        return None;
+    }
+    let tiles = ChunkedTiles::plan(client, q.into(), Strategy::Auto, d, e)
+        .filter(|t| t.state.mma && t.output.mma)?;
+    tiles.query.map(|query| (tiles, query))
+}
+
+/// Whether a chunked forward call keeps its rows for the backward pass (`dtypes`: q, k, v,
+/// then the initial state and key-sum if given): where the backward pass would compute them
+/// again on the forward's own tensor-core kernels. It then runs at the forward's chunk.
+pub(crate) fn keeps_rows<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtypes: &[DType],
+    d: usize,
+    e: usize,
+    options: &RetentionOptions,
+) -> bool {
+    let [q, k, v, ..] = dtypes else {
+        return false;
+    };
+    options.degree == 2
+        && dtypes.iter().all(|&t| kernel_dtype(t))
+        && StateGradTiles::plan(client, Strategy::Auto, d, e).is_some()
+        && half_forward_tiles(client, [*q, *k, *v], d, e).is_some()
 }
 
 /// The half-precision inputs and tiles of a forward pass recomputed on tensor cores.

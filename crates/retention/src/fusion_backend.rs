@@ -12,7 +12,7 @@ use burn_fusion::{
 
 use crate::RetentionOptions;
 use crate::backend::RetentionBackend;
-use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
+use crate::backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
 use crate::feature_map::expanded_dim;
 use crate::reference::compute_dtype;
 
@@ -20,18 +20,22 @@ use crate::reference::compute_dtype;
 #[derive(Debug, Clone)]
 enum Form {
     Attention,
+    /// `keep_rows`: two more outputs, the rows kept for the backward pass.
     Chunked {
         chunk: usize,
         initial: bool,
+        keep_rows: bool,
     },
     Step,
     Window,
     Absorb,
     /// The backward pass of the attention form (`chunk: None`) or of the chunked form; which
-    /// optional inputs and upstream gradients follow q, k, v (and the log-gates).
+    /// optional inputs (initial state, kept rows) and upstream gradients follow q, k, v (and
+    /// the log-gates).
     Backward {
         chunk: Option<usize>,
         initial: bool,
+        rows: bool,
         d_output: bool,
         d_state: bool,
         d_key_sum: bool,
@@ -75,17 +79,24 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
         if let Form::Backward {
             chunk,
             initial,
+            rows,
             d_output,
             d_state,
             d_key_sum,
         } = self.form
         {
+            let initial = initial.then(|| (next(), next()));
+            let rows = rows.then(|| ForwardRows {
+                output: next(),
+                normaliser: next(),
+            });
             let inputs = RetentionInputs {
                 q,
                 k,
                 v,
                 log_g,
-                initial: initial.then(|| (next(), next())),
+                initial,
+                rows,
             };
             let upstream = ChunkedUpstream {
                 output: d_output.then(&mut next),
@@ -123,10 +134,33 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
         }
         let outputs: Vec<FloatTensor<B>> = match self.form {
             Form::Attention => vec![B::retention_attention(q, k, v, log_g, &self.options)],
-            Form::Chunked { chunk, initial } => {
+            Form::Chunked {
+                chunk,
+                initial,
+                keep_rows: false,
+            } => {
                 let initial = initial.then(|| (next(), next()));
                 let (y, s, z) = B::retention_chunked(q, k, v, log_g, initial, chunk, &self.options);
                 vec![y, s, z]
+            }
+            Form::Chunked {
+                chunk,
+                initial,
+                keep_rows: true,
+            } => {
+                let initial = initial.then(|| (next(), next()));
+                let (y, s, z, rows) = B::retention_chunked_keeping_rows(
+                    q,
+                    k,
+                    v,
+                    log_g,
+                    initial,
+                    chunk,
+                    &self.options,
+                );
+                // registered only where the inner backend said it keeps them
+                let rows = rows.expect("the inner backend keeps the rows it said it keeps");
+                vec![y, s, z, rows.output, rows.normaliser]
             }
             Form::Step => {
                 let (s, z) = (next(), next());
@@ -225,31 +259,35 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let state_dtype = match &initial {
-            Some((s, _)) if s.dtype == DType::F64 => DType::F64,
-            _ => compute_dtype(q.dtype),
-        };
-        let outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
-        let gated = log_g.is_some();
-        let has_initial = initial.is_some();
-        let (s0, z0) = initial.unzip();
-        let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
-            .into_iter()
-            .flatten()
-            .collect();
-        let form = Form::Chunked {
-            chunk: chunk_size,
-            initial: has_initial,
-        };
-        let outs = register::<B>(
-            "power_retention_chunked",
-            form,
-            inputs,
-            gated,
-            outputs,
-            options,
-        );
-        three(outs)
+        let (y, s, z, _) = chunked::<B>(q, k, v, log_g, initial, chunk_size, options, false);
+        (y, s, z)
+    }
+
+    fn retention_keeps_rows(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        B::retention_keeps_rows(device, dtypes, head_dim, value_dim, options)
+    }
+
+    fn retention_chunked_keeping_rows(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ForwardRows<Self>>,
+    ) {
+        chunked::<B>(q, k, v, log_g, initial, chunk_size, options, true)
     }
 
     fn retention_step(
@@ -373,6 +411,71 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
     }
 }
 
+/// Registers the chunked form; with `keep`, also the rows its backward pass takes, where the
+/// inner backend keeps them.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn chunked<B: FusionBackend + RetentionBackend>(
+    q: FloatTensor<Fusion<B>>,
+    k: FloatTensor<Fusion<B>>,
+    v: FloatTensor<Fusion<B>>,
+    log_g: Option<FloatTensor<Fusion<B>>>,
+    initial: Option<(FloatTensor<Fusion<B>>, FloatTensor<Fusion<B>>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+    keep: bool,
+) -> (
+    FloatTensor<Fusion<B>>,
+    FloatTensor<Fusion<B>>,
+    FloatTensor<Fusion<B>>,
+    Option<ForwardRows<Fusion<B>>>,
+) {
+    let state_dtype = match &initial {
+        Some((s, _)) if s.dtype == DType::F64 => DType::F64,
+        _ => compute_dtype(q.dtype),
+    };
+    let mut outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
+    let mut dtypes = vec![q.dtype, k.dtype, v.dtype];
+    if let Some((s, z)) = &initial {
+        dtypes.extend([s.dtype, z.dtype]);
+    }
+    let (d, e) = (q.shape[3], v.shape[3]);
+    let keep_rows =
+        keep && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
+    if keep_rows {
+        let (b, t, hq) = (q.shape[0], q.shape[1], q.shape[2]);
+        outputs.push((Shape::from(vec![b, t, hq, e]), DType::F32));
+        outputs.push((Shape::from(vec![b, t, hq]), DType::F32));
+    }
+    let gated = log_g.is_some();
+    let has_initial = initial.is_some();
+    let (s0, z0) = initial.unzip();
+    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+        .into_iter()
+        .flatten()
+        .collect();
+    let form = Form::Chunked {
+        chunk: chunk_size,
+        initial: has_initial,
+        keep_rows,
+    };
+    let mut outs = register::<B>(
+        "power_retention_chunked",
+        form,
+        inputs,
+        gated,
+        outputs,
+        options,
+    )
+    .into_iter();
+    let mut next = || outs.next().expect("the outputs registered above");
+    let (y, s, z) = (next(), next(), next());
+    let rows = keep_rows.then(|| ForwardRows {
+        output: next(),
+        normaliser: next(),
+    });
+    (y, s, z, rows)
+}
+
 /// Registers a backward pass: inputs q, k, v, log-gates, initial state, then the upstream
 /// gradients present; outputs the gradients of the inputs present, in their shapes and dtypes.
 fn backward<B: FusionBackend + RetentionBackend>(
@@ -387,10 +490,12 @@ fn backward<B: FusionBackend + RetentionBackend>(
         v,
         log_g,
         initial,
+        rows,
     } = inputs;
     let form = Form::Backward {
         chunk,
         initial: initial.is_some(),
+        rows: rows.is_some(),
         d_output: upstream.output.is_some(),
         d_state: upstream.state.is_some(),
         d_key_sum: upstream.key_sum.is_some(),
@@ -410,7 +515,8 @@ fn backward<B: FusionBackend + RetentionBackend>(
     .flatten()
     .map(|t| (t.shape.clone(), t.dtype))
     .collect();
-    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+    let (y, normaliser) = rows.map(|r| (r.output, r.normaliser)).unzip();
+    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0, y, normaliser]
         .into_iter()
         .chain([upstream.output, upstream.state, upstream.key_sum])
         .flatten()

@@ -40,7 +40,7 @@ mod state;
 pub mod validation;
 
 pub use backend::RetentionBackend;
-pub use backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
+pub use backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, expanded_dim, pair_block};
