@@ -31,7 +31,6 @@ use crate::Buffer;
 use crate::block_mma::{A_STRIDE, PLANE, SKIP_ROW};
 use crate::chunk_grad::GradDims;
 use crate::config::StateGradTiles;
-use crate::feature_pairs::feature_pair;
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
 /// Features per step (two 16-feature groups).
@@ -215,6 +214,10 @@ pub(crate) fn chunk_grad_state_mma_kernel(
     }
     let mut cur_m = 0u32;
     let mut have_m = false;
+    // the walk's next group `(x, 16m..16m + 16)`, advanced in step with `g` (see
+    // [`feature_pairs`](crate::feature_pairs): block `m` holds `x < 16(m + 1)`)
+    let mut walk_x: u32 = 0u32;
+    let mut walk_m: u32 = 0u32;
     let mut gsum = 0.0f32;
     let st = plane * 16 * STAGE_STRIDE;
 
@@ -287,10 +290,14 @@ pub(crate) fn chunk_grad_state_mma_kernel(
                 let mut xo = 0.0f32;
                 let mut x_at = 0usize;
                 if g < groups {
-                    let pair = feature_pair(g * 16, 16u32);
-                    x_at = (pair >> 16) as usize;
-                    let inner0 = (pair & 0xffff) as usize;
-                    let m = (inner0 / 16) as u32;
+                    x_at = walk_x as usize;
+                    let m = walk_m;
+                    let inner0 = (16u32 * m) as usize;
+                    walk_x += 1u32;
+                    if walk_x == 16u32 * (walk_m + 1u32) {
+                        walk_m += 1u32;
+                        walk_x = 0u32;
+                    }
                     if !have_m || m != cur_m {
                         if have_m {
                             #[unroll]
