@@ -176,9 +176,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
-            q, k, v, log_g, initial, chunk_size, options, false,
-        );
+        let (y, s, z, _) =
+            chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, chunk_size, options, false);
         (y, s, z)
     }
 
@@ -477,25 +476,25 @@ pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
 /// in f32 with their normalisers, and the output is their cast to the inputs' dtype.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn chunked_forward<R, F, I, BT>(
-q: CubeTensor<R>,
-k: CubeTensor<R>,
-v: CubeTensor<R>,
-log_g: Option<CubeTensor<R>>,
-initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
-chunk_size: usize,
-options: &RetentionOptions,
-keep: bool,
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+    initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+    keep: bool,
 ) -> (
-CubeTensor<R>,
-CubeTensor<R>,
-CubeTensor<R>,
-Option<ForwardRows<Cube<R, F, I, BT>>>,
+    CubeTensor<R>,
+    CubeTensor<R>,
+    CubeTensor<R>,
+    Option<ForwardRows<Cube<R, F, I, BT>>>,
 )
 where
-R: CubeRuntime,
-F: FloatElement,
-I: IntElement,
-BT: BoolElement,
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
 {
     let initial_ok = initial
         .as_ref()

@@ -439,8 +439,7 @@ fn chunked<B: FusionBackend + RetentionBackend>(
         dtypes.extend([s.dtype, z.dtype]);
     }
     let (d, e) = (q.shape[3], v.shape[3]);
-    let keep_rows =
-        keep && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
+    let keep_rows = keep && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
     if keep_rows {
         let (b, t, hq) = (q.shape[0], q.shape[1], q.shape[2]);
         outputs.push((Shape::from(vec![b, t, hq, e]), DType::F32));
