@@ -1,5 +1,6 @@
 //! `retention plot`: benchmark rows (the anchor script's CSV schema,
-//! `impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) as SVG charts, per head shape:
+//! `impl,mode,shape,b,t,hq,hk,d,chunk,ms,tokens_per_s,tflops`) as SVG charts with PNG copies
+//! ([`chart_png`](crate::chart_png)), per head shape:
 //! time against the sequence length (log-log), tokens/s, achieved TFLOP/s (with the matmul peak
 //! of the same machine as lines where the CSV has `matmul` rows), and the decode step's
 //! latency against the context.
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::CliError;
+use crate::chart_png::png_of;
 
 /// One CSV row, the columns the charts use.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,8 +126,8 @@ struct Chart<'a> {
     lines: Vec<(String, f64)>,
 }
 
-/// Draws the charts of every shape in `rows` into `dir` (created if needed); returns the files
-/// written.
+/// Draws the charts of every shape in `rows` into `dir` (created if needed), each as SVG and
+/// as PNG; returns the files written (each SVG followed by its PNG).
 ///
 /// # Errors
 /// [`CliError::Input`] when no row can be drawn; [`CliError::Io`] when the directory cannot be
@@ -243,7 +245,8 @@ pub fn plot_rows(rows: &[PlotRow], dir: &Path) -> Result<Vec<PathBuf>, CliError>
             }
             let path = dir.join(format!("{shape}-{name}.svg"));
             draw(&chart, &series, &path)?;
-            written.push(path);
+            let png = png_of(&path)?;
+            written.extend([path, png]);
         }
     }
     if written.is_empty() {
@@ -471,11 +474,27 @@ torch_matmul,matmul,mha64,1,8192,0,0,0,-,1.4,0,780.0
             names,
             [
                 "mha64-time.svg",
+                "mha64-time.png",
                 "mha64-throughput.svg",
+                "mha64-throughput.png",
                 "mha64-tflops.svg",
-                "mha64-decode.svg"
+                "mha64-tflops.png",
+                "mha64-decode.svg",
+                "mha64-decode.png"
             ]
         );
+        // the PNG copy: the SVG's 900 × 560, with the chart drawn on it (axes, grid and
+        // lines: a few percent of the pixels are not white, with or without a font)
+        let png =
+            resvg::tiny_skia::Pixmap::load_png(dir.path().join("mha64-time.png")).expect("a PNG");
+        assert_eq!((png.width(), png.height()), (900, 560));
+        let drawn = png
+            .pixels()
+            .iter()
+            .filter(|p| (p.red(), p.green(), p.blue()) != (255, 255, 255))
+            .count();
+        let share = drawn as f64 / png.pixels().len() as f64;
+        assert!((0.01..0.5).contains(&share), "drawn share {share}");
         let tflops = std::fs::read_to_string(dir.path().join("mha64-tflops.svg")).expect("svg");
         assert!(tflops.contains("torch matmul 8192"), "ceiling line drawn");
         assert!(tflops.contains("Manifest Triton fwd"));

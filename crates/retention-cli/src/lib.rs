@@ -5,6 +5,7 @@ pub mod apply;
 pub mod backend_choice;
 pub mod bench;
 pub mod bench_plot;
+pub mod chart_png;
 pub mod demo;
 pub mod dtype_choice;
 pub mod error;

@@ -77,13 +77,14 @@ enum Command {
         #[arg(long)]
         grad: bool,
     },
-    /// Draws benchmark rows (the CSV of `bench` and the anchor script) as SVG charts: time,
-    /// tokens/s and TFLOP/s against the sequence length, decode latency against the context.
+    /// Draws benchmark rows (the CSV of `bench` and the anchor script) as charts (SVG, and a
+    /// PNG copy of each): time, tokens/s and TFLOP/s against the sequence length, decode
+    /// latency against the context.
     Plot {
         /// The CSV (e.g. docs/bench/h200.csv).
         #[arg(long)]
         csv: std::path::PathBuf,
-        /// Directory for the charts (`<shape>-<chart>.svg`).
+        /// Directory for the charts (`<shape>-<chart>.svg` and `.png`).
         #[arg(long, default_value = "docs/img")]
         out: std::path::PathBuf,
     },
@@ -270,6 +271,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
             })?;
             for path in plot_rows(&parse_rows(&text)?, &out)? {
                 println!("{}", path.display());
+            }
+            if !retention_cli::chart_png::has_fonts() {
+                eprintln!(
+                    "no system font found: the PNG copies carry no text (Debian: apt-get install fonts-dejavu-core)"
+                );
             }
             Ok(())
         }
