@@ -42,7 +42,7 @@ fn fonts() -> Arc<usvg::fontdb::Database> {
 
 /// Whether a system font was found for the PNGs' text.
 pub fn has_fonts() -> bool {
-    fonts().len() > 0
+    !fonts().is_empty()
 }
 
 /// Writes the PNG copy of the chart `svg` beside it (same name, `.png`); returns its path.
