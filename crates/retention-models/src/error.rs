@@ -44,6 +44,9 @@ pub enum ModelError {
     /// Drawing the loss plot failed.
     #[error("plot: {0}")]
     Plot(String),
+    /// A GGUF file is not valid or lacks what was asked of it: what, and where.
+    #[error("GGUF: {0}")]
+    Gguf(String),
 }
 
 impl ModelError {
