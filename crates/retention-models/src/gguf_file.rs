@@ -343,31 +343,41 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Hand-built GGUF files for tests.
 #[cfg(test)]
-mod tests {
-    use burn::tensor::f16;
+pub(crate) mod test_files {
+    /// A string as GGUF writes it (length `u64`, then the bytes).
+    pub(crate) fn gguf_string(s: &str) -> Vec<u8> {
+        let mut b = (s.len() as u64).to_le_bytes().to_vec();
+        b.extend(s.as_bytes());
+        b
+    }
 
-    use super::*;
+    /// An array of strings as a metadata value (element type, count, strings).
+    pub(crate) fn gguf_strings(items: &[&str]) -> Vec<u8> {
+        let mut b = 8u32.to_le_bytes().to_vec();
+        b.extend((items.len() as u64).to_le_bytes());
+        items.iter().for_each(|s| b.extend(gguf_string(s)));
+        b
+    }
 
     /// A GGUF v3 file: `kvs` as (key, type, value bytes), tensors as (name, dims, type, data).
-    fn gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
-        let string = |s: &str| {
-            let mut b = (s.len() as u64).to_le_bytes().to_vec();
-            b.extend(s.as_bytes());
-            b
-        };
+    pub(crate) fn gguf_bytes(
+        kvs: &[(&str, u32, Vec<u8>)],
+        tensors: &[(&str, &[u64], u32, Vec<u8>)],
+    ) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(3u32.to_le_bytes());
         out.extend((tensors.len() as u64).to_le_bytes());
         out.extend((kvs.len() as u64).to_le_bytes());
         for (key, kind, value) in kvs {
-            out.extend(string(key));
+            out.extend(gguf_string(key));
             out.extend(kind.to_le_bytes());
             out.extend(value);
         }
         let mut offset = 0u64;
         for (name, dims, kind, data) in tensors {
-            out.extend(string(name));
+            out.extend(gguf_string(name));
             out.extend((dims.len() as u32).to_le_bytes());
             dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
             out.extend(kind.to_le_bytes());
@@ -381,27 +391,25 @@ mod tests {
         }
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::f16;
+
+    use super::test_files::{gguf_bytes, gguf_string, gguf_strings};
+    use super::*;
 
     fn sample() -> Vec<u8> {
-        let words = ["a", "bc"];
-        let mut array = 8u32.to_le_bytes().to_vec();
-        array.extend(2u64.to_le_bytes());
-        for w in words {
-            array.extend((w.len() as u64).to_le_bytes());
-            array.extend(w.as_bytes());
-        }
-        let arch = {
-            let mut b = 5u64.to_le_bytes().to_vec();
-            b.extend(b"llama");
-            b
-        };
+        let array = gguf_strings(&["a", "bc"]);
+        let arch = gguf_string("llama");
         let weights: Vec<u8> = [1.0f32, -2.0, 0.5, 4.0, 8.0, -1.0]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
         let mut q8 = f16::from_f32(0.125).to_le_bytes().to_vec();
         q8.extend((0..32).map(|i| i as u8));
-        gguf(
+        gguf_bytes(
             &[
                 ("general.architecture", 8, arch),
                 ("llama.block_count", 4, 30u32.to_le_bytes().to_vec()),
