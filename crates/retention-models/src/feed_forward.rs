@@ -1,7 +1,7 @@
 //! The SwiGLU feed-forward of a decoder block: `W_down (silu(W_gate x) ⊙ W_up x)`.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig, SwiGlu, SwiGluConfig};
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -34,6 +34,19 @@ pub struct FeedForward<B: Backend> {
 }
 
 impl<B: Backend> FeedForward<B> {
+    /// Replaces the weights (`[d_model, hidden]` for the gate and up projections,
+    /// `[hidden, d_model]` for the down projection), as a checkpoint loader does.
+    pub fn set_weights(
+        &mut self,
+        gate: Param<Tensor<B, 2>>,
+        up: Param<Tensor<B, 2>>,
+        down: Param<Tensor<B, 2>>,
+    ) {
+        self.gate_up.linear_inner.weight = gate;
+        self.gate_up.linear_outer.weight = up;
+        self.down.weight = down;
+    }
+
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

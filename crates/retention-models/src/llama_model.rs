@@ -1,0 +1,326 @@
+//! A Llama-family decoder (SmolLM2, Llama 2/3): token embedding, pre-norm blocks of rotary
+//! grouped-query attention and a SwiGLU feed-forward, a final RMSNorm and an output head
+//! (tied to the embedding where the checkpoint has none), loadable from a GGUF checkpoint.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData, backend::Backend};
+
+use crate::feed_forward::{FeedForward, FeedForwardConfig};
+use crate::rotary_attention::{RotaryAttention, RotaryAttentionConfig};
+use crate::{GgufFile, GgufValue, ModelError};
+
+/// Configuration of a [`LlamaModel`].
+#[derive(Config, Debug)]
+pub struct LlamaConfig {
+    /// Tokens in the vocabulary.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Decoder blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of the feed-forward's hidden layer.
+    pub d_ff: usize,
+    /// The rotary base `θ`.
+    #[config(default = 10000.0)]
+    pub rope_theta: f32,
+    /// The RMSNorms' `ε`.
+    #[config(default = 1e-5)]
+    pub norm_eps: f64,
+    /// The longest sequence the model takes.
+    #[config(default = 8192)]
+    pub max_seq: usize,
+    /// Whether the output head is the embedding's transpose.
+    #[config(default = true)]
+    pub tied_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// The configuration a GGUF checkpoint of architecture `llama` describes (`llama.*` keys).
+    ///
+    /// # Errors
+    /// [`ModelError::Gguf`] when the architecture is not `llama` or a key is missing.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let arch = file
+            .value("general.architecture")?
+            .as_str()
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(ModelError::Gguf(format!(
+                "architecture {arch:?}; only llama is read"
+            )));
+        }
+        let count = |key: &str| -> Result<usize, ModelError> {
+            file.value(key)?
+                .as_u64()
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| ModelError::Gguf(format!("{key}: not a count")))
+        };
+        let number = |key: &str, default: f64| match file.metadata.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| ModelError::Gguf(format!("{key}: not a number"))),
+        };
+        let n_heads = count("llama.attention.head_count")?;
+        let vocab_size = match file.metadata.get("llama.vocab_size") {
+            Some(v) => v.as_u64().map(|v| v as usize),
+            None => file
+                .metadata
+                .get("tokenizer.ggml.tokens")
+                .and_then(GgufValue::as_array)
+                .map(<[GgufValue]>::len),
+        }
+        .ok_or_else(|| ModelError::Gguf("llama.vocab_size: missing".into()))?;
+        Ok(Self {
+            vocab_size,
+            d_model: count("llama.embedding_length")?,
+            n_layers: count("llama.block_count")?,
+            n_heads,
+            n_kv_heads: match file.metadata.get("llama.attention.head_count_kv") {
+                Some(_) => count("llama.attention.head_count_kv")?,
+                None => n_heads,
+            },
+            d_ff: count("llama.feed_forward_length")?,
+            rope_theta: number("llama.rope.freq_base", 10000.0)? as f32,
+            norm_eps: number("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
+            max_seq: count("llama.context_length")?,
+            tied_embeddings: file.tensor("output.weight").is_none(),
+        })
+    }
+
+    /// Builds a model with fresh weights.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] when the heads do not fit the width (see
+    /// [`RotaryAttentionConfig::init`]).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<LlamaModel<B>, ModelError> {
+        let norm = || {
+            RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
+        let attention = RotaryAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
+            .with_rope_theta(self.rope_theta)
+            .with_max_seq(self.max_seq);
+        let blocks = (0..self.n_layers)
+            .map(|_| {
+                Ok(LlamaBlock {
+                    attention_norm: norm(),
+                    attention: attention.init(device)?,
+                    ffn_norm: norm(),
+                    ffn: FeedForwardConfig::new(self.d_model, self.d_ff).init(device),
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(LlamaModel {
+            embedding: EmbeddingConfig::new(self.vocab_size, self.d_model).init(device),
+            blocks,
+            norm: norm(),
+            head: (!self.tied_embeddings).then(|| {
+                burn::nn::LinearConfig::new(self.d_model, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+        })
+    }
+}
+
+/// One pre-norm block: `x + attention(norm(x))`, then `x + ffn(norm(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaBlock<B: Backend> {
+    attention_norm: RmsNorm<B>,
+    attention: RotaryAttention<B>,
+    ffn_norm: RmsNorm<B>,
+    ffn: FeedForward<B>,
+}
+
+impl<B: Backend> LlamaBlock<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.attention.forward(self.attention_norm.forward(x));
+        x.clone() + self.ffn.forward(self.ffn_norm.forward(x))
+    }
+}
+
+/// A Llama-family decoder.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    embedding: Embedding<B>,
+    blocks: Vec<LlamaBlock<B>>,
+    norm: RmsNorm<B>,
+    /// The output head; `None`: the embedding's transpose.
+    head: Option<Linear<B>>,
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// The next-token logits at every position.
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` → `[batch, seq, vocab_size]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut x = self.embedding.forward(tokens);
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let x = self.norm.forward(x);
+        match &self.head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embedding.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// The model a GGUF checkpoint holds (architecture `llama`), its block weights dequantized
+    /// to f32: `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm,
+    /// ffn_gate, ffn_up, ffn_down}`, `output_norm` and, unless tied, `output`.
+    ///
+    /// # Errors
+    /// [`ModelError::Gguf`] when the configuration or a tensor is missing or has the wrong
+    /// shape.
+    pub fn from_gguf(file: &GgufFile, device: &B::Device) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let (d, ff, v) = (config.d_model, config.d_ff, config.vocab_size);
+        let kv = config.n_kv_heads * (d / config.n_heads.max(1));
+        let mut model = config.init::<B>(device)?;
+        // GGUF lists dims innermost first: a weight `[n_in, n_out]` is PyTorch's `[out, in]`
+        // row-major, Burn's `Linear` wants `[in, out]`
+        let values = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ModelError> {
+            let info = file
+                .tensor(name)
+                .ok_or_else(|| ModelError::Gguf(format!("no tensor {name}")))?;
+            if info.shape() != shape {
+                return Err(ModelError::Gguf(format!(
+                    "{name}: shape {:?}, expected {shape:?}",
+                    info.shape()
+                )));
+            }
+            file.tensor_f32(name)
+        };
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>, ModelError> {
+            let data = TensorData::new(values(name, &[rows, cols])?, [rows, cols]);
+            Ok(Tensor::from_data(data, device))
+        };
+        let linear =
+            |name: &str, out: usize, inp: usize| -> Result<Param<Tensor<B, 2>>, ModelError> {
+                Ok(Param::from_tensor(matrix(name, out, inp)?.transpose()))
+            };
+        let gamma = |name: &str| -> Result<Param<Tensor<B, 1>>, ModelError> {
+            let data = TensorData::new(values(name, &[d])?, [d]);
+            Ok(Param::from_tensor(Tensor::from_data(data, device)))
+        };
+        model.embedding.weight = Param::from_tensor(matrix("token_embd.weight", v, d)?);
+        for (i, block) in model.blocks.iter_mut().enumerate() {
+            let name = |part: &str| format!("blk.{i}.{part}.weight");
+            block.attention_norm.gamma = gamma(&name("attn_norm"))?;
+            block.attention.query.weight = linear(&name("attn_q"), d, d)?;
+            block.attention.key.weight = linear(&name("attn_k"), kv, d)?;
+            block.attention.value.weight = linear(&name("attn_v"), kv, d)?;
+            block.attention.output.weight = linear(&name("attn_output"), d, d)?;
+            block.ffn_norm.gamma = gamma(&name("ffn_norm"))?;
+            block.ffn.set_weights(
+                linear(&name("ffn_gate"), ff, d)?,
+                linear(&name("ffn_up"), ff, d)?,
+                linear(&name("ffn_down"), d, ff)?,
+            );
+        }
+        model.norm.gamma = gamma("output_norm.weight")?;
+        if let Some(head) = &mut model.head {
+            head.weight = linear("output.weight", v, d)?;
+        }
+        Ok(model)
+    }
+
+    /// Greedy continuation of `prompt`: `max_new` tokens, each the most likely next one given
+    /// everything before it (the whole sequence is run again per token: no key/value cache),
+    /// stopping early at `stop`.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] when the prompt is empty or the sequence would exceed the rotary
+    /// table.
+    pub fn generate_greedy(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: Option<u32>,
+        device: &B::Device,
+    ) -> Result<Vec<u32>, ModelError> {
+        let max_seq = self
+            .blocks
+            .first()
+            .map_or(usize::MAX, |b| b.attention.max_seq());
+        if prompt.is_empty() || prompt.len() + max_new > max_seq {
+            return Err(ModelError::Config(format!(
+                "prompt of {} tokens + {max_new} new must be 1..={max_seq}",
+                prompt.len()
+            )));
+        }
+        let mut tokens: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        let mut out = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let t = tokens.len();
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), device);
+            let last = self.forward(ids).narrow(1, t - 1, 1).reshape([-1]);
+            let next = last.argmax(0).into_scalar().elem::<i64>();
+            out.push(next as u32);
+            tokens.push(next);
+            if Some(next as u32) == stop {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+
+    use super::*;
+    use crate::TextTokenizer;
+
+    #[test]
+    fn shapes_and_grouped_heads() {
+        let dev = Default::default();
+        let config = LlamaConfig::new(50, 32, 2, 4, 2, 48).with_max_seq(16);
+        let model = config.init::<NdArray>(&dev).expect("builds");
+        let ids =
+            Tensor::<NdArray, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 7], [1, 3]), &dev);
+        assert_eq!(model.forward(ids).dims(), [1, 3, 50]);
+        let bad = LlamaConfig::new(50, 32, 2, 4, 3, 48).init::<NdArray>(&dev);
+        assert!(matches!(bad, Err(ModelError::Config(m)) if m.contains("n_kv_heads")));
+        assert!(
+            model.generate_greedy(&[1; 10], 7, None, &dev).is_err(),
+            "past max_seq"
+        );
+    }
+
+    /// SmolLM2-135M-Instruct where `RETENTION_SMOLLM2_GGUF` names it: the greedy answer to a
+    /// factual question, through the checkpoint's chat template.
+    #[test]
+    fn smollm2_answers_a_question() {
+        let Ok(path) = std::env::var("RETENTION_SMOLLM2_GGUF") else {
+            eprintln!("skipped: set RETENTION_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf");
+            return;
+        };
+        let file = GgufFile::read(&path).expect("reads");
+        let dev = Default::default();
+        let model = LlamaModel::<NdArray>::from_gguf(&file, &dev).expect("loads");
+        let tok = TextTokenizer::from_gguf(&file).expect("tokenizer");
+        let prompt =
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+        let ids = tok.encode(prompt).expect("encodes");
+        let answer = model
+            .generate_greedy(&ids, 12, Some(2), &dev)
+            .expect("generates");
+        let text = tok.decode(&answer).expect("decodes");
+        eprintln!("answer: {text:?}");
+        assert!(text.contains("Paris"), "{text:?}");
+    }
+}

@@ -1,0 +1,193 @@
+//! Causal softmax attention as Llama-family models compute it: rotary position encoding on the
+//! queries and keys (adjacent coordinate pairs, the layout GGUF checkpoints store), grouped
+//! key/value heads, no biases.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::{Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::ModelError;
+
+/// Configuration of a [`RotaryAttention`].
+#[derive(Config, Debug)]
+pub struct RotaryAttentionConfig {
+    /// Width of the input and output.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (dividing `n_heads`; each serves `n_heads / n_kv_heads` query heads).
+    pub n_kv_heads: usize,
+    /// The rotary base `θ`.
+    #[config(default = 10000.0)]
+    pub rope_theta: f32,
+    /// The longest sequence the rotary table covers.
+    #[config(default = 8192)]
+    pub max_seq: usize,
+}
+
+impl RotaryAttentionConfig {
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] when the heads do not divide the width or each other, or the
+    /// head dim is odd.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<RotaryAttention<B>, ModelError> {
+        let bad = |why: String| Err(ModelError::Config(why));
+        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+            return bad(format!(
+                "d_model {} is not a multiple of n_heads {}",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        let head_dim = self.d_model / self.n_heads;
+        if head_dim % 2 != 0 || !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
+            return bad(format!(
+                "rotary encoding needs an even head dim and θ > 0 (head dim {head_dim}, θ {})",
+                self.rope_theta
+            ));
+        }
+        let linear = |out: usize| {
+            LinearConfig::new(self.d_model, out)
+                .with_bias(false)
+                .init(device)
+        };
+        Ok(RotaryAttention {
+            query: linear(self.d_model),
+            key: linear(self.n_kv_heads * head_dim),
+            value: linear(self.n_kv_heads * head_dim),
+            output: linear(self.d_model),
+            rope: RotaryEncodingConfig::new(self.max_seq, head_dim)
+                .with_theta(self.rope_theta)
+                .init(device),
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim,
+            max_seq: self.max_seq,
+        })
+    }
+}
+
+/// Causal grouped-query attention with rotary position encoding.
+#[derive(Module, Debug)]
+pub struct RotaryAttention<B: Backend> {
+    /// `W_q`, `[d_model, n_heads · head_dim]`.
+    pub query: Linear<B>,
+    /// `W_k`, `[d_model, n_kv_heads · head_dim]`.
+    pub key: Linear<B>,
+    /// `W_v`, `[d_model, n_kv_heads · head_dim]`.
+    pub value: Linear<B>,
+    /// `W_o`, `[n_heads · head_dim, d_model]`.
+    pub output: Linear<B>,
+    rope: RotaryEncoding<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    max_seq: usize,
+}
+
+impl<B: Backend> RotaryAttention<B> {
+    /// The longest sequence the rotary table covers.
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]` (`seq` at most the configured
+    ///   `max_seq`)
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (h, hk, dh) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, dh]).swap_dims(1, 2);
+        let q = self.rope.forward(heads(self.query.forward(x.clone()), h));
+        let k = self.rope.forward(heads(self.key.forward(x.clone()), hk));
+        let v = heads(self.value.forward(x), hk);
+        // query head i reads key/value head i / (h / hk)
+        let group = |y: Tensor<B, 4>| {
+            y.unsqueeze_dim::<5>(2)
+                .expand([b, hk, h / hk, t, dh])
+                .reshape([b, h, t, dh])
+        };
+        let (k, v) = (group(k), group(v));
+        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
+        let mask = generate_autoregressive_mask::<B>(b, t, &scores.device())
+            .unsqueeze_dim::<4>(1)
+            .expand([b, h, t, t]);
+        let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let out = weights.matmul(v).swap_dims(1, 2).reshape([b, t, h * dh]);
+        self.output.forward(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::module::Param;
+    use burn::tensor::{Distribution, Tolerance};
+
+    use super::*;
+
+    type B = NdArray;
+
+    #[test]
+    fn grouped_heads_equal_repeated_full_heads() {
+        let dev = Default::default();
+        let (d, h, hk, dh) = (32, 4, 2, 8);
+        let grouped = RotaryAttentionConfig::new(d, h, hk)
+            .with_max_seq(16)
+            .init::<B>(&dev)
+            .expect("builds");
+        let mut full = RotaryAttentionConfig::new(d, h, h)
+            .with_max_seq(16)
+            .init::<B>(&dev)
+            .expect("builds");
+        // full head i carries grouped key/value head i / 2
+        let repeat = |w: Tensor<B, 2>| {
+            w.reshape([d, hk, 1, dh])
+                .expand([d, hk, h / hk, dh])
+                .reshape([d, h * dh])
+        };
+        // (values, not clones: a clone of a parameter not yet drawn would draw its own)
+        full.query.weight = Param::from_tensor(grouped.query.weight.val());
+        full.output.weight = Param::from_tensor(grouped.output.weight.val());
+        full.key.weight = Param::from_tensor(repeat(grouped.key.weight.val()));
+        full.value.weight = Param::from_tensor(repeat(grouped.value.weight.val()));
+        let x = Tensor::<B, 3>::random([2, 7, d], Distribution::Normal(0.0, 1.0), &dev);
+        grouped
+            .forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&full.forward(x).into_data(), Tolerance::default());
+    }
+
+    #[test]
+    fn later_tokens_do_not_change_earlier_outputs() {
+        let dev = Default::default();
+        let attention = RotaryAttentionConfig::new(32, 4, 2)
+            .with_max_seq(16)
+            .init::<B>(&dev)
+            .expect("builds");
+        let x = Tensor::<B, 3>::random([1, 9, 32], Distribution::Normal(0.0, 1.0), &dev);
+        let changed = x.clone().slice_assign(
+            [0..1, 5..9, 0..32],
+            Tensor::random([1, 4, 32], Distribution::Normal(0.0, 1.0), &dev),
+        );
+        let (a, b) = (attention.forward(x), attention.forward(changed));
+        a.clone()
+            .narrow(1, 0, 5)
+            .into_data()
+            .assert_approx_eq::<f32>(&b.clone().narrow(1, 0, 5).into_data(), Tolerance::default());
+        let moved = (a.narrow(1, 5, 4) - b.narrow(1, 5, 4))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(moved > 1e-3, "the changed positions must change ({moved})");
+    }
+}
