@@ -9,6 +9,7 @@ pub mod chart_png;
 pub mod demo;
 pub mod dtype_choice;
 pub mod error;
+pub mod generate;
 pub mod selftest;
 pub mod tensor_file;
 pub mod train;

@@ -1,10 +1,11 @@
-//! `retention`: demo, apply, train, plot, and (with kernels) selftest and bench.
+//! `retention`: demo, apply, train, generate, plot, and (with kernels) selftest and bench.
 
 use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
 use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::bench_plot::{parse_rows, plot_rows};
 use retention_cli::demo::{DemoArgs, demo};
+use retention_cli::generate::{GenerateArgs, generate};
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
 use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
@@ -96,6 +97,15 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         args: TrainArgs,
+    },
+    /// Generates text with a Llama-family GGUF checkpoint (e.g. SmolLM2-135M-Instruct): the
+    /// text streams to stdout, the statistics go to stderr.
+    Generate {
+        /// Backend to run on.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: GenerateArgs,
     },
     /// Times the forward pass and the decode step (CSV in the anchor benchmark's schema).
     Bench {
@@ -278,6 +288,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
             Ok(())
+        }
+        Command::Generate { backend, args } => {
+            with_backend!(backend, |Bk, dev| generate::<Bk>(&dev, &args).map(drop))
         }
         Command::Train { backend, args } => {
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))

