@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
+use retention::RetentionBackend;
 use retention_models::{GgufFile, LlamaModel, SamplingConfig, TextTokenizer, TokenSampler};
 
 use crate::CliError;
@@ -57,7 +57,10 @@ pub struct Generated {
 /// # Errors
 /// [`CliError::Model`] when the checkpoint cannot be read or loaded, the settings are out of
 /// range, or the prompt does not fit; [`CliError::Io`] when stdout fails.
-pub fn generate<B: Backend>(dev: &B::Device, args: &GenerateArgs) -> Result<Generated, CliError> {
+pub fn generate<B: RetentionBackend>(
+    dev: &B::Device,
+    args: &GenerateArgs,
+) -> Result<Generated, CliError> {
     let mut sampler = TokenSampler::new(SamplingConfig {
         temperature: args.temperature,
         top_p: args.top_p,

@@ -1,15 +1,20 @@
-//! A Llama-family decoder (SmolLM2, Llama 2/3): token embedding, pre-norm blocks of rotary
-//! grouped-query attention and a SwiGLU feed-forward, a final RMSNorm and an output head
-//! (tied to the embedding where the checkpoint has none), loadable from a GGUF checkpoint.
+//! A Llama-family decoder (SmolLM2, Llama 2/3): token embedding, pre-norm blocks of a
+//! [`SequenceMixer`] (rotary grouped-query attention as pretrained, or power retention) and a
+//! SwiGLU feed-forward, a final RMSNorm and an output head (tied to the embedding where the
+//! checkpoint has none), loadable from a GGUF checkpoint and convertible to power retention.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
+use retention::{
+    PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttentionConfig, SequenceMixer,
+    SequenceMixerConfig,
+};
+
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
-use crate::rotary_attention::{RotaryAttention, RotaryAttentionConfig};
-use crate::{GgufFile, GgufValue, ModelError, TokenSampler};
+use crate::{GgufFile, GgufValue, MixerKind, ModelError, TokenSampler};
 
 /// Configuration of a [`LlamaModel`].
 #[derive(Config, Debug)]
@@ -38,6 +43,13 @@ pub struct LlamaConfig {
     /// Whether the output head is the embedding's transpose.
     #[config(default = true)]
     pub tied_embeddings: bool,
+    /// The blocks' sequence mixer: rotary attention (as pretrained) or power retention (gated,
+    /// degree 2, with the attention's head layout).
+    #[config(default = "MixerKind::Attention")]
+    pub mixer: MixerKind,
+    /// Chunk of power retention's chunked form.
+    #[config(default = 128)]
+    pub retention_chunk: usize,
 }
 
 impl LlamaConfig {
@@ -91,28 +103,44 @@ impl LlamaConfig {
             norm_eps: number("llama.attention.layer_norm_rms_epsilon", 1e-5)?,
             max_seq: count("llama.context_length")?,
             tied_embeddings: file.tensor("output.weight").is_none(),
+            mixer: MixerKind::Attention,
+            retention_chunk: 128,
+        })
+    }
+
+    /// The blocks' mixer configuration.
+    fn mixer_config(&self) -> Result<SequenceMixerConfig, ModelError> {
+        Ok(match self.mixer {
+            MixerKind::Attention => SequenceMixerConfig::RotaryAttention(
+                RotaryAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
+                    .with_rope_theta(self.rope_theta)
+                    .with_max_seq(self.max_seq),
+            ),
+            MixerKind::Retention => SequenceMixerConfig::PowerRetention(
+                PowerRetentionConfig::new(self.d_model, self.n_heads)
+                    .with_n_kv_heads(Some(self.n_kv_heads))
+                    .with_chunk_size(Some(self.retention_chunk)),
+            ),
         })
     }
 
     /// Builds a model with fresh weights.
     ///
     /// # Errors
-    /// [`ModelError::Config`] when the heads do not fit the width (see
-    /// [`RotaryAttentionConfig::init`]).
+    /// [`ModelError::Retention`] when the heads do not fit the width (see
+    /// [`RotaryAttentionConfig::init`], [`PowerRetentionConfig::init`]).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<LlamaModel<B>, ModelError> {
         let norm = || {
             RmsNormConfig::new(self.d_model)
                 .with_epsilon(self.norm_eps)
                 .init(device)
         };
-        let attention = RotaryAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
-            .with_rope_theta(self.rope_theta)
-            .with_max_seq(self.max_seq);
+        let mixer = self.mixer_config()?;
         let blocks = (0..self.n_layers)
             .map(|_| {
                 Ok(LlamaBlock {
-                    attention_norm: norm(),
-                    attention: attention.init(device)?,
+                    mixer_norm: norm(),
+                    mixer: mixer.init(device)?,
                     ffn_norm: norm(),
                     ffn: FeedForwardConfig::new(self.d_model, self.d_ff).init(device),
                 })
@@ -131,21 +159,24 @@ impl LlamaConfig {
     }
 }
 
-/// One pre-norm block: `x + attention(norm(x))`, then `x + ffn(norm(x))`.
+/// One pre-norm block: `x + mixer(norm(x))`, then `x + ffn(norm(x))`.
 #[derive(Module, Debug)]
 pub struct LlamaBlock<B: Backend> {
-    attention_norm: RmsNorm<B>,
-    attention: RotaryAttention<B>,
+    mixer_norm: RmsNorm<B>,
+    mixer: SequenceMixer<B>,
     ffn_norm: RmsNorm<B>,
     ffn: FeedForward<B>,
 }
 
-impl<B: Backend> LlamaBlock<B> {
+impl<B: RetentionBackend> LlamaBlock<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.attention.forward(self.attention_norm.forward(x));
-        x.clone() + self.ffn.forward(self.ffn_norm.forward(x))
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        let x = x.clone() + self.mixer.forward(self.mixer_norm.forward(x))?;
+        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
     }
 }
 
@@ -159,21 +190,56 @@ pub struct LlamaModel<B: Backend> {
     head: Option<Linear<B>>,
 }
 
-impl<B: Backend> LlamaModel<B> {
+impl<B: RetentionBackend> LlamaModel<B> {
     /// The next-token logits at every position.
     ///
     /// # Shapes
     /// - `tokens`: `[batch, seq]` → `[batch, seq, vocab_size]`
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    ///
+    /// # Errors
+    /// The mixers' errors (a sequence longer than the rotary table, …).
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, RetentionError> {
         let mut x = self.embedding.forward(tokens);
         for block in &self.blocks {
-            x = block.forward(x);
+            x = block.forward(x)?;
         }
         let x = self.norm.forward(x);
-        match &self.head {
+        Ok(match &self.head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embedding.weight.val().transpose().unsqueeze()),
+        })
+    }
+
+    /// The same model with power retention in place of every attention layer: the queries',
+    /// keys', values' and output projections move over as they are, and each block gains a
+    /// gate projection whose weights are zero and bias large (`log_g ≈ −0.001`, gates start
+    /// near 1: nothing is forgotten until retraining teaches it), as a conversion of a
+    /// pretrained transformer starts. Blocks already on power retention stay as they are.
+    ///
+    /// # Errors
+    /// [`ModelError::Retention`] when the head layout does not suit power retention.
+    pub fn into_retention(self, chunk: usize, device: &B::Device) -> Result<Self, ModelError> {
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for mut block in self.blocks {
+            if let SequenceMixer::RotaryAttention(attention) = block.mixer {
+                let [d_model, _] = attention.query.weight.dims();
+                let mut retention = PowerRetentionConfig::new(d_model, attention.n_heads())
+                    .with_n_kv_heads(Some(attention.n_kv_heads()))
+                    .with_head_dim(Some(attention.head_dim()))
+                    .with_chunk_size(Some(chunk))
+                    .init::<B>(device)?;
+                retention.query = attention.query;
+                retention.key = attention.key;
+                retention.value = attention.value;
+                retention.output = attention.output;
+                if let Some(gate) = &mut retention.gate {
+                    gate.weight = Param::from_tensor(Tensor::zeros(gate.weight.dims(), device));
+                }
+                block.mixer = SequenceMixer::PowerRetention(retention);
+            }
+            blocks.push(block);
         }
+        Ok(Self { blocks, ..self })
     }
 
     /// The model a GGUF checkpoint holds (architecture `llama`), its block weights dequantized
@@ -217,11 +283,16 @@ impl<B: Backend> LlamaModel<B> {
         model.embedding.weight = Param::from_tensor(matrix("token_embd.weight", v, d)?);
         for (i, block) in model.blocks.iter_mut().enumerate() {
             let name = |part: &str| format!("blk.{i}.{part}.weight");
-            block.attention_norm.gamma = gamma(&name("attn_norm"))?;
-            block.attention.query.weight = linear(&name("attn_q"), d, d)?;
-            block.attention.key.weight = linear(&name("attn_k"), kv, d)?;
-            block.attention.value.weight = linear(&name("attn_v"), kv, d)?;
-            block.attention.output.weight = linear(&name("attn_output"), d, d)?;
+            block.mixer_norm.gamma = gamma(&name("attn_norm"))?;
+            let SequenceMixer::RotaryAttention(attention) = &mut block.mixer else {
+                return Err(ModelError::Config(
+                    "a checkpoint loads into attention blocks".into(),
+                ));
+            };
+            attention.query.weight = linear(&name("attn_q"), d, d)?;
+            attention.key.weight = linear(&name("attn_k"), kv, d)?;
+            attention.value.weight = linear(&name("attn_v"), kv, d)?;
+            attention.output.weight = linear(&name("attn_output"), d, d)?;
             block.ffn_norm.gamma = gamma(&name("ffn_norm"))?;
             block.ffn.set_weights(
                 linear(&name("ffn_gate"), ff, d)?,
@@ -255,8 +326,13 @@ impl<B: Backend> LlamaModel<B> {
     ) -> Result<Vec<u32>, ModelError> {
         let max_seq = self
             .blocks
-            .first()
-            .map_or(usize::MAX, |b| b.attention.max_seq());
+            .iter()
+            .filter_map(|b| match &b.mixer {
+                SequenceMixer::RotaryAttention(a) => Some(a.max_seq()),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(usize::MAX);
         if prompt.is_empty() || prompt.len() + max_new > max_seq {
             return Err(ModelError::Config(format!(
                 "prompt of {} tokens + {max_new} new must be 1..={max_seq}",
@@ -269,7 +345,7 @@ impl<B: Backend> LlamaModel<B> {
             let t = tokens.len();
             let ids =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), device);
-            let last = self.forward(ids).narrow(1, t - 1, 1).reshape([-1]);
+            let last = self.forward(ids)?.narrow(1, t - 1, 1).reshape([-1]);
             let logits: Vec<f32> = last
                 .into_data()
                 .convert::<f32>()
@@ -301,9 +377,32 @@ mod tests {
         let model = config.init::<NdArray>(&dev).expect("builds");
         let ids =
             Tensor::<NdArray, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 7], [1, 3]), &dev);
-        assert_eq!(model.forward(ids).dims(), [1, 3, 50]);
+        assert_eq!(model.forward(ids.clone()).expect("runs").dims(), [1, 3, 50]);
+        // the conversion keeps the projections and runs the same tokens through retention
+        let query = match &model.blocks[0].mixer {
+            SequenceMixer::RotaryAttention(a) => a.query.weight.val(),
+            _ => panic!("attention blocks"),
+        };
+        let converted = model.clone().into_retention(2, &dev).expect("converts");
+        match &converted.blocks[0].mixer {
+            SequenceMixer::PowerRetention(r) => {
+                r.query
+                    .weight
+                    .val()
+                    .into_data()
+                    .assert_eq(&query.into_data(), true);
+                let gate = r.gate.as_ref().expect("gated");
+                assert_eq!(gate.weight.val().abs().max().into_scalar(), 0.0);
+            }
+            _ => panic!("converted to retention"),
+        }
+        let logits = converted.forward(ids).expect("runs");
+        assert_eq!(logits.dims(), [1, 3, 50]);
+        assert!(!logits.is_nan().any().into_scalar());
         let bad = LlamaConfig::new(50, 32, 2, 4, 3, 48).init::<NdArray>(&dev);
-        assert!(matches!(bad, Err(ModelError::Config(m)) if m.contains("n_kv_heads")));
+        assert!(
+            matches!(bad, Err(ModelError::Retention(RetentionError::Config(m))) if m.contains("n_kv_heads"))
+        );
         let mut greedy = TokenSampler::new(SamplingConfig::default()).expect("valid");
         let past = model.generate(&[1; 10], 7, None, &mut greedy, &dev, |_| ());
         assert!(matches!(past, Err(ModelError::Config(_))), "past max_seq");
@@ -336,5 +435,13 @@ mod tests {
         let text = tok.decode(&answer).expect("decodes");
         eprintln!("answer: {text:?}");
         assert!(text.contains("Paris"), "{text:?}");
+        // converted to power retention (before any retraining): it runs, logits stay finite
+        let retention = model.into_retention(128, &dev).expect("converts");
+        let t = ids.len();
+        let tokens: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let ids = Tensor::<NdArray, 2, Int>::from_data(TensorData::new(tokens, [1, t]), &dev);
+        let logits = retention.forward(ids).expect("runs");
+        assert!(!logits.clone().is_nan().any().into_scalar());
+        assert!(logits.abs().max().into_scalar() < 1e4);
     }
 }

@@ -7,7 +7,10 @@ use burn::nn::attention::{
 };
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::{PowerRetention, PowerRetentionConfig, RetentionBackend, RetentionError};
+use crate::{
+    PowerRetention, PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttention,
+    RotaryAttentionConfig,
+};
 
 /// Which sequence mixer a block uses. Changing this one value swaps causal softmax attention
 /// for power retention (or back) without touching the rest of the model.
@@ -25,17 +28,21 @@ pub enum SequenceMixerConfig {
     Attention(MultiHeadAttentionConfig),
     /// Power retention.
     PowerRetention(PowerRetentionConfig),
+    /// Causal grouped-query softmax attention with rotary position encoding, as Llama-family
+    /// checkpoints compute it ([`RotaryAttention`]).
+    RotaryAttention(RotaryAttentionConfig),
 }
 
 impl SequenceMixerConfig {
     /// Builds the mixer.
     ///
     /// # Errors
-    /// The errors of [`PowerRetentionConfig::init`].
+    /// The errors of [`PowerRetentionConfig::init`] and [`RotaryAttentionConfig::init`].
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<SequenceMixer<B>, RetentionError> {
         Ok(match self {
             Self::Attention(c) => SequenceMixer::Attention(c.init(device)),
             Self::PowerRetention(c) => SequenceMixer::PowerRetention(c.init(device)?),
+            Self::RotaryAttention(c) => SequenceMixer::RotaryAttention(c.init(device)?),
         })
     }
 }
@@ -50,6 +57,8 @@ pub enum SequenceMixer<B: Backend> {
     Attention(MultiHeadAttention<B>),
     /// Power retention.
     PowerRetention(PowerRetention<B>),
+    /// Causal grouped-query attention with rotary position encoding.
+    RotaryAttention(RotaryAttention<B>),
 }
 
 impl<B: RetentionBackend> SequenceMixer<B> {
@@ -69,6 +78,7 @@ impl<B: RetentionBackend> SequenceMixer<B> {
                 Ok(mha.forward(MhaInput::self_attn(x).mask_attn(mask)).context)
             }
             Self::PowerRetention(pr) => pr.forward(x),
+            Self::RotaryAttention(attention) => attention.forward(x),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Causal softmax attention as Llama-family models compute it: rotary position encoding on the
 //! queries and keys (adjacent coordinate pairs, the layout GGUF checkpoints store), grouped
-//! key/value heads, no biases.
+//! key/value heads, no biases. The attention side of [`SequenceMixer`](crate::SequenceMixer)
+//! for pretrained Llama-family weights.
 
 use burn::config::Config;
 use burn::module::Module;
@@ -9,7 +10,8 @@ use burn::nn::{Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::ModelError;
+use crate::RetentionError;
+use crate::shapes::check_width;
 
 /// Configuration of a [`RotaryAttention`].
 #[derive(Config, Debug)]
@@ -32,10 +34,13 @@ impl RotaryAttentionConfig {
     /// Builds the layer.
     ///
     /// # Errors
-    /// [`ModelError::Config`] when the heads do not divide the width or each other, or the
-    /// head dim is odd.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<RotaryAttention<B>, ModelError> {
-        let bad = |why: String| Err(ModelError::Config(why));
+    /// [`RetentionError::Config`] when the heads do not divide the width or each other, the
+    /// head dim is odd or `θ` is not positive.
+    pub fn init<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<RotaryAttention<B>, RetentionError> {
+        let bad = |why: String| Err(RetentionError::Config(why));
         if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
             return bad(format!(
                 "d_model {} is not a multiple of n_heads {}",
@@ -100,11 +105,36 @@ impl<B: Backend> RotaryAttention<B> {
         self.max_seq
     }
 
+    /// Query heads.
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// Key/value heads.
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
     /// # Shapes
-    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]` (`seq` at most the configured
-    ///   `max_seq`)
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// [`RetentionError::Mismatch`] when `x`'s width is not `d_model`;
+    /// [`RetentionError::Config`] when `seq` exceeds the configured `max_seq`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
         let [b, t, _] = x.dims();
+        check_width(x.dims(), self.n_heads * self.head_dim)?;
+        if t > self.max_seq {
+            return Err(RetentionError::Config(format!(
+                "sequence of {t} tokens exceeds the rotary table's {}",
+                self.max_seq
+            )));
+        }
         let (h, hk, dh) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, dh]).swap_dims(1, 2);
         let q = self.rope.forward(heads(self.query.forward(x.clone()), h));
@@ -123,7 +153,7 @@ impl<B: Backend> RotaryAttention<B> {
             .expand([b, h, t, t]);
         let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
         let out = weights.matmul(v).swap_dims(1, 2).reshape([b, t, h * dh]);
-        self.output.forward(out)
+        Ok(self.output.forward(out))
     }
 }
 
@@ -136,6 +166,26 @@ mod tests {
     use super::*;
 
     type B = NdArray;
+
+    #[test]
+    fn wrong_width_and_long_sequences_are_refused() {
+        let dev = Default::default();
+        let attention = RotaryAttentionConfig::new(32, 4, 2)
+            .with_max_seq(8)
+            .init::<B>(&dev)
+            .expect("builds");
+        let wide = Tensor::<B, 3>::zeros([1, 4, 33], &dev);
+        assert!(matches!(
+            attention.forward(wide),
+            Err(RetentionError::Mismatch { .. })
+        ));
+        let long = Tensor::<B, 3>::zeros([1, 9, 32], &dev);
+        assert!(
+            matches!(attention.forward(long), Err(RetentionError::Config(m)) if m.contains("9"))
+        );
+        let odd = RotaryAttentionConfig::new(12, 4, 2).init::<B>(&dev);
+        assert!(matches!(odd, Err(RetentionError::Config(m)) if m.contains("even")));
+    }
 
     #[test]
     fn grouped_heads_equal_repeated_full_heads() {
@@ -161,10 +211,10 @@ mod tests {
         full.key.weight = Param::from_tensor(repeat(grouped.key.weight.val()));
         full.value.weight = Param::from_tensor(repeat(grouped.value.weight.val()));
         let x = Tensor::<B, 3>::random([2, 7, d], Distribution::Normal(0.0, 1.0), &dev);
-        grouped
-            .forward(x.clone())
+        let forward = |a: &RotaryAttention<B>, x: Tensor<B, 3>| a.forward(x).expect("runs");
+        forward(&grouped, x.clone())
             .into_data()
-            .assert_approx_eq::<f32>(&full.forward(x).into_data(), Tolerance::default());
+            .assert_approx_eq::<f32>(&forward(&full, x).into_data(), Tolerance::default());
     }
 
     #[test]
@@ -179,7 +229,10 @@ mod tests {
             [0..1, 5..9, 0..32],
             Tensor::random([1, 4, 32], Distribution::Normal(0.0, 1.0), &dev),
         );
-        let (a, b) = (attention.forward(x), attention.forward(changed));
+        let (a, b) = (
+            attention.forward(x).expect("runs"),
+            attention.forward(changed).expect("runs"),
+        );
         a.clone()
             .narrow(1, 0, 5)
             .into_data()
