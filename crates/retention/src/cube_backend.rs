@@ -16,8 +16,7 @@ use retention_kernels::{
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
     decode::{DecodeArgs, DecodeDims, launch_decode},
-    discumsum::{ScanArgs, ScanDims, launch_discumsum},
-    query_state::{QueryStateArgs, launch_query_state, state_scale},
+    query_state::{QueryStateArgs, launch_query_state},
 };
 
 use crate::RetentionOptions;
@@ -29,7 +28,9 @@ use crate::backward::{
     ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
     reference_chunked_backward,
 };
-use crate::cube_backward::{attention_backward, chunked_backward, keeps_rows};
+use crate::cube_backward::{
+    Sizes, attention_backward, chunked_backward, keeps_rows, output_dims, scan,
+};
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
 
@@ -540,31 +541,30 @@ where
         ),
         None => (None, None),
     };
+    let sizes = Sizes {
+        b,
+        t,
+        hq,
+        h,
+        d,
+        e,
+        c,
+        n,
+        big_d,
+    };
     // the query-state kernel reads the entering states as f16 `S/γ`
     let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
-    for (chunks, init, last, width, half) in [
-        (&states, s0, &final_state, big_d * e, half_states.clone()),
-        (&sums, z0, &final_sum, big_d, None),
-    ] {
-        let dims = ScanDims {
-            sequences: b * h,
-            width,
-            n_chunks: n,
-            chunk: c,
-            reverse: false,
-        };
-        let args = ScanArgs {
-            chunks: arg(chunks.clone()),
-            half: half.map(arg),
-            half_scale: state_scale(big_d),
-            keep_f32: false,
-            initial: init.map(arg),
-            gates: gates.clone().map(arg),
-            last: arg(last.clone()),
-        };
-        // SAFETY: buffers are contiguous f32 with the documented shapes.
-        unsafe { launch_discumsum(&client, dims, args) };
-    }
+    scan(
+        &client,
+        sizes,
+        &gates,
+        [
+            (&states, s0, &final_state, big_d * e, half_states.clone()),
+            (&sums, z0, &final_sum, big_d, None),
+        ],
+        false,
+        false,
+    );
 
     // 3. outputs (in f32 with their normalisers where the backward pass takes them)
     let out = match keep {
@@ -572,16 +572,7 @@ where
         false => empty(&q, &[b, t, hq, e], dtype),
     };
     let stats = keep.then(|| empty_f32(&q, &[b, t, hq]));
-    let dims = OutputDims {
-        batch: b,
-        seq: t,
-        q_heads: hq,
-        kv_heads: h,
-        chunk: c,
-        n_chunks: n,
-        expanded_dim: big_d,
-        scale: options.scale_for(d) as f32,
-    };
+    let dims = output_dims(sizes, options);
     let state_part = match (query_tiles, half_states) {
         (Some(tiles), Some(half_states)) => {
             let num = empty_f32(&q, &[b, t, hq, e]);

@@ -54,18 +54,18 @@ use crate::reference::ToDtype;
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
-/// The sizes of a backward call.
+/// The sizes of a chunked call (forward or backward).
 #[derive(Clone, Copy)]
-struct Sizes {
-    b: usize,
-    t: usize,
-    hq: usize,
-    h: usize,
-    d: usize,
-    e: usize,
-    c: usize,
-    n: usize,
-    big_d: usize,
+pub(crate) struct Sizes {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) hq: usize,
+    pub(crate) h: usize,
+    pub(crate) d: usize,
+    pub(crate) e: usize,
+    pub(crate) c: usize,
+    pub(crate) n: usize,
+    pub(crate) big_d: usize,
 }
 
 /// Gradients of the attention form on the kernels, or `None` where they do not apply (the
@@ -584,7 +584,7 @@ impl Dtypes {
     }
 }
 
-fn output_dims(s: Sizes, options: &RetentionOptions) -> OutputDims {
+pub(crate) fn output_dims(s: Sizes, options: &RetentionOptions) -> OutputDims {
     OutputDims {
         batch: s.b,
         seq: s.t,
@@ -599,7 +599,7 @@ fn output_dims(s: Sizes, options: &RetentionOptions) -> OutputDims {
 
 /// One scan: chunk slots (in place), initial state, where the end state goes, width, and
 /// where an f16 copy of the slots divided by `γ = √D` goes (if anywhere).
-type ScanPart<'a, R> = (
+pub(crate) type ScanPart<'a, R> = (
     &'a CubeTensor<R>,
     Option<CubeTensor<R>>,
     &'a CubeTensor<R>,
@@ -609,7 +609,7 @@ type ScanPart<'a, R> = (
 
 /// One scan launch per part; `reverse` walks from the last chunk; `keep_f32`: parts with an
 /// f16 copy also keep their f32 slots.
-fn scan<R: CubeRuntime>(
+pub(crate) fn scan<R: CubeRuntime>(
     client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
     s: Sizes,
     gates: &Option<CubeTensor<R>>,
