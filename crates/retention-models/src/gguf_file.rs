@@ -190,13 +190,13 @@ impl GgufFile {
             version,
             metadata,
             tensors,
+            bytes,
             data_start,
-            bytes: Vec::new(),
         };
         for t in &file.tensors {
-            file.data_range(t, bytes.len())?;
+            file.data_range(t)?;
         }
-        Ok(Self { bytes, ..file })
+        Ok(file)
     }
 
     /// The tensor called `name`, if any.
@@ -211,8 +211,8 @@ impl GgufFile {
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let info = self
             .tensor(name)
-            .ok_or_else(|| gguf_error(0, &format!("no tensor {name}")))?;
-        let range = self.data_range(info, self.bytes.len())?;
+            .ok_or_else(|| ModelError::Gguf(format!("no tensor {name}")))?;
+        let range = self.data_range(info)?;
         dequantize(info.ggml_type, &self.bytes[range], info.len())
             .ok_or_else(|| gguf_error(info.offset, &format!("tensor {name}: data")))
     }
@@ -224,15 +224,11 @@ impl GgufFile {
     pub fn value(&self, key: &str) -> Result<&GgufValue, ModelError> {
         self.metadata
             .get(key)
-            .ok_or_else(|| gguf_error(0, &format!("no metadata key {key}")))
+            .ok_or_else(|| ModelError::Gguf(format!("no metadata key {key}")))
     }
 
     /// Where tensor `t`'s data lies in the file, checked against the file's length.
-    fn data_range(
-        &self,
-        t: &GgufTensorInfo,
-        file_len: usize,
-    ) -> Result<std::ops::Range<usize>, ModelError> {
+    fn data_range(&self, t: &GgufTensorInfo) -> Result<std::ops::Range<usize>, ModelError> {
         let bad = || {
             gguf_error(
                 t.offset,
@@ -247,7 +243,9 @@ impl GgufFile {
         let size = t.ggml_type.bytes_for(count).ok_or_else(bad)?;
         let start = self.data_start.checked_add(t.offset).ok_or_else(bad)?;
         let end = start.checked_add(size).ok_or_else(bad)?;
-        (end <= file_len).then_some(start..end).ok_or_else(bad)
+        (end <= self.bytes.len())
+            .then_some(start..end)
+            .ok_or_else(bad)
     }
 }
 
@@ -473,7 +471,7 @@ mod tests {
         let data_end = file
             .tensors
             .iter()
-            .map(|t| file.data_range(t, bytes.len()).expect("inside").end)
+            .map(|t| file.data_range(t).expect("inside").end)
             .max()
             .expect("two tensors");
         assert!(data_end < bytes.len(), "the sample ends in padding");

@@ -351,7 +351,7 @@ impl<B: RetentionBackend> LlamaModel<B> {
                 .convert::<f32>()
                 .into_vec()
                 .map_err(|e| ModelError::Config(format!("logits: {e:?}")))?;
-            let next = sampler.pick(&logits);
+            let next = sampler.pick(&logits)?;
             on_token(next);
             out.push(next);
             tokens.push(i64::from(next));

@@ -63,7 +63,17 @@ impl TokenSampler {
     }
 
     /// The next token for `logits` (one per vocabulary entry; NaN counts as impossible).
-    pub fn pick(&mut self, logits: &[f32]) -> u32 {
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] when `logits` is empty.
+    pub fn pick(&mut self, logits: &[f32]) -> Result<u32, ModelError> {
+        if logits.is_empty() {
+            return Err(ModelError::Config("no logits to pick a token from".into()));
+        }
+        Ok(self.pick_from(logits))
+    }
+
+    fn pick_from(&mut self, logits: &[f32]) -> u32 {
         let valid = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
         let argmax = || {
             logits
@@ -131,7 +141,14 @@ mod tests {
 
     #[test]
     fn temperature_zero_is_the_argmax() {
-        assert_eq!(sampler(0.0, 1.0).pick(&[0.1, 3.0, f32::NAN, 2.9]), 1);
+        assert_eq!(
+            sampler(0.0, 1.0).pick(&[0.1, 3.0, f32::NAN, 2.9]).ok(),
+            Some(1)
+        );
+        assert!(matches!(
+            sampler(1.0, 1.0).pick(&[]),
+            Err(ModelError::Config(_))
+        ));
     }
 
     #[test]
@@ -141,7 +158,7 @@ mod tests {
         let mut s = sampler(1.0, 1.0);
         let mut counts = [0usize; 4];
         for _ in 0..20_000 {
-            counts[s.pick(&logits) as usize] += 1;
+            counts[s.pick(&logits).expect("a row") as usize] += 1;
         }
         let total: f64 = logits.iter().map(|x| f64::from(*x).exp()).sum();
         for (i, c) in counts.iter().enumerate() {
@@ -151,7 +168,7 @@ mod tests {
         }
         // top_p 0.8 keeps the two most likely tokens (0.64 + 0.24 ≥ 0.8)
         let mut s = sampler(1.0, 0.8);
-        assert!((0..2_000).all(|_| s.pick(&logits) < 2));
+        assert!((0..2_000).all(|_| s.pick(&logits).is_ok_and(|t| t < 2)));
     }
 
     #[test]
