@@ -280,6 +280,20 @@ pub(crate) fn reference_step<B: Backend>(
     (prim(y), prim(s), prim(z))
 }
 
+/// The dtypes [`RetentionBackend::retention_keeps_rows`] takes: `q, k, v`, then the initial
+/// state and key-sum if given.
+pub(crate) fn input_dtypes<B: Backend>(
+    [q, k, v]: [&FloatTensor<B>; 3],
+    initial: Option<&(FloatTensor<B>, FloatTensor<B>)>,
+) -> Vec<DType> {
+    use burn::tensor::TensorMetadata;
+    let mut dtypes = vec![q.dtype(), k.dtype(), v.dtype()];
+    if let Some((s, z)) = initial {
+        dtypes.extend([s.dtype(), z.dtype()]);
+    }
+    dtypes
+}
+
 pub(crate) fn float<B: Backend, const N: usize>(t: FloatTensor<B>) -> Tensor<B, N> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }

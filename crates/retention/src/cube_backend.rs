@@ -21,8 +21,8 @@ use retention_kernels::{
 
 use crate::RetentionOptions;
 use crate::backend::{
-    RetentionBackend, float, prim, reference_absorb, reference_attention, reference_chunked,
-    reference_step, reference_window,
+    RetentionBackend, float, input_dtypes, prim, reference_absorb, reference_attention,
+    reference_chunked, reference_step, reference_window,
 };
 use crate::backward::{
     ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
@@ -517,10 +517,7 @@ where
             reference_chunked::<Cube<R, F, I, BT>>(q, k, v, log_g, initial, chunk_size, options);
         return (y, s, z, None);
     };
-    let mut dtypes = vec![dtype, k.dtype, v.dtype];
-    if let Some((s, z)) = &initial {
-        dtypes.extend([s.dtype, z.dtype]);
-    }
+    let dtypes = input_dtypes::<Cube<R, F, I, BT>>([&q, &k, &v], initial.as_ref());
     let keep = keep && keeps_rows(&client, &dtypes, d, e, options);
     let c = chunk_size;
     let n = t.div_ceil(c);

@@ -11,7 +11,7 @@ use burn_fusion::{
 };
 
 use crate::RetentionOptions;
-use crate::backend::RetentionBackend;
+use crate::backend::{RetentionBackend, input_dtypes};
 use crate::backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
 use crate::feature_map::expanded_dim;
 use crate::reference::compute_dtype;
@@ -434,10 +434,7 @@ fn chunked<B: FusionBackend + RetentionBackend>(
         _ => compute_dtype(q.dtype),
     };
     let mut outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
-    let mut dtypes = vec![q.dtype, k.dtype, v.dtype];
-    if let Some((s, z)) = &initial {
-        dtypes.extend([s.dtype, z.dtype]);
-    }
+    let dtypes = input_dtypes::<Fusion<B>>([&q, &k, &v], initial.as_ref());
     let (d, e) = (q.shape[3], v.shape[3]);
     let keep_rows = keep && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
     if keep_rows {
