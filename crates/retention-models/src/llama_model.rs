@@ -9,12 +9,12 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use retention::{
-    PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttentionConfig, SequenceMixer,
-    SequenceMixerConfig,
+    MixerCache, PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttentionConfig,
+    SequenceMixer, SequenceMixerConfig,
 };
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
-use crate::{GgufFile, GgufValue, MixerKind, ModelError, TokenSampler};
+use crate::{GgufFile, GgufValue, LlamaCache, MixerKind, ModelError, TokenSampler};
 
 /// Configuration of a [`LlamaModel`].
 #[derive(Config, Debug)]
@@ -178,6 +178,26 @@ impl<B: RetentionBackend> LlamaBlock<B> {
         let x = x.clone() + self.mixer.forward(self.mixer_norm.forward(x))?;
         Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
     }
+
+    /// [`forward`](Self::forward) for the next tokens after those `cache` holds
+    /// ([`SequenceMixer::forward_cached`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut MixerCache<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        let mixed = self
+            .mixer
+            .forward_cached(self.mixer_norm.forward(x.clone()), cache)?;
+        let x = x + mixed;
+        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
+    }
 }
 
 /// A Llama-family decoder.
@@ -203,11 +223,82 @@ impl<B: RetentionBackend> LlamaModel<B> {
         for block in &self.blocks {
             x = block.forward(x)?;
         }
+        Ok(self.logits(x))
+    }
+
+    /// The final norm and the output head: hidden states to next-token logits.
+    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.norm.forward(x);
-        Ok(match &self.head {
+        match &self.head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embedding.weight.val().transpose().unsqueeze()),
-        })
+        }
+    }
+
+    /// The empty cache for [`forward_cached`](Self::forward_cached).
+    pub fn new_cache(&self) -> LlamaCache<B> {
+        LlamaCache {
+            layers: self.blocks.iter().map(|b| b.mixer.new_cache()).collect(),
+            tokens: 0,
+        }
+    }
+
+    /// The longest sequence the model takes: its attention layers' rotary tables (none for a
+    /// model of power retention alone).
+    pub fn max_seq(&self) -> Option<usize> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match &b.mixer {
+                SequenceMixer::RotaryAttention(a) => Some(a.max_seq()),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// The next-token logits at the positions of `tokens`, which follow those `cache` has
+    /// read; `cache` then holds them too. Equal to [`forward`](Self::forward)'s over the
+    /// whole sequence at the same positions, up to rounding, with each block doing only the
+    /// new tokens' work (see [`SequenceMixer::forward_cached`]).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` → `[batch, seq, vocab_size]`
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and for a cache of another model. On error `cache` is
+    /// left as it was.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut LlamaCache<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        let x = self.hidden_cached(tokens, cache)?;
+        Ok(self.logits(x))
+    }
+
+    fn hidden_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut LlamaCache<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        if cache.layers.len() != self.blocks.len() {
+            return Err(RetentionError::Config(format!(
+                "a cache of {} blocks given to a model of {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let t = tokens.dims()[1];
+        // tensors are shared handles: the copy costs no device memory
+        let mut layers = cache.layers.clone();
+        let mut x = self.embedding.forward(tokens);
+        for (block, layer) in self.blocks.iter().zip(&mut layers) {
+            x = block.forward_cached(x, layer)?;
+        }
+        *cache = LlamaCache {
+            layers,
+            tokens: cache.tokens + t,
+        };
+        Ok(x)
     }
 
     /// The same model with power retention in place of every attention layer: the queries',
@@ -308,13 +399,14 @@ impl<B: RetentionBackend> LlamaModel<B> {
     }
 
     /// Continues `prompt` by up to `max_new` tokens, each picked by `sampler` from the logits
-    /// of everything before it (the whole sequence is run again per token: no key/value
-    /// cache), stopping after `stop`; `on_token` sees each token as it is picked. Returns the
-    /// new tokens.
+    /// after everything before it, stopping after `stop`; `on_token` sees each token as it is
+    /// picked. Returns the new tokens. The prompt is read in pieces of at most
+    /// [`PREFILL_PIECE`] tokens, then each new token is one cached step
+    /// ([`forward_cached`](Self::forward_cached)).
     ///
     /// # Errors
-    /// [`ModelError::Config`] when the prompt is empty or the sequence would exceed the rotary
-    /// table.
+    /// [`ModelError::Config`] when the prompt is empty or the sequence would exceed
+    /// [`max_seq`](Self::max_seq).
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -324,43 +416,80 @@ impl<B: RetentionBackend> LlamaModel<B> {
         device: &B::Device,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>, ModelError> {
-        let max_seq = self
-            .blocks
-            .iter()
-            .filter_map(|b| match &b.mixer {
-                SequenceMixer::RotaryAttention(a) => Some(a.max_seq()),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(usize::MAX);
+        let max_seq = self.max_seq().unwrap_or(usize::MAX);
         if prompt.is_empty() || prompt.len() + max_new > max_seq {
             return Err(ModelError::Config(format!(
                 "prompt of {} tokens + {max_new} new must be 1..={max_seq}",
                 prompt.len()
             )));
         }
-        let mut tokens: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+        let mut cache = self.new_cache();
+        let mut logits = self.prefill(prompt, &mut cache, device)?;
         let mut out = Vec::with_capacity(max_new);
-        for _ in 0..max_new {
-            let t = tokens.len();
-            let ids =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), device);
-            let last = self.forward(ids)?.narrow(1, t - 1, 1).reshape([-1]);
-            let logits: Vec<f32> = last
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .map_err(|e| ModelError::Config(format!("logits: {e:?}")))?;
+        for i in 0..max_new {
             let next = sampler.pick(&logits)?;
             on_token(next);
             out.push(next);
-            tokens.push(i64::from(next));
-            if Some(next) == stop {
+            if Some(next) == stop || i + 1 == max_new {
                 break;
             }
+            logits = self.step(next, &mut cache, device)?;
         }
         Ok(out)
     }
+
+    /// Reads `tokens` (one sequence) into `cache` in pieces of at most [`PREFILL_PIECE`] and
+    /// returns the next-token logits after the last one.
+    ///
+    /// # Errors
+    /// As [`forward_cached`](Self::forward_cached); [`ModelError::Config`] when `tokens` is
+    /// empty.
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut LlamaCache<B>,
+        device: &B::Device,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut last = None;
+        for piece in tokens.chunks(PREFILL_PIECE) {
+            last = Some(self.hidden_cached(token_row(piece, device), cache)?);
+        }
+        let x = last.ok_or_else(|| ModelError::Config("an empty prompt".into()))?;
+        let t = x.dims()[1];
+        row_values(self.logits(x.narrow(1, t - 1, 1)))
+    }
+
+    /// Reads one token into `cache` and returns the next-token logits after it.
+    ///
+    /// # Errors
+    /// As [`forward_cached`](Self::forward_cached).
+    pub fn step(
+        &self,
+        token: u32,
+        cache: &mut LlamaCache<B>,
+        device: &B::Device,
+    ) -> Result<Vec<f32>, ModelError> {
+        row_values(self.forward_cached(token_row(&[token], device), cache)?)
+    }
+}
+
+/// Most tokens [`LlamaModel::prefill`] reads in one call: bounds attention's scores to
+/// `heads × 512 × context` values per layer.
+pub const PREFILL_PIECE: usize = 512;
+
+fn token_row<B: Backend>(tokens: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+    Tensor::from_data(TensorData::new(ids, [1, tokens.len()]), device)
+}
+
+/// The values of a `[1, 1, vocab]` logits row.
+fn row_values<B: Backend>(logits: Tensor<B, 3>) -> Result<Vec<f32>, ModelError> {
+    logits
+        .reshape([-1])
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| ModelError::Config(format!("logits: {e:?}")))
 }
 
 #[cfg(test)]
@@ -411,6 +540,147 @@ mod tests {
             .generate(&[1, 2], 4, None, &mut greedy, &dev, |t| seen.push(t))
             .expect("generates");
         assert_eq!((new.len(), &seen), (4, &new));
+    }
+
+    /// Reading a sequence in pieces through the cache gives the logits of reading it whole,
+    /// for the pretrained attention layout and for its conversion to power retention; greedy
+    /// generation then equals picking the argmax of the full forward token by token.
+    #[test]
+    fn cached_pieces_equal_the_whole_sequence() {
+        let dev = Default::default();
+        let model = LlamaConfig::new(50, 32, 3, 4, 2, 48)
+            .with_max_seq(32)
+            .init::<NdArray>(&dev)
+            .expect("builds");
+        let tokens: Vec<u32> = vec![3, 17, 4, 9, 41, 0, 22, 8, 15];
+        for model in [
+            model.clone(),
+            model.into_retention(4, &dev).expect("converts"),
+        ] {
+            let whole = model.forward(token_row(&tokens, &dev)).expect("runs");
+            let mut cache = model.new_cache();
+            let mut pieces = Vec::new();
+            for range in [0..3, 3..4, 4..5, 5..9] {
+                let piece = token_row::<NdArray>(&tokens[range], &dev);
+                pieces.push(model.forward_cached(piece, &mut cache).expect("runs"));
+            }
+            assert_eq!(cache.tokens(), tokens.len());
+            assert!(cache.size_bytes() > 0);
+            Tensor::cat(pieces, 1).into_data().assert_approx_eq::<f32>(
+                &whole.into_data(),
+                burn::tensor::Tolerance::rel_abs(1e-4, 1e-5),
+            );
+            // greedy generation = argmax of the full forward, token by token
+            let mut greedy = TokenSampler::new(SamplingConfig::default()).expect("valid");
+            let new = model
+                .generate(&tokens[..4], 5, None, &mut greedy, &dev, |_| ())
+                .expect("generates");
+            let mut seq = tokens[..4].to_vec();
+            for &next in &new {
+                let logits = row_values(
+                    model
+                        .forward(token_row(&seq, &dev))
+                        .expect("runs")
+                        .narrow(1, seq.len() - 1, 1),
+                )
+                .expect("values");
+                let argmax =
+                    (0..logits.len()).fold(0, |a, i| if logits[i] > logits[a] { i } else { a });
+                assert_eq!(next as usize, argmax);
+                seq.push(next);
+            }
+        }
+        // a cache of another model is refused, and left as it was
+        let small = LlamaConfig::new(50, 32, 1, 4, 2, 48)
+            .init::<NdArray>(&dev)
+            .expect("builds");
+        let mut cache = small.new_cache();
+        let other = LlamaConfig::new(50, 32, 2, 4, 2, 48)
+            .init::<NdArray>(&dev)
+            .expect("builds");
+        assert!(matches!(
+            other.forward_cached(token_row(&[1, 2], &dev), &mut cache),
+            Err(RetentionError::Config(m)) if m.contains("1 blocks")
+        ));
+        assert_eq!(cache.tokens(), 0);
+    }
+
+    /// Reference logits of one prompt, as `scripts/reference-logits.py` writes them.
+    #[derive(serde::Deserialize)]
+    struct ReferencePrompt {
+        ids: Vec<u32>,
+        positions: Vec<ReferenceRow>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ReferenceRow {
+        top_ids: Vec<usize>,
+        top_logits: Vec<f64>,
+        fixed_logits: Vec<f64>,
+        logsumexp: f64,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ReferenceLogits {
+        fixed_ids: Vec<usize>,
+        prompts: Vec<ReferencePrompt>,
+    }
+
+    /// SmolLM2-135M-Instruct where `RETENTION_SMOLLM2_GGUF` names it: at every position of two
+    /// prompts, the logits of the top 10 and of 32 fixed tokens and the row's logsumexp agree
+    /// with Hugging Face `transformers` 4.57 running the same GGUF in f32
+    /// (`tests/data/smollm2-reference-logits.json`, written by `scripts/reference-logits.py`)
+    /// within 1e-4 of the row's largest logit (the bar is 1e-2; we measure 5e-6), and
+    /// the most likely token is the same.
+    #[test]
+    fn smollm2_logits_match_transformers() {
+        let Ok(path) = std::env::var("RETENTION_SMOLLM2_GGUF") else {
+            eprintln!("skipped: set RETENTION_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf");
+            return;
+        };
+        let reference: ReferenceLogits =
+            serde_json::from_str(include_str!("../tests/data/smollm2-reference-logits.json"))
+                .expect("parses");
+        let file = GgufFile::read(&path).expect("reads");
+        let dev = Default::default();
+        let model = LlamaModel::<NdArray>::from_gguf(&file, &dev).expect("loads");
+        let mut worst = 0.0f64;
+        for prompt in &reference.prompts {
+            let t = prompt.ids.len();
+            let tokens: Vec<i64> = prompt.ids.iter().map(|&i| i64::from(i)).collect();
+            let ids = Tensor::<NdArray, 2, Int>::from_data(TensorData::new(tokens, [1, t]), &dev);
+            let logits = model.forward(ids).expect("runs");
+            let vocab = logits.dims()[2];
+            let ours: Vec<f64> = logits.into_data().convert::<f64>().into_vec().expect("f64");
+            assert_eq!(prompt.positions.len(), t);
+            for (pos, row) in prompt.positions.iter().enumerate() {
+                let ours = &ours[pos * vocab..(pos + 1) * vocab];
+                let scale = row.top_logits[0].abs().max(1.0);
+                let ids = row.top_ids.iter().chain(&reference.fixed_ids);
+                let values = row.top_logits.iter().chain(&row.fixed_logits);
+                for (&id, &want) in ids.zip(values) {
+                    let err = (ours[id] - want).abs() / scale;
+                    worst = worst.max(err);
+                    assert!(
+                        err <= 1e-4,
+                        "position {pos}, token {id}: {} vs {want}",
+                        ours[id]
+                    );
+                }
+                let max = ours.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + ours.iter().map(|&l| (l - max).exp()).sum::<f64>().ln();
+                let err = (lse - row.logsumexp).abs() / row.logsumexp.abs().max(1.0);
+                worst = worst.max(err);
+                assert!(
+                    err <= 1e-4,
+                    "position {pos}: logsumexp {lse} vs {}",
+                    row.logsumexp
+                );
+                let argmax = (0..vocab).fold(0, |a, i| if ours[i] > ours[a] { i } else { a });
+                assert_eq!(argmax, row.top_ids[0], "position {pos}");
+            }
+        }
+        eprintln!("worst relative difference from transformers: {worst:.2e}");
     }
 
     /// SmolLM2-135M-Instruct where `RETENTION_SMOLLM2_GGUF` names it: the greedy answer to a

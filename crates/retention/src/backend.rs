@@ -282,6 +282,7 @@ pub(crate) fn reference_step<B: Backend>(
 
 /// The dtypes [`RetentionBackend::retention_keeps_rows`] takes: `q, k, v`, then the initial
 /// state and key-sum if given.
+#[cfg(feature = "cube")]
 pub(crate) fn input_dtypes<B: Backend>(
     [q, k, v]: [&FloatTensor<B>; 3],
     initial: Option<&(FloatTensor<B>, FloatTensor<B>)>,

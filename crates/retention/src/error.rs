@@ -90,7 +90,7 @@ pub enum RetentionError {
     /// A state tensor does not match the inputs.
     #[error("`{arg}` must have shape {expected:?} ({layout}), got {got:?}")]
     StateShape {
-        /// `state` or `key_sum`.
+        /// Which state tensor (`state`, `key_sum`, a cache's `keys` or `values`).
         arg: &'static str,
         /// Expected layout, in words.
         layout: &'static str,

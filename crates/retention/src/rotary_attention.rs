@@ -5,10 +5,9 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::attention::generate_autoregressive_mask;
 use burn::nn::{Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::RetentionError;
 use crate::shapes::check_width;
@@ -127,35 +126,101 @@ impl<B: Backend> RotaryAttention<B> {
     /// [`RetentionError::Mismatch`] when `x`'s width is not `d_model`;
     /// [`RetentionError::Config`] when `seq` exceeds the configured `max_seq`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        Ok(self.attend(x, None)?.0)
+    }
+
+    /// Mixes the next `seq` tokens after the `past` ones, whose rotated keys and values are
+    /// given (`None`: none), and returns them with the new ones appended, the cache of
+    /// [`MixerCache::KeysValues`](crate::MixerCache::KeysValues). Outputs equal
+    /// [`forward`](Self::forward)'s over the whole sequence at the same positions.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    /// - `past` and the returned keys and values: `[batch, n_kv_heads, tokens, head_dim]`
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward) (`max_seq` bounds the past and new tokens together), plus
+    /// [`RetentionError::StateShape`] when `past` does not fit `x`.
+    pub fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        past: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    ) -> Result<AttentionOutput<B>, RetentionError> {
         let [b, t, _] = x.dims();
         check_width(x.dims(), self.n_heads * self.head_dim)?;
-        if t > self.max_seq {
+        let (h, hk, dh) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let seen = match &past {
+            None => 0,
+            Some((keys, values)) => {
+                let seen = keys.dims()[2];
+                for (arg, tensor) in [("keys", keys), ("values", values)] {
+                    if tensor.dims() != [b, hk, seen, dh] {
+                        return Err(RetentionError::StateShape {
+                            arg,
+                            layout: "[batch, kv_heads, tokens, head_dim]",
+                            expected: vec![b, hk, seen, dh],
+                            got: tensor.dims().to_vec(),
+                        });
+                    }
+                }
+                seen
+            }
+        };
+        let total = seen + t;
+        if total > self.max_seq {
             return Err(RetentionError::Config(format!(
-                "sequence of {t} tokens exceeds the rotary table's {}",
+                "sequence of {total} tokens exceeds the rotary table's {}",
                 self.max_seq
             )));
         }
-        let (h, hk, dh) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, dh]).swap_dims(1, 2);
-        let q = self.rope.forward(heads(self.query.forward(x.clone()), h));
-        let k = self.rope.forward(heads(self.key.forward(x.clone()), hk));
+        let q = self
+            .rope
+            .apply(heads(self.query.forward(x.clone()), h), seen);
+        let k = self
+            .rope
+            .apply(heads(self.key.forward(x.clone()), hk), seen);
         let v = heads(self.value.forward(x), hk);
+        let (keys, values) = match past {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+        };
         // query head i reads key/value head i / (h / hk)
         let group = |y: Tensor<B, 4>| {
             y.unsqueeze_dim::<5>(2)
-                .expand([b, hk, h / hk, t, dh])
-                .reshape([b, h, t, dh])
+                .expand([b, hk, h / hk, total, dh])
+                .reshape([b, h, total, dh])
         };
-        let (k, v) = (group(k), group(v));
-        let scores = q.matmul(k.swap_dims(2, 3)) / (dh as f64).sqrt();
-        let mask = generate_autoregressive_mask::<B>(b, t, &scores.device())
-            .unsqueeze_dim::<4>(1)
-            .expand([b, h, t, t]);
-        let weights = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
-        let out = weights.matmul(v).swap_dims(1, 2).reshape([b, t, h * dh]);
-        Ok(self.output.forward(out))
+        let scores = q.matmul(group(keys.clone()).swap_dims(2, 3)) / (dh as f64).sqrt();
+        // new token i (position seen + i) sees the keys up to its own position
+        let scores = if t > 1 {
+            let device = scores.device();
+            let key_pos = Tensor::<B, 1, Int>::arange(0..total as i64, &device)
+                .reshape([1, total])
+                .expand([t, total]);
+            let query_pos = Tensor::<B, 1, Int>::arange(seen as i64..total as i64, &device)
+                .reshape([t, 1])
+                .expand([t, total]);
+            let mask = key_pos
+                .greater(query_pos)
+                .reshape([1, 1, t, total])
+                .expand([b, h, t, total]);
+            scores.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            scores
+        };
+        let weights = softmax(scores, 3);
+        let out = weights
+            .matmul(group(values.clone()))
+            .swap_dims(1, 2)
+            .reshape([b, t, h * dh]);
+        Ok((self.output.forward(out), keys, values))
     }
 }
+
+/// What [`RotaryAttention::attend`] returns: the output `[batch, seq, d_model]`, then the
+/// rotated keys and the values of every token so far, `[batch, n_kv_heads, tokens, head_dim]`.
+pub type AttentionOutput<B> = (Tensor<B, 3>, Tensor<B, 4>, Tensor<B, 4>);
 
 #[cfg(test)]
 mod tests {
