@@ -3,7 +3,7 @@
 //! ([`chart_png`](crate::chart_png)), per head shape:
 //! time against the sequence length (log-log), tokens/s, achieved TFLOP/s (with the matmul peak
 //! of the same machine as lines where the CSV has `matmul` rows), and the decode step's
-//! latency against the context.
+//! latency (or a model's time per generated token, mode `generate`) against the context.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -202,7 +202,7 @@ pub fn plot_rows(rows: &[PlotRow], dir: &Path) -> Result<Vec<PathBuf>, CliError>
             let mut series = Series::new();
             for r in of_shape.iter().filter(|r| {
                 if decode {
-                    r.mode.starts_with("decode")
+                    r.mode.starts_with("decode") || r.mode == "generate"
                 } else {
                     sequence_rows(r)
                 }
@@ -212,7 +212,12 @@ pub fn plot_rows(rows: &[PlotRow], dir: &Path) -> Result<Vec<PathBuf>, CliError>
                         color: color_of(&r.implementation, r.mode == "decode_window"),
                         second: r.b > 1,
                     };
-                    (format!("{} b={}", label(r), r.b), style)
+                    let key = if r.mode == "generate" {
+                        display_name(&r.implementation).to_string()
+                    } else {
+                        format!("{} b={}", label(r), r.b)
+                    };
+                    (key, style)
                 } else {
                     let style = Style {
                         color: color_of(&r.implementation, false),
@@ -265,6 +270,8 @@ fn color_of(implementation: &str, alternate: bool) -> RGBColor {
         ("retention_triton", _) => RGBColor(31, 119, 180),
         ("sdpa", _) => RGBColor(44, 160, 44),
         ("burn_reference", _) => RGBColor(148, 103, 189),
+        ("power_retention", _) => RGBColor(214, 39, 40),
+        ("attention", _) => RGBColor(44, 160, 44),
         _ => RGBColor(127, 127, 127),
     }
 }
@@ -306,6 +313,8 @@ fn display_name(implementation: &str) -> &str {
         "sdpa" => "SDPA (flash)",
         "torch_matmul" => "torch matmul",
         "burn_matmul" => "Burn matmul",
+        "power_retention" => "power retention (state)",
+        "attention" => "attention (key/value cache)",
         other => other,
     }
 }

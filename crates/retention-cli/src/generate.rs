@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "latency_at", default_value = "")]
     pub prompt: String,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 128)]
@@ -36,6 +36,37 @@ pub struct GenerateArgs {
     /// has one (ChatML: `<|im_start|>user …`).
     #[arg(long)]
     pub raw: bool,
+    /// Runs the checkpoint with its attention layers (as pretrained) or converted to power
+    /// retention (gates starting near 1, no retraining: expect degraded text).
+    #[arg(long, value_enum, default_value = "attention")]
+    pub mixer: ModelMixer,
+    /// Chunk size of the power retention layers.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk: usize,
+    /// Instead of generating text: the time of one generated token after contexts of these
+    /// lengths (comma-separated, ascending), with the checkpoint's attention (key/value
+    /// cache) and converted to power retention (state), as a table and CSV rows of mode
+    /// `generate`.
+    #[arg(long, value_delimiter = ',')]
+    pub latency_at: Vec<usize>,
+    /// Timed tokens per context (median reported).
+    #[arg(long, default_value_t = 8)]
+    pub latency_steps: usize,
+    /// CSV file for the latency rows (benchmark schema).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Directory for the latency chart (as `retention plot` draws it).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// The sequence mixer of every block of a generating model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelMixer {
+    /// Attention as pretrained.
+    Attention,
+    /// Power retention, converted from the attention weights.
+    Retention,
 }
 
 /// What a generation produced.
@@ -69,7 +100,10 @@ pub fn generate<B: RetentionBackend>(
     let loading = Instant::now();
     let file = GgufFile::read(&args.model)?;
     let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let model = LlamaModel::<B>::from_gguf(&file, dev)?;
+    let mut model = LlamaModel::<B>::from_gguf(&file, dev)?;
+    if args.mixer == ModelMixer::Retention {
+        model = model.into_retention(args.chunk, dev)?;
+    }
     let chat = !args.raw
         && file
             .metadata

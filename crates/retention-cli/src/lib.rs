@@ -10,6 +10,7 @@ pub mod demo;
 pub mod dtype_choice;
 pub mod error;
 pub mod generate;
+pub mod generate_latency;
 pub mod selftest;
 pub mod tensor_file;
 pub mod train;

@@ -6,6 +6,7 @@ use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::bench_plot::{parse_rows, plot_rows};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::generate::{GenerateArgs, generate};
+use retention_cli::generate_latency::latency_curve;
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
 use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
@@ -290,7 +291,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Generate { backend, args } => {
-            with_backend!(backend, |Bk, dev| generate::<Bk>(&dev, &args).map(drop))
+            if args.latency_at.is_empty() {
+                with_backend!(backend, |Bk, dev| generate::<Bk>(&dev, &args).map(drop))
+            } else {
+                with_backend!(backend, |Bk, dev| latency_curve::<Bk>(&dev, &args)
+                    .map(drop))
+            }
         }
         Command::Train { backend, args } => {
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))

@@ -231,7 +231,12 @@ impl<B: RetentionBackend> LlamaModel<B> {
         let x = self.norm.forward(x);
         match &self.head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.embedding.weight.val().transpose().unsqueeze()),
+            // `E xᵀ`, then transposed back: the embedding is read in its own row-major
+            // order, never copied into a transposed one
+            None => {
+                let weight = self.embedding.weight.val().unsqueeze::<3>();
+                weight.matmul(x.swap_dims(1, 2)).swap_dims(1, 2)
+            }
         }
     }
 
@@ -253,6 +258,32 @@ impl<B: RetentionBackend> LlamaModel<B> {
                 _ => None,
             })
             .min()
+    }
+
+    /// The same model with rotary tables of `max_seq` positions in its attention layers
+    /// ([`RotaryAttention::with_max_seq`](retention::RotaryAttention::with_max_seq)).
+    pub fn with_max_seq(self, max_seq: usize, device: &B::Device) -> Self {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|mut block| {
+                if let SequenceMixer::RotaryAttention(a) = block.mixer {
+                    block.mixer = SequenceMixer::RotaryAttention(a.with_max_seq(max_seq, device));
+                }
+                block
+            })
+            .collect();
+        Self { blocks, ..self }
+    }
+
+    /// Query heads, key/value heads and head dim of the first block's mixer (`None` for Burn's
+    /// `MultiHeadAttention`, which does not tell).
+    pub fn heads(&self) -> Option<(usize, usize, usize)> {
+        self.blocks.first().and_then(|b| match &b.mixer {
+            SequenceMixer::RotaryAttention(a) => Some((a.n_heads(), a.n_kv_heads(), a.head_dim())),
+            SequenceMixer::PowerRetention(r) => Some((r.n_heads, r.n_kv_heads, r.head_dim)),
+            SequenceMixer::Attention(_) => None,
+        })
     }
 
     /// The next-token logits at the positions of `tokens`, which follow those `cache` has
@@ -363,9 +394,19 @@ impl<B: RetentionBackend> LlamaModel<B> {
             let data = TensorData::new(values(name, &[rows, cols])?, [rows, cols]);
             Ok(Tensor::from_data(data, device))
         };
+        // transposed on the host: a transposed view would be copied into row-major order by
+        // every forward that reshapes it (Burn's `linear` does), a whole weight per call
         let linear =
             |name: &str, out: usize, inp: usize| -> Result<Param<Tensor<B, 2>>, ModelError> {
-                Ok(Param::from_tensor(matrix(name, out, inp)?.transpose()))
+                let rows = values(name, &[out, inp])?;
+                let mut data = vec![0.0f32; rows.len()];
+                for (o, row) in rows.chunks_exact(inp).enumerate() {
+                    for (i, &w) in row.iter().enumerate() {
+                        data[i * out + o] = w;
+                    }
+                }
+                let data = TensorData::new(data, [inp, out]);
+                Ok(Param::from_tensor(Tensor::from_data(data, device)))
             };
         let gamma = |name: &str| -> Result<Param<Tensor<B, 1>>, ModelError> {
             let data = TensorData::new(values(name, &[d])?, [d]);

@@ -76,6 +76,7 @@ impl RotaryAttentionConfig {
             n_kv_heads: self.n_kv_heads,
             head_dim,
             max_seq: self.max_seq,
+            rope_theta: self.rope_theta,
         })
     }
 }
@@ -96,12 +97,25 @@ pub struct RotaryAttention<B: Backend> {
     n_kv_heads: usize,
     head_dim: usize,
     max_seq: usize,
+    rope_theta: f32,
 }
 
 impl<B: Backend> RotaryAttention<B> {
     /// The longest sequence the rotary table covers.
     pub fn max_seq(&self) -> usize {
         self.max_seq
+    }
+
+    /// The same layer with a rotary table of `max_seq` positions (longer sequences than the
+    /// weights were trained on give what extrapolation gives; timing needs no more).
+    pub fn with_max_seq(self, max_seq: usize, device: &B::Device) -> Self {
+        Self {
+            rope: RotaryEncodingConfig::new(max_seq, self.head_dim)
+                .with_theta(self.rope_theta)
+                .init(device),
+            max_seq,
+            ..self
+        }
     }
 
     /// Query heads.
