@@ -1,4 +1,5 @@
-//! `retention`: demo, apply, train, generate, plot, and (with kernels) selftest and bench.
+//! `retention`: demo, apply, train, retrain, generate, plot, and (with kernels) selftest and
+//! bench.
 
 use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
@@ -7,6 +8,7 @@ use retention_cli::bench_plot::{parse_rows, plot_rows};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::generate::{GenerateArgs, generate};
 use retention_cli::generate_latency::latency_curve;
+use retention_cli::retrain::{RetrainArgs, retrain};
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
 use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
@@ -107,6 +109,15 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         args: GenerateArgs,
+    },
+    /// Converts a pretrained Llama-family GGUF checkpoint to power retention and retrains it
+    /// on a corpus: held-out loss before, right after and during (the recovery curve).
+    Retrain {
+        /// Backend to train on (under Autodiff).
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: RetrainArgs,
     },
     /// Times the forward pass and the decode step (CSV in the anchor benchmark's schema).
     Bench {
@@ -297,6 +308,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 with_backend!(backend, |Bk, dev| latency_curve::<Bk>(&dev, &args)
                     .map(drop))
             }
+        }
+        Command::Retrain { backend, args } => {
+            with_backend!(backend, |Bk, dev| retrain::<Bk>(&dev, &args).map(drop))
         }
         Command::Train { backend, args } => {
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))

@@ -176,14 +176,7 @@ where
     for kind in args.mixer.kinds() {
         let model = base.clone().with_mixer(kind);
         let dir = RunDirectory::new(args.out.join(kind.name()));
-        let bar = ProgressBar::new(training.steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-            )
-            .map_err(|e| CliError::Device(e.to_string()))?,
-        );
-        bar.set_prefix(kind.name());
+        let bar = progress_bar(kind.name(), training.steps)?;
         let tokens_per_step = (training.batch_size * training.seq_len) as f64;
         let start = Instant::now();
         let mut ran = 0usize;
@@ -234,10 +227,21 @@ where
         training.batch_size,
         training.seq_len
     );
-    plot_losses(&runs, &title, &svg)?;
+    plot_losses(&runs, &[], &title, &svg)?;
     print_summary(&summaries);
     println!("loss curves: {}", svg.display());
     Ok(summaries)
+}
+
+/// The progress bar of a training run of `steps` steps, `name` before it.
+pub(crate) fn progress_bar(name: &str, steps: usize) -> Result<ProgressBar, CliError> {
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .map_err(|e| CliError::Device(e.to_string()))?,
+    );
+    bar.set_prefix(name.to_string());
+    Ok(bar)
 }
 
 fn print_summary(summaries: &[TrainSummary]) {

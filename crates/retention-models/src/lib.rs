@@ -6,6 +6,7 @@
 //! resume exactly ([`Trainer`]).
 #![warn(missing_docs)]
 
+mod causal_lm;
 mod corpus;
 mod decoder_block;
 mod error;
@@ -16,12 +17,14 @@ mod language_model;
 mod llama_cache;
 mod llama_model;
 mod loss_plot;
+mod retraining;
 mod text_tokenizer;
 mod token_sampler;
 mod token_windows;
 mod trainer;
 mod training_run;
 
+pub use causal_lm::CausalLm;
 pub use corpus::Corpus;
 pub use decoder_block::DecoderBlock;
 pub use error::ModelError;
@@ -32,6 +35,7 @@ pub use language_model::{LanguageModel, LanguageModelConfig, MixerKind};
 pub use llama_cache::LlamaCache;
 pub use llama_model::{LlamaBlock, LlamaConfig, LlamaModel, PREFILL_PIECE};
 pub use loss_plot::plot_losses;
+pub use retraining::{RecoveryStart, Retrained, retrain_in_directory};
 pub use text_tokenizer::TextTokenizer;
 pub use token_sampler::{SamplingConfig, TokenSampler};
 pub use token_windows::{TokenBatch, TokenWindows};

@@ -240,6 +240,11 @@ impl<B: RetentionBackend> LlamaModel<B> {
         }
     }
 
+    /// Tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.embedding.weight.dims()[0]
+    }
+
     /// The empty cache for [`forward_cached`](Self::forward_cached).
     pub fn new_cache(&self) -> LlamaCache<B> {
         LlamaCache {

@@ -9,19 +9,28 @@ use crate::{LossLog, ModelError};
 /// Steps averaged by the smoothed training curve.
 const SMOOTHING: usize = 10;
 
-/// Draws `runs` (`(label, losses)`) into an SVG at `path`.
+/// Draws `runs` (`(label, losses)`) into an SVG at `path`, with `references` (`(label,
+/// loss)`) as dashed horizontal lines.
 ///
 /// # Errors
 /// [`ModelError::Plot`] when there is nothing to draw or drawing fails.
-pub fn plot_losses(runs: &[(&str, &LossLog)], title: &str, path: &Path) -> Result<(), ModelError> {
+pub fn plot_losses(
+    runs: &[(&str, &LossLog)],
+    references: &[(&str, f64)],
+    title: &str,
+    path: &Path,
+) -> Result<(), ModelError> {
     let err = |e: &dyn std::fmt::Display| ModelError::Plot(e.to_string());
     let steps = runs.iter().map(|(_, l)| l.train.len()).max().unwrap_or(0);
-    let values = runs.iter().flat_map(|(_, l)| {
-        l.train
-            .iter()
-            .copied()
-            .chain(l.valid.iter().map(|&(_, v)| v))
-    });
+    let values = runs
+        .iter()
+        .flat_map(|(_, l)| {
+            l.train
+                .iter()
+                .copied()
+                .chain(l.valid.iter().map(|&(_, v)| v))
+        })
+        .chain(references.iter().map(|&(_, v)| v));
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
@@ -69,6 +78,24 @@ pub fn plot_losses(runs: &[(&str, &LossLog)], title: &str, path: &Path) -> Resul
             .map_err(|e| err(&e))?
             .label(format!("{label}: validation"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    for (i, &(label, loss)) in references.iter().enumerate() {
+        let color = if i == 0 {
+            BLACK
+        } else {
+            RGBColor(128, 128, 128)
+        };
+        let dashes = (0..steps).step_by((steps / 60).max(1) * 2).map(move |s| {
+            PathElement::new(
+                [(s, loss), ((s + (steps / 60).max(1)).min(steps), loss)],
+                color.stroke_width(2),
+            )
+        });
+        chart
+            .draw_series(dashes)
+            .map_err(|e| err(&e))?
+            .label(format!("{label}: {loss:.3}"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart
         .configure_series_labels()

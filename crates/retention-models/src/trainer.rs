@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::config::Config;
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use retention::RetentionBackend;
 
 use crate::token_windows::{TokenBatch, TokenWindows};
-use crate::{LanguageModel, ModelError};
+use crate::{CausalLm, LanguageModel, ModelError};
 
 /// Hyper-parameters of a training run.
 #[derive(Config, Debug)]
@@ -94,13 +94,12 @@ pub struct StepReport {
     pub valid_loss: Option<f64>,
 }
 
-type Adam<B> = OptimizerAdaptor<AdamW, LanguageModel<B>, B>;
-
-/// A model, its optimizer state and its data, stepped one batch at a time.
-pub struct Trainer<B: AutodiffBackend> {
+/// A model (by default the small [`LanguageModel`]; any [`CausalLm`]), its optimizer state
+/// and its data, stepped one batch at a time.
+pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> = LanguageModel<B>> {
     config: TrainingConfig,
-    model: LanguageModel<B>,
-    optim: Adam<B>,
+    model: M,
+    optim: OptimizerAdaptor<AdamW, M, B>,
     train: TokenWindows,
     valid: Vec<TokenBatch<B::InnerBackend>>,
     step: usize,
@@ -123,10 +122,12 @@ const MODEL_FILE: &str = "model";
 const OPTIMIZER_FILE: &str = "optimizer";
 const LOG_FILE: &str = "losses.json";
 
-impl<B> Trainer<B>
+impl<B, M> Trainer<B, M>
 where
     B: AutodiffBackend + RetentionBackend,
     B::InnerBackend: RetentionBackend,
+    M: AutodiffModule<B> + CausalLm<B>,
+    M::InnerModule: CausalLm<B::InnerBackend>,
 {
     /// A run starting from `model` at step 0.
     ///
@@ -136,7 +137,7 @@ where
     /// the model's vocabulary (checked here, once, so the steps need not).
     pub fn new(
         config: TrainingConfig,
-        model: LanguageModel<B>,
+        model: M,
         train: TokenWindows,
         valid: &TokenWindows,
         device: &B::Device,
@@ -176,7 +177,7 @@ where
     }
 
     /// The model as it is now.
-    pub fn model(&self) -> &LanguageModel<B> {
+    pub fn model(&self) -> &M {
         &self.model
     }
 
@@ -201,7 +202,7 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let loss = self.model.loss_of_checked(batch.inputs, batch.targets)?;
+        let loss = self.model.next_token_loss(batch.inputs, batch.targets)?;
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         let lr = self.config.learning_rate_at(self.step);
@@ -229,10 +230,29 @@ where
     /// # Errors
     /// The model's errors.
     pub fn validation_loss(&self) -> Result<f64, ModelError> {
-        let model = self.model.valid();
+        self.validation_loss_of(&self.model.valid())
+    }
+
+    /// Mean cross-entropy of another model (of the same vocabulary) over the same validation
+    /// batches: the loss of a model before its conversion, say.
+    ///
+    /// # Errors
+    /// The model's errors; [`ModelError::Config`] when its vocabulary is smaller than the
+    /// trainer's model's.
+    pub fn validation_loss_of<N: CausalLm<B::InnerBackend>>(
+        &self,
+        model: &N,
+    ) -> Result<f64, ModelError> {
+        if model.vocab_size() < self.model.vocab_size() {
+            return Err(ModelError::Config(format!(
+                "a vocabulary of {} tokens cannot score the trainer's data (made for {})",
+                model.vocab_size(),
+                self.model.vocab_size()
+            )));
+        }
         let mut total = 0.0;
         for batch in &self.valid {
-            let loss = model.loss_of_checked(batch.inputs.clone(), batch.targets.clone())?;
+            let loss = model.next_token_loss(batch.inputs.clone(), batch.targets.clone())?;
             total += loss.into_scalar().elem::<f64>();
         }
         Ok(total / self.valid.len().max(1) as f64)

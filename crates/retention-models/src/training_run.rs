@@ -47,7 +47,7 @@ impl TrainingData {
         valid_fraction: f64,
         tokenizer_path: &Path,
     ) -> Result<Self, ModelError> {
-        let (train_text, valid_text) = corpus.split(valid_fraction);
+        let (train_text, _) = corpus.split(valid_fraction);
         let tokenizer = if tokenizer_path.exists() {
             TextTokenizer::load(tokenizer_path)?
         } else {
@@ -58,6 +58,20 @@ impl TrainingData {
             tokenizer.save(tokenizer_path)?;
             tokenizer
         };
+        Self::with_tokenizer(corpus, tokenizer, valid_fraction)
+    }
+
+    /// Tokenizes `corpus` with `tokenizer` (a pretrained model's), its last `valid_fraction`
+    /// held out.
+    ///
+    /// # Errors
+    /// The tokenizer's errors; [`ModelError::Corpus`] when a part is empty.
+    pub fn with_tokenizer(
+        corpus: &Corpus,
+        tokenizer: TextTokenizer,
+        valid_fraction: f64,
+    ) -> Result<Self, ModelError> {
+        let (train_text, valid_text) = corpus.split(valid_fraction);
         let train = tokenizer.encode(train_text)?;
         let valid = tokenizer.encode(valid_text)?;
         if train.is_empty() || valid.is_empty() {
@@ -135,23 +149,9 @@ where
     let (model_path, training_path) = (root.join("model.json"), root.join("training.json"));
     let resuming = resume && dir.has_checkpoint();
     if resuming {
-        // the saved run must be the same run, but for its length
         let saved_model = LanguageModelConfig::load(&model_path)
             .map_err(|e| ModelError::io(&model_path, std::io::Error::other(e.to_string())))?;
-        let saved_training = TrainingConfig::load(&training_path)
-            .map_err(|e| ModelError::io(&training_path, std::io::Error::other(e.to_string())))?;
-        let same_training = {
-            let mut t = saved_training.clone();
-            t.steps = training.steps;
-            t.to_string() == training.to_string()
-        };
-        if saved_model.to_string() != model.to_string() || !same_training {
-            return Err(ModelError::Config(format!(
-                "{} holds a run with other settings; resume with the same ones (or start \
-                 afresh in another directory)",
-                root.display()
-            )));
-        }
+        check_same_run(root, saved_model.to_string() == model.to_string(), training)?;
     }
     model
         .save(&model_path)
@@ -180,12 +180,42 @@ where
     Ok(trainer)
 }
 
+/// [`ModelError::Config`] unless the run saved in `root` is the same run as the one about to
+/// resume (`same_model`, and the training settings of `root/training.json` but for the number
+/// of steps).
+pub(crate) fn check_same_run(
+    root: &Path,
+    same_model: bool,
+    training: &TrainingConfig,
+) -> Result<(), ModelError> {
+    let training_path = root.join("training.json");
+    let saved = TrainingConfig::load(&training_path)
+        .map_err(|e| ModelError::io(&training_path, std::io::Error::other(e.to_string())))?;
+    let same_training = {
+        let mut t = saved;
+        t.steps = training.steps;
+        t.to_string() == training.to_string()
+    };
+    if !same_model || !same_training {
+        return Err(ModelError::Config(format!(
+            "{} holds a run with other settings; resume with the same ones (or start afresh \
+             in another directory)",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `step,train_loss,valid_loss` rows (validation empty where none was measured).
 ///
 /// # Errors
 /// [`ModelError::Io`] when writing fails.
 pub fn write_losses_csv(log: &LossLog, path: &Path) -> Result<(), ModelError> {
     let mut csv = String::from("step,train_loss,valid_loss\n");
+    // a validation before any step (a retraining's start) has no training loss
+    if let Some((_, v)) = log.valid.iter().find(|(s, _)| *s == 0) {
+        let _ = writeln!(csv, "0,,{v:.6}");
+    }
     for (i, loss) in log.train.iter().enumerate() {
         let step = i + 1;
         let valid = log

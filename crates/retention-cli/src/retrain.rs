@@ -1,0 +1,238 @@
+//! `retention retrain`: converts a pretrained Llama-family GGUF checkpoint to power retention
+//! and retrains it on a public-domain corpus, recording the held-out loss before the
+//! conversion, right after it and during the retraining (the recovery curve); optionally the
+//! same fine-tuning of the unconverted model as a control.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use clap::ValueEnum;
+use retention::RetentionBackend;
+use retention_models::{
+    Corpus, GgufFile, LlamaConfig, LlamaModel, LossLog, MixerKind, RecoveryStart, RunDirectory,
+    TextTokenizer, TrainingConfig, TrainingData, plot_losses, retrain_in_directory,
+};
+
+use crate::CliError;
+use crate::train::progress_bar;
+
+/// Which models to retrain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RetrainChoice {
+    /// The conversion to power retention.
+    Retention,
+    /// The unconverted attention model, fine-tuned the same way (the control).
+    Attention,
+    /// Both, one after the other, on the same data.
+    Both,
+}
+
+impl RetrainChoice {
+    fn kinds(self) -> Vec<MixerKind> {
+        match self {
+            Self::Retention => vec![MixerKind::Retention],
+            Self::Attention => vec![MixerKind::Attention],
+            Self::Both => vec![MixerKind::Retention, MixerKind::Attention],
+        }
+    }
+}
+
+/// Settings of `retention retrain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetrainArgs {
+    /// The pretrained checkpoint: a GGUF file of architecture llama.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Which models to retrain.
+    #[arg(long, value_enum, default_value = "retention")]
+    pub mixer: RetrainChoice,
+    /// `kjv` (Debian's bible-kjv) or a text file.
+    #[arg(long, default_value = "kjv")]
+    pub corpus: String,
+    /// Use only the corpus's first bytes.
+    #[arg(long)]
+    pub max_corpus_bytes: Option<usize>,
+    /// Fraction of the corpus (its end) held out for the validation loss.
+    #[arg(long, default_value_t = 0.05)]
+    pub valid_fraction: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Steps of linear warm-up.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+    /// AdamW's weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Chunk size of the power retention layers.
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Steps between validation passes.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// Batches in a validation pass.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batches: usize,
+    /// Steps between checkpoints (0: only at the end).
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoints in the output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Seed of the batch order (and of the new gate weights' draw).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output directory: `tokenizer.json`, one run directory per model (`retention/`,
+    /// `attention/`), `recovery.svg`.
+    #[arg(long, default_value = "runs/retrain")]
+    pub out: PathBuf,
+}
+
+/// What one model's retraining ended with.
+#[derive(Debug, Clone)]
+pub struct RetrainSummary {
+    /// The mixer trained.
+    pub mixer: MixerKind,
+    /// Held-out losses before the first step.
+    pub start: RecoveryStart,
+    /// The losses, the start as the validation point of step 0.
+    pub log: LossLog,
+    /// Training tokens per second over the steps this invocation ran.
+    pub tokens_per_s: f64,
+    /// Seconds this invocation trained.
+    pub seconds: f64,
+}
+
+/// Runs `retention retrain` on backend `B` (trained under `Autodiff<B>`).
+///
+/// # Errors
+/// Checkpoint, corpus, tokenizer, model and plot errors.
+pub fn retrain<B>(device: &B::Device, args: &RetrainArgs) -> Result<Vec<RetrainSummary>, CliError>
+where
+    B: Backend + RetentionBackend,
+{
+    let file = GgufFile::read(&args.model)?;
+    let tokenizer = TextTokenizer::from_gguf(&file)?;
+    let config = LlamaConfig::from_gguf(&file)?.with_retention_chunk(args.chunk);
+    let original = LlamaModel::<Autodiff<B>>::from_gguf(&file, device)?;
+    drop(file);
+    std::fs::create_dir_all(&args.out).map_err(|source| CliError::Io {
+        path: args.out.display().to_string(),
+        source,
+    })?;
+    // generation from a retrained checkpoint needs the vocabulary beside it
+    tokenizer.save(args.out.join("tokenizer.json"))?;
+    let mut corpus = Corpus::open(&args.corpus)?;
+    if let Some(max) = args.max_corpus_bytes {
+        corpus = corpus.truncated(max);
+    }
+    let data = TrainingData::with_tokenizer(&corpus, tokenizer, args.valid_fraction)?;
+    println!(
+        "{}: {} training tokens, {} held out",
+        corpus.source,
+        data.train.len(),
+        data.valid.len()
+    );
+    let training = TrainingConfig::new(args.steps, args.batch, args.seq)
+        .with_learning_rate(args.lr)
+        .with_warmup_steps(args.warmup)
+        .with_weight_decay(args.weight_decay)
+        .with_seed(args.seed)
+        .with_eval_every(args.eval_every)
+        .with_eval_batches(args.eval_batches);
+    let tokens_per_step = (training.batch_size * training.seq_len) as f64;
+    let mut summaries = Vec::new();
+    for kind in args.mixer.kinds() {
+        let bar = progress_bar(kind.name(), training.steps)?;
+        let start = Instant::now();
+        let mut ran = 0usize;
+        let mut last_valid = None;
+        let retrained = retrain_in_directory::<Autodiff<B>>(
+            original.clone(),
+            &config,
+            kind,
+            &training,
+            &data,
+            &RunDirectory::new(args.out.join(kind.name())),
+            args.checkpoint_every,
+            args.resume,
+            device,
+            |r| {
+                ran += 1;
+                last_valid = r.valid_loss.or(last_valid);
+                bar.set_position(r.step as u64);
+                bar.set_message(format!(
+                    "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
+                    r.loss,
+                    last_valid.map_or("-".into(), |v: f64| format!("{v:.3}")),
+                    r.learning_rate,
+                    ran as f64 * tokens_per_step / start.elapsed().as_secs_f64()
+                ));
+            },
+        )?;
+        bar.finish();
+        let seconds = start.elapsed().as_secs_f64();
+        summaries.push(RetrainSummary {
+            mixer: kind,
+            log: retrained.start.with_start(retrained.trainer.log()),
+            start: retrained.start,
+            tokens_per_s: ran as f64 * tokens_per_step / seconds.max(1e-9),
+            seconds,
+        });
+    }
+    let original_loss = summaries.first().map_or(f64::NAN, |s| s.start.original);
+    let runs: Vec<(&str, &LossLog)> = summaries.iter().map(|s| (s.mixer.name(), &s.log)).collect();
+    let svg = args.out.join("recovery.svg");
+    let title = format!(
+        "{} on {} · batch {} × {} tokens",
+        args.model
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy()),
+        corpus.source,
+        training.batch_size,
+        training.seq_len
+    );
+    plot_losses(
+        &runs,
+        &[
+            ("pretrained attention, held out", original_loss),
+            ("+5 %", original_loss * 1.05),
+        ],
+        &title,
+        &svg,
+    )?;
+    print_summary(&summaries);
+    println!("recovery curve: {}", svg.display());
+    Ok(summaries)
+}
+
+fn print_summary(summaries: &[RetrainSummary]) {
+    println!(
+        "\n| model | steps | held-out loss: original | converted, step 0 | last | last / original | tokens/s | seconds |\n|---|---|---|---|---|---|---|---|"
+    );
+    for s in summaries {
+        let last = s.log.valid.last().map_or(f64::NAN, |&(_, v)| v);
+        println!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.3} | {:.0} | {:.0} |",
+            s.mixer.name(),
+            s.log.train.len(),
+            s.start.original,
+            s.start.converted,
+            last,
+            last / s.start.original,
+            s.tokens_per_s,
+            s.seconds
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! What the trainer needs of a model: next-token cross-entropy over a batch of token windows.
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::{Int, Tensor, backend::Backend};
+use retention::RetentionBackend;
+
+use crate::{LanguageModel, LlamaModel, ModelError};
+
+/// A causal language model the [`Trainer`](crate::Trainer) can train: the small
+/// [`LanguageModel`] trained from scratch, or a pretrained [`LlamaModel`] retrained after its
+/// conversion to power retention.
+pub trait CausalLm<B: Backend>: Module<B> {
+    /// Tokens in the vocabulary.
+    fn vocab_size(&self) -> usize;
+
+    /// Mean next-token cross-entropy (nats per token) of `targets` given `inputs`, ids already
+    /// known to lie in the vocabulary.
+    ///
+    /// # Shapes
+    /// - `inputs`, `targets`: `[batch, seq]` → `[1]`
+    ///
+    /// # Errors
+    /// The model's errors.
+    fn next_token_loss(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Result<Tensor<B, 1>, ModelError>;
+}
+
+impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
+    fn vocab_size(&self) -> usize {
+        LanguageModel::vocab_size(self)
+    }
+
+    fn next_token_loss(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Result<Tensor<B, 1>, ModelError> {
+        self.loss_of_checked(inputs, targets)
+    }
+}
+
+impl<B: RetentionBackend> CausalLm<B> for LlamaModel<B> {
+    fn vocab_size(&self) -> usize {
+        LlamaModel::vocab_size(self)
+    }
+
+    fn next_token_loss(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Result<Tensor<B, 1>, ModelError> {
+        let [b, t] = targets.dims();
+        let logits = self.forward(inputs)?;
+        let vocab = logits.dims()[2];
+        let ce = CrossEntropyLossConfig::new().init(&logits.device());
+        Ok(ce.forward(logits.reshape([b * t, vocab]), targets.reshape([b * t])))
+    }
+}

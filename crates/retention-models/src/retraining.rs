@@ -1,0 +1,239 @@
+//! Retraining a pretrained Llama-family model after its conversion to power retention, with
+//! the record of its recovery: the held-out loss of the original, of the conversion before
+//! any step, and during the retraining.
+//!
+//! ```text
+//! <dir>/llama.json       LlamaConfig of the model being trained (its mixer says which)
+//! <dir>/training.json    TrainingConfig
+//! <dir>/recovery.json    RecoveryStart: held-out loss of the original and of the conversion
+//! <dir>/checkpoint/      model, optimizer state, loss log (see Trainer::save)
+//! <dir>/losses.csv       step, train_loss, valid_loss
+//! ```
+
+use burn::config::Config;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use retention::RetentionBackend;
+
+use crate::training_run::check_same_run;
+use crate::{
+    LlamaConfig, LlamaModel, LossLog, MixerKind, ModelError, RunDirectory, StepReport,
+    TokenWindows, Trainer, TrainingConfig, TrainingData, write_losses_csv,
+};
+
+/// The held-out losses a retraining starts from, measured on its validation batches.
+#[derive(Config, Debug)]
+pub struct RecoveryStart {
+    /// Mean cross-entropy of the pretrained model as loaded (nats per token).
+    pub original: f64,
+    /// Mean cross-entropy of the model about to be trained: the conversion before any step
+    /// (or the original itself, for a fine-tuned attention control).
+    pub converted: f64,
+}
+
+impl RecoveryStart {
+    /// The loss log of `log` with the starting loss as a validation point at step 0.
+    pub fn with_start(&self, log: &LossLog) -> LossLog {
+        let mut valid = vec![(0, self.converted)];
+        valid.extend(log.valid.iter().copied());
+        LossLog::new(log.train.clone(), valid)
+    }
+}
+
+/// What a retraining leaves: its starting losses and the trainer (model, losses).
+pub struct Retrained<B: AutodiffBackend>
+where
+    LlamaModel<B>: AutodiffModule<B>,
+{
+    /// The held-out losses before the first step.
+    pub start: RecoveryStart,
+    /// The trainer after the last step.
+    pub trainer: Trainer<B, LlamaModel<B>>,
+}
+
+/// Converts `original` (loaded with `config`) to `mixer` (power retention: every attention
+/// layer, [`LlamaModel::into_retention`] at `config.retention_chunk`; attention: as it is, the
+/// control) and trains it for `training.steps` in `dir`, from its checkpoint when `resume` is
+/// set and one exists; checkpoints every `checkpoint_every` steps (0: only at the end) and at
+/// the end, writes `losses.csv`, and calls `on_step` after every step. The original's
+/// held-out loss is measured once, on the validation batches the run uses, then `original`
+/// is dropped.
+///
+/// # Errors
+/// [`ModelError::Config`] when resuming with settings other than the saved ones; the model's,
+/// the trainer's and I/O errors.
+#[allow(clippy::too_many_arguments)]
+pub fn retrain_in_directory<B>(
+    original: LlamaModel<B>,
+    config: &LlamaConfig,
+    mixer: MixerKind,
+    training: &TrainingConfig,
+    data: &TrainingData,
+    dir: &RunDirectory,
+    checkpoint_every: usize,
+    resume: bool,
+    device: &B::Device,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<Retrained<B>, ModelError>
+where
+    B: AutodiffBackend + RetentionBackend,
+    B::InnerBackend: RetentionBackend,
+{
+    let root = dir.root();
+    std::fs::create_dir_all(root).map_err(|e| ModelError::io(root, e))?;
+    let (model_path, training_path) = (root.join("llama.json"), root.join("training.json"));
+    let start_path = root.join("recovery.json");
+    let trained = LlamaConfig {
+        mixer,
+        ..config.clone()
+    };
+    let resuming = resume && dir.has_checkpoint();
+    if resuming {
+        let saved = LlamaConfig::load(&model_path)
+            .map_err(|e| ModelError::io(&model_path, std::io::Error::other(e.to_string())))?;
+        check_same_run(root, saved.to_string() == trained.to_string(), training)?;
+    }
+    trained
+        .save(&model_path)
+        .map_err(|e| ModelError::io(&model_path, e))?;
+    training
+        .save(&training_path)
+        .map_err(|e| ModelError::io(&training_path, e))?;
+
+    B::seed(device, training.seed);
+    let model = match mixer {
+        MixerKind::Retention => original
+            .clone()
+            .into_retention(config.retention_chunk, device)?,
+        MixerKind::Attention => original.clone(),
+    };
+    let train = TokenWindows::new(data.train.clone(), training.seq_len)?;
+    let valid = TokenWindows::new(data.valid.clone(), training.seq_len)?;
+    let mut trainer = Trainer::new(training.clone(), model, train, &valid, device)?;
+    let start = if resuming {
+        RecoveryStart::load(&start_path)
+            .map_err(|e| ModelError::io(&start_path, std::io::Error::other(e.to_string())))?
+    } else {
+        let start = RecoveryStart::new(
+            trainer.validation_loss_of(&original.valid())?,
+            trainer.validation_loss()?,
+        );
+        start
+            .save(&start_path)
+            .map_err(|e| ModelError::io(&start_path, e))?;
+        start
+    };
+    drop(original);
+    if resuming {
+        trainer = trainer.resume(dir.checkpoint())?;
+    }
+    while !trainer.finished() {
+        let report = trainer.step()?;
+        on_step(&report);
+        let due = checkpoint_every > 0 && report.step % checkpoint_every == 0;
+        if due || trainer.finished() {
+            trainer.save(dir.checkpoint())?;
+            write_losses_csv(&start.with_start(trainer.log()), &dir.losses_csv())?;
+        }
+    }
+    Ok(Retrained { start, trainer })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+
+    use super::*;
+    use crate::TextTokenizer;
+
+    type B = Autodiff<NdArray>;
+
+    fn data() -> TrainingData {
+        let text = "In the beginning God created the heaven and the earth. ".repeat(40);
+        let tokenizer = TextTokenizer::train(&text, 300).expect("tokenizer");
+        let ids = tokenizer.encode(&text).expect("encodes");
+        let cut = ids.len() * 9 / 10;
+        TrainingData {
+            source: "test".into(),
+            tokenizer,
+            valid: ids[cut..].to_vec(),
+            train: ids[..cut].to_vec(),
+        }
+    }
+
+    /// A converted model retrains (its loss falls from where the conversion left it), its run
+    /// resumes from the checkpoint (a finished run stays finished, a longer one continues the
+    /// same losses), and a run with other settings is refused.
+    #[test]
+    fn converts_retrains_and_resumes() {
+        let dev = Default::default();
+        let data = data();
+        let config = LlamaConfig::new(300, 32, 2, 4, 2, 48)
+            .with_max_seq(64)
+            .with_retention_chunk(8);
+        let original = config.init::<B>(&dev).expect("builds");
+        let training = TrainingConfig::new(12, 2, 16)
+            .with_learning_rate(3e-3)
+            .with_warmup_steps(2)
+            .with_eval_every(6);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let run = |steps: usize, name: &str, resume: bool| {
+            let mut training = training.clone();
+            training.steps = steps;
+            retrain_in_directory(
+                original.clone(),
+                &config,
+                MixerKind::Retention,
+                &training,
+                &data,
+                &RunDirectory::new(tmp.path().join(name)),
+                6,
+                resume,
+                &dev,
+                |_| (),
+            )
+            .expect("retrains")
+        };
+        let whole = run(12, "whole", false);
+        let first = whole.trainer.log().train[0];
+        let last = *whole.trainer.log().train.last().expect("steps");
+        assert!(last < first, "loss falls: {first} → {last}");
+        assert!(whole.start.original.is_finite() && whole.start.converted.is_finite());
+        let csv = std::fs::read_to_string(tmp.path().join("whole/losses.csv")).expect("csv");
+        assert!(
+            csv.lines().nth(1).is_some_and(|l| l.starts_with("0,")),
+            "{csv}"
+        );
+        // resumed: a finished run stays as it was; a longer one continues its losses (the
+        // loss log's JSON keeps them to about 1e-15)
+        let same = |a: &[f64], b: &[f64]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-12 * y.abs())
+        };
+        let again = run(12, "whole", true);
+        assert!(same(&again.trainer.log().train, &whole.trainer.log().train));
+        assert!(same(&[again.start.converted], &[whole.start.converted]));
+        let longer = run(15, "whole", true);
+        assert_eq!(longer.trainer.log().train.len(), 15);
+        assert!(same(
+            &longer.trainer.log().train[..12],
+            &whole.trainer.log().train
+        ));
+        // another configuration in the same directory is refused
+        let other = retrain_in_directory(
+            original.clone(),
+            &config.clone().with_retention_chunk(4),
+            MixerKind::Retention,
+            &training,
+            &data,
+            &RunDirectory::new(tmp.path().join("whole")),
+            6,
+            true,
+            &dev,
+            |_| (),
+        );
+        assert!(matches!(other, Err(ModelError::Config(_))));
+    }
+}
