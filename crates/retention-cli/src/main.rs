@@ -1,10 +1,11 @@
-//! `retention`: demo, apply, train, retrain, generate, plot, and (with kernels) selftest and
+//! `retention`: demo, apply, train, convert, retrain, generate, plot, and (with kernels) selftest and
 //! bench.
 
 use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
 use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::bench_plot::{parse_rows, plot_rows};
+use retention_cli::convert::{ConvertArgs, convert};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::generate::{GenerateArgs, generate};
 use retention_cli::generate_latency::latency_curve;
@@ -109,6 +110,15 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         args: GenerateArgs,
+    },
+    /// Converts a pretrained Llama-family GGUF checkpoint to power retention (no retraining)
+    /// and saves it as a checkpoint directory.
+    Convert {
+        /// Backend to convert on.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: ConvertArgs,
     },
     /// Converts a pretrained Llama-family GGUF checkpoint to power retention and retrains it
     /// on a corpus: held-out loss before, right after and during (the recovery curve).
@@ -308,6 +318,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 with_backend!(backend, |Bk, dev| latency_curve::<Bk>(&dev, &args)
                     .map(drop))
             }
+        }
+        Command::Convert { backend, args } => {
+            with_backend!(backend, |Bk, dev| convert::<Bk>(&dev, &args).map(drop))
         }
         Command::Retrain { backend, args } => {
             with_backend!(backend, |Bk, dev| retrain::<Bk>(&dev, &args).map(drop))

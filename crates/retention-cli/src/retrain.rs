@@ -11,8 +11,8 @@ use burn::tensor::backend::Backend;
 use clap::ValueEnum;
 use retention::RetentionBackend;
 use retention_models::{
-    Corpus, GgufFile, LlamaConfig, LlamaModel, LossLog, MixerKind, RecoveryStart, RunDirectory,
-    TextTokenizer, TrainingConfig, TrainingData, plot_losses, retrain_in_directory,
+    Corpus, GenerationInfo, GgufFile, LlamaConfig, LlamaModel, LossLog, MixerKind, RecoveryStart,
+    RunDirectory, TextTokenizer, TrainingConfig, TrainingData, plot_losses, retrain_in_directory,
 };
 
 use crate::CliError;
@@ -93,8 +93,8 @@ pub struct RetrainArgs {
     /// Seed of the batch order (and of the new gate weights' draw).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Output directory: `tokenizer.json`, one run directory per model (`retention/`,
-    /// `attention/`), `recovery.svg`.
+    /// Output directory: one run directory per model (`retention/`, `attention/`: each a
+    /// checkpoint `retention generate --model` reads), `recovery.svg`.
     #[arg(long, default_value = "runs/retrain")]
     pub out: PathBuf,
 }
@@ -124,15 +124,10 @@ where
 {
     let file = GgufFile::read(&args.model)?;
     let tokenizer = TextTokenizer::from_gguf(&file)?;
+    let info = GenerationInfo::from_gguf(&file);
     let config = LlamaConfig::from_gguf(&file)?.with_retention_chunk(args.chunk);
     let original = LlamaModel::<Autodiff<B>>::from_gguf(&file, device)?;
     drop(file);
-    std::fs::create_dir_all(&args.out).map_err(|source| CliError::Io {
-        path: args.out.display().to_string(),
-        source,
-    })?;
-    // generation from a retrained checkpoint needs the vocabulary beside it
-    tokenizer.save(args.out.join("tokenizer.json"))?;
     let mut corpus = Corpus::open(&args.corpus)?;
     if let Some(max) = args.max_corpus_bytes {
         corpus = corpus.truncated(max);
@@ -161,6 +156,7 @@ where
         let retrained = retrain_in_directory::<Autodiff<B>>(
             original.clone(),
             &config,
+            &info,
             kind,
             &training,
             &data,

@@ -15,6 +15,7 @@ mod ggml_blocks;
 mod gguf_file;
 mod language_model;
 mod llama_cache;
+mod llama_checkpoint;
 mod llama_model;
 mod loss_plot;
 mod retraining;
@@ -33,6 +34,9 @@ pub use ggml_blocks::{GgmlType, dequantize};
 pub use gguf_file::{GgufFile, GgufTensorInfo, GgufValue};
 pub use language_model::{LanguageModel, LanguageModelConfig, MixerKind};
 pub use llama_cache::LlamaCache;
+pub use llama_checkpoint::{
+    GenerationInfo, load_llama_checkpoint, save_llama_checkpoint, save_llama_description,
+};
 pub use llama_model::{LlamaBlock, LlamaConfig, LlamaModel, PREFILL_PIECE};
 pub use loss_plot::plot_losses;
 pub use retraining::{RecoveryStart, Retrained, retrain_in_directory};

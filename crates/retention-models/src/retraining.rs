@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! <dir>/llama.json       LlamaConfig of the model being trained (its mixer says which)
+//! <dir>/generation.json  GenerationInfo, <dir>/tokenizer.json: with the checkpoint's model,
+//!                        a checkpoint `load_llama_checkpoint` reads
 //! <dir>/training.json    TrainingConfig
 //! <dir>/recovery.json    RecoveryStart: held-out loss of the original and of the conversion
 //! <dir>/checkpoint/      model, optimizer state, loss log (see Trainer::save)
@@ -17,8 +19,9 @@ use retention::RetentionBackend;
 
 use crate::training_run::check_same_run;
 use crate::{
-    LlamaConfig, LlamaModel, LossLog, MixerKind, ModelError, RunDirectory, StepReport,
-    TokenWindows, Trainer, TrainingConfig, TrainingData, write_losses_csv,
+    GenerationInfo, LlamaConfig, LlamaModel, LossLog, MixerKind, ModelError, RunDirectory,
+    StepReport, TokenWindows, Trainer, TrainingConfig, TrainingData, save_llama_description,
+    write_losses_csv,
 };
 
 /// The held-out losses a retraining starts from, measured on its validation batches.
@@ -51,7 +54,8 @@ where
     pub trainer: Trainer<B, LlamaModel<B>>,
 }
 
-/// Converts `original` (loaded with `config`) to `mixer` (power retention: every attention
+/// Converts `original` (loaded with `config`; `info` and the data's tokenizer go beside the
+/// checkpoint for generation) to `mixer` (power retention: every attention
 /// layer, [`LlamaModel::into_retention`] at `config.retention_chunk`; attention: as it is, the
 /// control) and trains it for `training.steps` in `dir`, from its checkpoint when `resume` is
 /// set and one exists; checkpoints every `checkpoint_every` steps (0: only at the end) and at
@@ -66,6 +70,7 @@ where
 pub fn retrain_in_directory<B>(
     original: LlamaModel<B>,
     config: &LlamaConfig,
+    info: &GenerationInfo,
     mixer: MixerKind,
     training: &TrainingConfig,
     data: &TrainingData,
@@ -93,9 +98,7 @@ where
             .map_err(|e| ModelError::io(&model_path, std::io::Error::other(e.to_string())))?;
         check_same_run(root, saved.to_string() == trained.to_string(), training)?;
     }
-    trained
-        .save(&model_path)
-        .map_err(|e| ModelError::io(&model_path, e))?;
+    save_llama_description(&trained, info, &data.tokenizer, root)?;
     training
         .save(&training_path)
         .map_err(|e| ModelError::io(&training_path, e))?;
@@ -183,6 +186,7 @@ mod tests {
             retrain_in_directory(
                 original.clone(),
                 &config,
+                &GenerationInfo::new(false),
                 MixerKind::Retention,
                 &training,
                 &data,
@@ -204,6 +208,28 @@ mod tests {
             csv.lines().nth(1).is_some_and(|l| l.starts_with("0,")),
             "{csv}"
         );
+        // the run directory is a checkpoint generation can load
+        let (loaded, _, _) =
+            crate::load_llama_checkpoint::<NdArray>(&tmp.path().join("whole"), &dev)
+                .expect("loads");
+        let ids = burn::tensor::Tensor::<NdArray, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(vec![1i64, 2, 3], [1, 3]),
+            &dev,
+        );
+        loaded
+            .forward(ids.clone())
+            .expect("runs")
+            .into_data()
+            .assert_eq(
+                &whole
+                    .trainer
+                    .model()
+                    .valid()
+                    .forward(ids)
+                    .expect("runs")
+                    .into_data(),
+                true,
+            );
         // resumed: a finished run stays as it was; a longer one continues its losses (the
         // loss log's JSON keeps them to about 1e-15)
         let same = |a: &[f64], b: &[f64]| {
@@ -225,6 +251,7 @@ mod tests {
         let other = retrain_in_directory(
             original.clone(),
             &config.clone().with_retention_chunk(4),
+            &GenerationInfo::new(false),
             MixerKind::Retention,
             &training,
             &data,
