@@ -25,6 +25,10 @@ pub struct ConvertArgs {
     /// Chunk size of the power retention layers.
     #[arg(long, default_value_t = 1024)]
     pub chunk: usize,
+    /// Power retention layers keep the rotary encoding of the attention they replace (on
+    /// SmolLM2 the conversion starts from a higher held-out loss with it).
+    #[arg(long)]
+    pub rotary: bool,
 }
 
 /// Converts and saves; returns the configuration written.
@@ -38,10 +42,12 @@ pub fn convert<B: RetentionBackend>(
     let file = GgufFile::read(&args.model)?;
     let config = LlamaConfig::from_gguf(&file)?
         .with_mixer(MixerKind::Retention)
-        .with_retention_chunk(args.chunk);
+        .with_retention_chunk(args.chunk)
+        .with_retention_rotary(args.rotary);
     let info = GenerationInfo::from_gguf(&file);
     let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let model = LlamaModel::<B>::from_gguf(&file, dev)?.into_retention(args.chunk, dev)?;
+    let model =
+        LlamaModel::<B>::from_gguf(&file, dev)?.into_retention(args.chunk, args.rotary, dev)?;
     drop(file);
     save_llama_checkpoint(model, &config, &info, &tokenizer, &args.out)?;
     println!(

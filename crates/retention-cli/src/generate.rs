@@ -47,6 +47,10 @@ pub struct GenerateArgs {
     /// Chunk size of the power retention layers.
     #[arg(long, default_value_t = 1024)]
     pub chunk: usize,
+    /// Converted power retention layers keep the rotary encoding of the attention they
+    /// replace (on SmolLM2 the conversion starts from a higher held-out loss with it).
+    #[arg(long)]
+    pub rotary: bool,
     /// Instead of generating text: the time of one generated token after contexts of these
     /// lengths (comma-separated, ascending), with the checkpoint's attention (key/value
     /// cache) and converted to power retention (state), as a table and CSV rows of mode
@@ -104,7 +108,7 @@ pub fn generate<B: RetentionBackend>(
     let loading = Instant::now();
     let (mut model, info, tokenizer) = load_model::<B>(&args.model, dev)?;
     if args.mixer == ModelMixer::Retention {
-        model = model.into_retention(args.chunk, dev)?;
+        model = model.into_retention(args.chunk, args.rotary, dev)?;
     }
     let stop = info.stop_token;
     eprintln!(

@@ -164,7 +164,7 @@ pub fn latency_curve<B: RetentionBackend>(
         show,
     )?;
     lines.extend(rows.iter().map(|r| r.csv(&shape, heads, None)));
-    let model = model.into_retention(args.chunk, dev)?;
+    let model = model.into_retention(args.chunk, args.rotary, dev)?;
     let converted = measure_latency(
         &model,
         "power_retention",
@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(at, [4, 9, 20]);
         assert!(attention.iter().all(|r| r.ms > 0.0));
         assert!(attention[2].cache_bytes > attention[0].cache_bytes);
-        let converted = model.into_retention(8, &dev).expect("converts");
+        let converted = model.into_retention(8, true, &dev).expect("converts");
         let retention = measure_latency(
             &converted,
             "power_retention",

@@ -78,6 +78,10 @@ pub struct RetrainArgs {
     /// Chunk size of the power retention layers.
     #[arg(long, default_value_t = 512)]
     pub chunk: usize,
+    /// Power retention layers keep the rotary encoding of the attention they replace (on
+    /// SmolLM2 the conversion starts from a higher held-out loss with it).
+    #[arg(long)]
+    pub rotary: bool,
     /// Steps between validation passes.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
@@ -125,7 +129,9 @@ where
     let file = GgufFile::read(&args.model)?;
     let tokenizer = TextTokenizer::from_gguf(&file)?;
     let info = GenerationInfo::from_gguf(&file);
-    let config = LlamaConfig::from_gguf(&file)?.with_retention_chunk(args.chunk);
+    let config = LlamaConfig::from_gguf(&file)?
+        .with_retention_chunk(args.chunk)
+        .with_retention_rotary(args.rotary);
     let original = LlamaModel::<Autodiff<B>>::from_gguf(&file, device)?;
     drop(file);
     let mut corpus = Corpus::open(&args.corpus)?;

@@ -30,6 +30,7 @@ fn generate_args(model: PathBuf, prompt: &str, max_tokens: usize) -> GenerateArg
         raw: false,
         mixer: ModelMixer::Attention,
         chunk: 64,
+        rotary: false,
         latency_at: Vec::new(),
         latency_steps: 2,
         out: None,
@@ -57,6 +58,7 @@ fn smollm2_generates_converts_and_retrains() {
             model: gguf.clone(),
             out: converted.clone(),
             chunk: 64,
+            rotary: false,
         },
     )
     .expect("converts");
@@ -86,6 +88,7 @@ fn smollm2_generates_converts_and_retrains() {
             warmup: 1,
             weight_decay: 0.0,
             chunk: 8,
+            rotary: false,
             eval_every: 1,
             eval_batches: 1,
             checkpoint_every: 0,

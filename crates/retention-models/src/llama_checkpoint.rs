@@ -160,7 +160,7 @@ mod tests {
         let model = config
             .init::<NdArray>(&dev)
             .expect("builds")
-            .into_retention(config.retention_chunk, &dev)
+            .into_retention(config.retention_chunk, config.retention_rotary, &dev)
             .expect("converts");
         let config = config.with_mixer(MixerKind::Retention);
         let ids =

@@ -50,6 +50,12 @@ pub struct LlamaConfig {
     /// Chunk of power retention's chunked form.
     #[config(default = 128)]
     pub retention_chunk: usize,
+    /// Whether power retention blocks encode positions as the attention they replace does
+    /// (rotary encoding of queries and keys with `rope_theta`). Off by default: SmolLM2
+    /// converted with it starts from a held-out loss of 7.90 nats on the KJV, without it
+    /// 6.84 (the original: 3.27).
+    #[config(default = false)]
+    pub retention_rotary: bool,
 }
 
 impl LlamaConfig {
@@ -105,6 +111,7 @@ impl LlamaConfig {
             tied_embeddings: file.tensor("output.weight").is_none(),
             mixer: MixerKind::Attention,
             retention_chunk: 128,
+            retention_rotary: false,
         })
     }
 
@@ -119,7 +126,8 @@ impl LlamaConfig {
             MixerKind::Retention => SequenceMixerConfig::PowerRetention(
                 PowerRetentionConfig::new(self.d_model, self.n_heads)
                     .with_n_kv_heads(Some(self.n_kv_heads))
-                    .with_chunk_size(Some(self.retention_chunk)),
+                    .with_chunk_size(Some(self.retention_chunk))
+                    .with_rotary_theta(self.retention_rotary.then_some(f64::from(self.rope_theta))),
             ),
         })
     }
@@ -341,11 +349,18 @@ impl<B: RetentionBackend> LlamaModel<B> {
     /// keys', values' and output projections move over as they are, and each block gains a
     /// gate projection whose weights are zero and bias large (`log_g ≈ −0.001`, gates start
     /// near 1: nothing is forgotten until retraining teaches it), as a conversion of a
-    /// pretrained transformer starts. Blocks already on power retention stay as they are.
+    /// pretrained transformer starts. With `rotary`, the retention layers encode positions
+    /// with the attention's rotary encoding, so `q·k` keeps the geometry the weights were
+    /// trained for. Blocks already on power retention stay as they are.
     ///
     /// # Errors
     /// [`ModelError::Retention`] when the head layout does not suit power retention.
-    pub fn into_retention(self, chunk: usize, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn into_retention(
+        self,
+        chunk: usize,
+        rotary: bool,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for mut block in self.blocks {
             if let SequenceMixer::RotaryAttention(attention) = block.mixer {
@@ -354,6 +369,7 @@ impl<B: RetentionBackend> LlamaModel<B> {
                     .with_n_kv_heads(Some(attention.n_kv_heads()))
                     .with_head_dim(Some(attention.head_dim()))
                     .with_chunk_size(Some(chunk))
+                    .with_rotary_theta(rotary.then_some(f64::from(attention.rope_theta())))
                     .init::<B>(device)?;
                 retention.query = attention.query;
                 retention.key = attention.key;
@@ -558,7 +574,10 @@ mod tests {
             SequenceMixer::RotaryAttention(a) => a.query.weight.val(),
             _ => panic!("attention blocks"),
         };
-        let converted = model.clone().into_retention(2, &dev).expect("converts");
+        let converted = model
+            .clone()
+            .into_retention(2, true, &dev)
+            .expect("converts");
         match &converted.blocks[0].mixer {
             SequenceMixer::PowerRetention(r) => {
                 r.query
@@ -599,10 +618,13 @@ mod tests {
             .init::<NdArray>(&dev)
             .expect("builds");
         let tokens: Vec<u32> = vec![3, 17, 4, 9, 41, 0, 22, 8, 15];
-        for model in [
-            model.clone(),
-            model.into_retention(4, &dev).expect("converts"),
-        ] {
+        let converted = |rotary| {
+            model
+                .clone()
+                .into_retention(4, rotary, &dev)
+                .expect("converts")
+        };
+        for model in [model.clone(), converted(false), converted(true)] {
             let whole = model.forward(token_row(&tokens, &dev)).expect("runs");
             let mut cache = model.new_cache();
             let mut pieces = Vec::new();
@@ -752,7 +774,7 @@ mod tests {
         eprintln!("answer: {text:?}");
         assert!(text.contains("Paris"), "{text:?}");
         // converted to power retention (before any retraining): it runs, logits stay finite
-        let retention = model.into_retention(128, &dev).expect("converts");
+        let retention = model.into_retention(128, true, &dev).expect("converts");
         let t = ids.len();
         let tokens: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let ids = Tensor::<NdArray, 2, Int>::from_data(TensorData::new(tokens, [1, t]), &dev);

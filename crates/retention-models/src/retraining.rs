@@ -105,9 +105,11 @@ where
 
     B::seed(device, training.seed);
     let model = match mixer {
-        MixerKind::Retention => original
-            .clone()
-            .into_retention(config.retention_chunk, device)?,
+        MixerKind::Retention => original.clone().into_retention(
+            config.retention_chunk,
+            config.retention_rotary,
+            device,
+        )?,
         MixerKind::Attention => original.clone(),
     };
     let train = TokenWindows::new(data.train.clone(), training.seq_len)?;

@@ -19,17 +19,18 @@ pub enum MixerCache<B: Backend> {
     /// [`RotaryAttention`](crate::RotaryAttention): the rotated keys and the values so far,
     /// `[batch, kv_heads, tokens, head_dim]` each.
     KeysValues(Option<(Tensor<B, 4>, Tensor<B, 4>)>),
-    /// [`PowerRetention`](crate::PowerRetention): the state after the tokens so far.
-    Retention(Option<RetentionState<B>>),
+    /// [`PowerRetention`](crate::PowerRetention): the state after the tokens so far, and
+    /// how many there were (the next token's position, for a rotary encoding).
+    Retention(Option<(RetentionState<B>, usize)>),
 }
 
 impl<B: Backend> MixerCache<B> {
-    /// Tokens mixed so far (`None` for a retention state, which does not keep count).
-    pub fn tokens(&self) -> Option<usize> {
+    /// Tokens mixed so far.
+    pub fn tokens(&self) -> usize {
         match self {
-            Self::Inputs(x) => Some(x.as_ref().map_or(0, |x| x.dims()[1])),
-            Self::KeysValues(kv) => Some(kv.as_ref().map_or(0, |(k, _)| k.dims()[2])),
-            Self::Retention(_) => None,
+            Self::Inputs(x) => x.as_ref().map_or(0, |x| x.dims()[1]),
+            Self::KeysValues(kv) => kv.as_ref().map_or(0, |(k, _)| k.dims()[2]),
+            Self::Retention(s) => s.as_ref().map_or(0, |(_, tokens)| *tokens),
         }
     }
 
@@ -41,7 +42,7 @@ impl<B: Backend> MixerCache<B> {
         match self {
             Self::Inputs(Some(x)) => bytes(x),
             Self::KeysValues(Some((k, v))) => bytes(k) + bytes(v),
-            Self::Retention(Some(state)) => state.size_bytes(),
+            Self::Retention(Some((state, _))) => state.size_bytes(),
             _ => 0,
         }
     }
@@ -87,27 +88,23 @@ impl<B: RetentionBackend> SequenceMixer<B> {
         cache: &mut MixerCache<B>,
     ) -> Result<Tensor<B, 3>, RetentionError> {
         match (self, &mut *cache) {
-            (Self::PowerRetention(retention), MixerCache::Retention(state)) => {
-                let (y, next) = match state.take() {
-                    Some(mut s) if x.dims()[1] == 1 => {
-                        let before = s.clone();
-                        match retention.forward_step(x, &mut s) {
-                            Ok(y) => (y, s),
-                            Err(e) => {
-                                *state = Some(before);
-                                return Err(e);
-                            }
-                        }
+            (Self::PowerRetention(retention), MixerCache::Retention(cache)) => {
+                let t = x.dims()[1];
+                let (y, next, tokens) = match cache.clone() {
+                    Some((mut state, seen)) if t == 1 => {
+                        let y = retention.forward_step_at(x, &mut state, seen)?;
+                        (y, state, seen + 1)
                     }
-                    past => match retention.prefill(x, past.clone()) {
-                        Ok(done) => done,
-                        Err(e) => {
-                            *state = past;
-                            return Err(e);
-                        }
-                    },
+                    Some((state, seen)) => {
+                        let (y, state) = retention.prefill_at(x, Some(state), seen)?;
+                        (y, state, seen + t)
+                    }
+                    None => {
+                        let (y, state) = retention.prefill_at(x, None, 0)?;
+                        (y, state, t)
+                    }
                 };
-                *state = Some(next);
+                *cache = Some((next, tokens));
                 Ok(y)
             }
             (Self::RotaryAttention(attention), MixerCache::KeysValues(past)) => {
@@ -177,6 +174,12 @@ mod tests {
                     .with_n_kv_heads(Some(2))
                     .with_chunk_size(Some(4)),
             ),
+            SequenceMixerConfig::PowerRetention(
+                PowerRetentionConfig::new(32, 4)
+                    .with_n_kv_heads(Some(2))
+                    .with_chunk_size(Some(4))
+                    .with_rotary_theta(Some(100.0)),
+            ),
         ]
         .iter()
         .map(|c| c.init::<B>(&dev).expect("builds"))
@@ -200,7 +203,7 @@ mod tests {
                     mixer.forward_cached(piece, &mut cache).expect("runs")
                 })
                 .collect();
-            assert!(cache.tokens().is_none_or(|t| t == 11), "{}", mixer.kind());
+            assert_eq!(cache.tokens(), 11, "{}", mixer.kind());
             Tensor::cat(pieces, 1)
                 .into_data()
                 .assert_approx_eq::<f32>(&whole.into_data(), Tolerance::rel_abs(1e-4, 1e-5));
@@ -248,7 +251,7 @@ mod tests {
                 "{}: {err:?}",
                 mixer.kind()
             );
-            assert!(cache.tokens().is_none_or(|t| t == 3));
+            assert_eq!(cache.tokens(), 3);
         }
         // past the rotary table
         let short = RotaryAttentionConfig::new(32, 4, 2)
@@ -262,6 +265,33 @@ mod tests {
             short.forward_cached(x, &mut cache),
             Err(RetentionError::Config(m)) if m.contains("6 tokens")
         ));
-        assert_eq!(cache.tokens(), Some(3));
+        assert_eq!(cache.tokens(), 3);
+    }
+
+    /// A rotary layer cannot continue from a state without the position, and its positions
+    /// matter: the same tokens later in the sequence mix differently.
+    #[test]
+    fn a_rotary_layer_needs_positions() {
+        let dev = Default::default();
+        let SequenceMixer::PowerRetention(rotary) = mixers().remove(3) else {
+            panic!("the fourth mixer is rotary retention");
+        };
+        let x = Tensor::<B, 3>::random([1, 4, 32], Distribution::Normal(0.0, 1.0), &dev);
+        let (_, mut state) = rotary.prefill(x.clone(), None).expect("runs");
+        let one = x.clone().narrow(1, 0, 1);
+        for err in [
+            rotary.forward_step(one.clone(), &mut state).map(drop),
+            rotary.prefill(x.clone(), Some(state.clone())).map(drop),
+        ] {
+            assert!(matches!(err, Err(RetentionError::Config(m)) if m.contains("_at")));
+        }
+        let at = |position| {
+            let mut s = state.clone();
+            rotary
+                .forward_step_at(one.clone(), &mut s, position)
+                .expect("runs")
+        };
+        let moved = (at(4) - at(9)).abs().max().into_scalar();
+        assert!(moved > 1e-4, "{moved}");
     }
 }

@@ -8,6 +8,7 @@ use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 use crate::{
     DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
     power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
+    rotate_pairs,
 };
 
 /// Configuration of a [`PowerRetention`] layer.
@@ -52,6 +53,12 @@ pub struct PowerRetentionConfig {
     /// Biases on the query, key, value and output projections.
     #[config(default = false)]
     pub bias: bool,
+    /// Rotary position encoding of the queries and keys with this base `θ`
+    /// ([`rotate_pairs`](crate::rotate_pairs), at absolute positions), as in the rotary
+    /// attention a layer is converted from; `None`: none. A layer with it continues from a
+    /// state only through the `_at` methods, which take the position.
+    #[config(default = "None")]
+    pub rotary_theta: Option<f64>,
     /// Initializer of the projection weights (same default as Burn's `MultiHeadAttention`).
     #[config(
         default = "Initializer::KaimingUniform{gain:0.577_350_269_189_625_8, fan_out_only:false}"
@@ -99,6 +106,13 @@ impl PowerRetentionConfig {
                 self.d_model, self.n_heads
             ));
         }
+        if let Some(theta) = self.rotary_theta
+            && (d % 2 != 0 || !theta.is_finite() || theta <= 0.0)
+        {
+            return bad(format!(
+                "rotary encoding needs an even head dim and θ > 0 (head dim {d}, θ {theta})"
+            ));
+        }
         self.options().validate()
     }
 
@@ -143,6 +157,7 @@ impl PowerRetentionConfig {
             n_heads: hq,
             n_kv_heads: h,
             head_dim: d,
+            rotary_theta: self.rotary_theta,
             options: self.options(),
         })
     }
@@ -173,6 +188,8 @@ pub struct PowerRetention<B: Backend> {
     pub n_kv_heads: usize,
     /// Head dimension.
     pub head_dim: usize,
+    /// Base of the rotary encoding of queries and keys; `None`: none.
+    pub rotary_theta: Option<f64>,
     /// Options of the op.
     #[module(skip)]
     pub options: RetentionOptions,
@@ -186,12 +203,18 @@ type Projected<B> = (
 );
 
 impl<B: RetentionBackend> PowerRetention<B> {
-    fn project(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
+    /// Queries, keys, values and log-gates of the tokens of `x`, the first at position
+    /// `start` (for the rotary encoding).
+    fn project(&self, x: Tensor<B, 3>, start: usize) -> Result<Projected<B>, RetentionError> {
         let [b, t, _] = x.dims();
         crate::shapes::check_width(x.dims(), self.d_model)?;
         let (hq, h, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.query.forward(x.clone()).reshape([b, t, hq, d]);
-        let k = self.key.forward(x.clone()).reshape([b, t, h, d]);
+        let mut q = self.query.forward(x.clone()).reshape([b, t, hq, d]);
+        let mut k = self.key.forward(x.clone()).reshape([b, t, h, d]);
+        if let Some(theta) = self.rotary_theta {
+            q = rotate_pairs(q, start, theta);
+            k = rotate_pairs(k, start, theta);
+        }
         let v = self.value.forward(x.clone()).reshape([b, t, h, d]);
         let log_g = self.gate.as_ref().map(|g| log_sigmoid(g.forward(x)));
         Ok((q, k, v, log_g))
@@ -199,12 +222,28 @@ impl<B: RetentionBackend> PowerRetention<B> {
 
     /// [`project`](Self::project) for one new token (`x` of one position, else
     /// [`RetentionError::StepLength`]).
-    fn project_token(&self, x: Tensor<B, 3>) -> Result<Projected<B>, RetentionError> {
+    fn project_token(
+        &self,
+        x: Tensor<B, 3>,
+        position: usize,
+    ) -> Result<Projected<B>, RetentionError> {
         let [_, t, _] = x.dims();
         if t != 1 {
             return Err(RetentionError::StepLength { arg: "x", got: t });
         }
-        self.project(x)
+        self.project(x, position)
+    }
+
+    /// [`RetentionError::Config`] for a layer with a rotary encoding continued through a
+    /// method that does not take the position.
+    fn positions_unknown(&self, method: &str) -> Result<(), RetentionError> {
+        match self.rotary_theta {
+            Some(_) => Err(RetentionError::Config(format!(
+                "a layer with a rotary encoding continues from a state with {method}_at, which \
+                 takes the position"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn merge(&self, y: Tensor<B, 4>) -> Tensor<B, 3> {
@@ -220,7 +259,7 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// # Errors
     /// [`RetentionError::Mismatch`] when the width of `x` is not `d_model`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
-        let (q, k, v, log_g) = self.project(x)?;
+        let (q, k, v, log_g) = self.project(x, 0)?;
         Ok(self.merge(power_retention(q, k, v, log_g, &self.options)?))
     }
 
@@ -231,13 +270,35 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     ///
     /// # Errors
-    /// As [`forward`](Self::forward), plus [`RetentionError::StateShape`].
+    /// As [`forward`](Self::forward), plus [`RetentionError::StateShape`];
+    /// [`RetentionError::Config`] for a state given to a layer with a rotary encoding (use
+    /// [`prefill_at`](Self::prefill_at)).
     pub fn prefill(
         &self,
         x: Tensor<B, 3>,
         state: Option<RetentionState<B>>,
     ) -> Result<(Tensor<B, 3>, RetentionState<B>), RetentionError> {
-        let (q, k, v, log_g) = self.project(x)?;
+        if state.is_some() {
+            self.positions_unknown("prefill")?;
+        }
+        self.prefill_at(x, state, 0)
+    }
+
+    /// [`prefill`](Self::prefill) of tokens whose first is at position `start` (the tokens
+    /// `state` summarises), for the rotary encoding.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), plus [`RetentionError::StateShape`].
+    pub fn prefill_at(
+        &self,
+        x: Tensor<B, 3>,
+        state: Option<RetentionState<B>>,
+        start: usize,
+    ) -> Result<(Tensor<B, 3>, RetentionState<B>), RetentionError> {
+        let (q, k, v, log_g) = self.project(x, start)?;
         let (y, state) = power_retention_with_state(q, k, v, log_g, state, &self.options)?;
         Ok((self.merge(y), state))
     }
@@ -249,13 +310,34 @@ impl<B: RetentionBackend> PowerRetention<B> {
     ///
     /// # Errors
     /// As [`forward`](Self::forward), plus [`RetentionError::StepLength`] and
-    /// [`RetentionError::StateShape`]. On error `state` is left unchanged.
+    /// [`RetentionError::StateShape`]; [`RetentionError::Config`] for a layer with a rotary
+    /// encoding (use [`forward_step_at`](Self::forward_step_at)). On error `state` is left
+    /// unchanged.
     pub fn forward_step(
         &self,
         x: Tensor<B, 3>,
         state: &mut RetentionState<B>,
     ) -> Result<Tensor<B, 3>, RetentionError> {
-        let (q, k, v, log_g) = self.project_token(x)?;
+        self.positions_unknown("forward_step")?;
+        self.forward_step_at(x, state, 0)
+    }
+
+    /// [`forward_step`](Self::forward_step) of the token at `position` (the number of tokens
+    /// `state` summarises), for the rotary encoding.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 1, d_model]` → `[batch, 1, d_model]`
+    ///
+    /// # Errors
+    /// As [`forward_step`](Self::forward_step) but for the rotary encoding. On error `state`
+    /// is left unchanged.
+    pub fn forward_step_at(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut RetentionState<B>,
+        position: usize,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        let (q, k, v, log_g) = self.project_token(x, position)?;
         let (y, next) = power_retention_step(q, k, v, log_g, state.clone(), &self.options)?;
         *state = next;
         Ok(self.merge(y))
@@ -270,13 +352,15 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// - `x`: `[batch, 1, d_model]` → `[batch, 1, d_model]`
     ///
     /// # Errors
-    /// As [`forward_step`](Self::forward_step). On error `state` is left unchanged.
+    /// As [`forward_step`](Self::forward_step) (a layer with a rotary encoding decodes with
+    /// [`forward_step_at`](Self::forward_step_at)). On error `state` is left unchanged.
     pub fn forward_decode(
         &self,
         x: Tensor<B, 3>,
         state: &mut DecodeState<B>,
     ) -> Result<Tensor<B, 3>, RetentionError> {
-        let (q, k, v, log_g) = self.project_token(x)?;
+        self.positions_unknown("forward_step")?;
+        let (q, k, v, log_g) = self.project_token(x, 0)?;
         let (y, next) = power_retention_decode(q, k, v, log_g, state.clone(), &self.options)?;
         *state = next;
         Ok(self.merge(y))

@@ -118,6 +118,11 @@ impl<B: Backend> RotaryAttention<B> {
         }
     }
 
+    /// The rotary base `θ`.
+    pub fn rope_theta(&self) -> f32 {
+        self.rope_theta
+    }
+
     /// Query heads.
     pub fn n_heads(&self) -> usize {
         self.n_heads
