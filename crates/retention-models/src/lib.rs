@@ -13,11 +13,13 @@ mod error;
 mod feed_forward;
 mod ggml_blocks;
 mod gguf_file;
+mod hf_checkpoint;
 mod language_model;
 mod llama_cache;
 mod llama_checkpoint;
 mod llama_model;
 mod loss_plot;
+mod pretrained;
 mod retraining;
 mod text_tokenizer;
 mod token_sampler;
@@ -32,13 +34,15 @@ pub use error::ModelError;
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use ggml_blocks::{GgmlType, dequantize};
 pub use gguf_file::{GgufFile, GgufTensorInfo, GgufValue};
+pub use hf_checkpoint::load_hf_llama;
 pub use language_model::{LanguageModel, LanguageModelConfig, MixerKind};
 pub use llama_cache::LlamaCache;
 pub use llama_checkpoint::{
-    GenerationInfo, load_llama_checkpoint, save_llama_checkpoint, save_llama_description,
+    GenerationInfo, Loaded, load_llama_checkpoint, save_llama_checkpoint, save_llama_description,
 };
 pub use llama_model::{LlamaBlock, LlamaConfig, LlamaModel, PREFILL_PIECE};
 pub use loss_plot::plot_losses;
+pub use pretrained::Pretrained;
 pub use retraining::{RecoveryStart, Retrained, retrain_in_directory};
 pub use text_tokenizer::TextTokenizer;
 pub use token_sampler::{SamplingConfig, TokenSampler};

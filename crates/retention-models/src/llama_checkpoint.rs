@@ -120,7 +120,7 @@ pub fn save_llama_checkpoint<B: RetentionBackend>(
 pub fn load_llama_checkpoint<B: RetentionBackend>(
     dir: &Path,
     device: &B::Device,
-) -> Result<(LlamaModel<B>, GenerationInfo, TextTokenizer), ModelError> {
+) -> Result<Loaded<B>, ModelError> {
     let path = dir.join(CONFIG_FILE);
     let config = LlamaConfig::load(&path).map_err(|e| config_error(&path, e))?;
     let path = dir.join(GENERATION_FILE);
@@ -138,8 +138,12 @@ pub fn load_llama_checkpoint<B: RetentionBackend>(
             path: weights.display().to_string(),
             message: e.to_string(),
         })?;
-    Ok((model, info, tokenizer))
+    Ok((model, config, info, tokenizer))
 }
+
+/// A model with its configuration, generation settings and vocabulary, as the loaders return
+/// them.
+pub type Loaded<B> = (LlamaModel<B>, LlamaConfig, GenerationInfo, TextTokenizer);
 
 #[cfg(test)]
 mod tests {
@@ -170,9 +174,10 @@ mod tests {
         let info = GenerationInfo::new(false).with_stop_token(Some(7));
         let tmp = tempfile::tempdir().expect("tmp");
         save_llama_checkpoint(model, &config, &info, &tokenizer, tmp.path()).expect("saves");
-        let (loaded, info, loaded_tokenizer) =
+        let (loaded, loaded_config, info, loaded_tokenizer) =
             load_llama_checkpoint::<NdArray>(tmp.path(), &dev).expect("loads");
         assert_eq!(info.stop_token, Some(7));
+        assert_eq!(loaded_config.to_string(), config.to_string());
         assert_eq!(
             loaded_tokenizer.encode(&text).ok(),
             tokenizer.encode(&text).ok()

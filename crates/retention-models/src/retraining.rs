@@ -211,7 +211,7 @@ mod tests {
             "{csv}"
         );
         // the run directory is a checkpoint generation can load
-        let (loaded, _, _) =
+        let (loaded, _, _, _) =
             crate::load_llama_checkpoint::<NdArray>(&tmp.path().join("whole"), &dev)
                 .expect("loads");
         let ids = burn::tensor::Tensor::<NdArray, 2, burn::tensor::Int>::from_data(

@@ -172,7 +172,13 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         });
         return Ok((empty_output(&dims, &q), state));
     }
-    let chunk = options.chunk_size.unwrap_or(dims.seq);
+    // a sequence shorter than a chunk is one chunk of its own length (rounded up to 16, a
+    // tile's height), not one padded to the configured size: a short prompt after a state
+    // would otherwise cost a whole chunk
+    let chunk = options
+        .chunk_size
+        .unwrap_or(dims.seq)
+        .min(dims.seq.next_multiple_of(16));
     let g = log_g.map(|g| g.into_primitive().tensor());
     let init = initial_state.map(|s| {
         (
