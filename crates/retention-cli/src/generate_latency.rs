@@ -140,10 +140,7 @@ pub fn latency_curve<B: RetentionBackend>(
         .ok_or_else(|| CliError::Input("the checkpoint's blocks tell no head layout".into()))?;
     let longest = args.latency_at.iter().max().copied().unwrap_or(0);
     // room for the timed and warm-up steps past the longest context
-    let model = model.with_max_seq(
-        longest + args.latency_steps + crate::generate_latency::WARMUP_STEPS + 1,
-        dev,
-    );
+    let mut model = model.with_max_seq(longest + args.latency_steps + WARMUP_STEPS + 1, dev);
     let mut lines = vec![CSV_HEADER.to_string()];
     println!("| mixer | context | ms / token | tokens / s | cache |");
     println!("|---|---|---|---|---|");
@@ -157,32 +154,23 @@ pub fn latency_curve<B: RetentionBackend>(
             r.cache_bytes as f64 / 1e6
         );
     };
-    let mut rows = measure_latency(
-        &model,
-        "attention",
-        vocab,
-        &args.latency_at,
-        args.latency_steps,
-        dev,
-        show,
-    )?;
-    lines.extend(rows.iter().map(|r| r.csv(&shape, heads, None)));
-    let model = model.into_retention(args.chunk, args.rotary, dev)?;
-    let converted = measure_latency(
-        &model,
-        "power_retention",
-        vocab,
-        &args.latency_at,
-        args.latency_steps,
-        dev,
-        show,
-    )?;
-    lines.extend(
-        converted
-            .iter()
-            .map(|r| r.csv(&shape, heads, Some(args.chunk))),
-    );
-    rows.extend(converted);
+    let mut rows = Vec::new();
+    for (mixer, chunk) in [("attention", None), ("power_retention", Some(args.chunk))] {
+        if chunk.is_some() {
+            model = model.into_retention(args.chunk, args.rotary, dev)?;
+        }
+        let measured = measure_latency(
+            &model,
+            mixer,
+            vocab,
+            &args.latency_at,
+            args.latency_steps,
+            dev,
+            show,
+        )?;
+        lines.extend(measured.iter().map(|r| r.csv(&shape, heads, chunk)));
+        rows.extend(measured);
+    }
     let text = lines.join("\n") + "\n";
     if let Some(out) = &args.out {
         std::fs::write(out, &text).map_err(|source| CliError::Io {

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use clap::ValueEnum;
 use retention::RetentionBackend;
 use retention_models::{
     Corpus, LossLog, MixerKind, Pretrained, RecoveryStart, RunDirectory, TrainingConfig,
@@ -16,28 +15,7 @@ use retention_models::{
 };
 
 use crate::CliError;
-use crate::train::progress_bar;
-
-/// Which models to retrain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RetrainChoice {
-    /// The conversion to power retention.
-    Retention,
-    /// The unconverted attention model, fine-tuned the same way (the control).
-    Attention,
-    /// Both, one after the other, on the same data.
-    Both,
-}
-
-impl RetrainChoice {
-    fn kinds(self) -> Vec<MixerKind> {
-        match self {
-            Self::Retention => vec![MixerKind::Retention],
-            Self::Attention => vec![MixerKind::Attention],
-            Self::Both => vec![MixerKind::Retention, MixerKind::Attention],
-        }
-    }
-}
+use crate::train::{MixerChoice, progress_bar};
 
 /// Settings of `retention retrain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -46,9 +24,10 @@ pub struct RetrainArgs {
     /// directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Which models to retrain.
+    /// Which models to retrain: the conversion to power retention, the unconverted attention
+    /// model fine-tuned the same way (the control), or both.
     #[arg(long, value_enum, default_value = "retention")]
-    pub mixer: RetrainChoice,
+    pub mixer: MixerChoice,
     /// `kjv` (Debian's bible-kjv) or a text file.
     #[arg(long, default_value = "kjv")]
     pub corpus: String,

@@ -28,7 +28,8 @@ pub enum MixerChoice {
 }
 
 impl MixerChoice {
-    fn kinds(self) -> Vec<MixerKind> {
+    /// The mixers chosen, retention first.
+    pub fn kinds(self) -> Vec<MixerKind> {
         match self {
             Self::Retention => vec![MixerKind::Retention],
             Self::Attention => vec![MixerKind::Attention],

@@ -9,7 +9,8 @@ use burn::backend::NdArray;
 use retention_cli::convert::{ConvertArgs, convert};
 use retention_cli::generate::{GenerateArgs, ModelMixer, generate};
 use retention_cli::generate_latency::latency_curve;
-use retention_cli::retrain::{RetrainArgs, RetrainChoice, retrain};
+use retention_cli::retrain::{RetrainArgs, retrain};
+use retention_cli::train::MixerChoice;
 
 fn checkpoint() -> Option<PathBuf> {
     let path = std::env::var("RETENTION_SMOLLM2_GGUF").ok();
@@ -77,7 +78,7 @@ fn smollm2_generates_converts_and_retrains() {
         &dev,
         &RetrainArgs {
             model: gguf.clone(),
-            mixer: RetrainChoice::Both,
+            mixer: MixerChoice::Both,
             corpus: corpus.display().to_string(),
             max_corpus_bytes: None,
             valid_fraction: 0.2,

@@ -21,7 +21,6 @@ use crate::training_run::check_same_run;
 use crate::{
     GenerationInfo, LlamaConfig, LlamaModel, LossLog, MixerKind, ModelError, RunDirectory,
     StepReport, TokenWindows, Trainer, TrainingConfig, TrainingData, save_llama_description,
-    write_losses_csv,
 };
 
 /// The held-out losses a retraining starts from, measured on its validation batches.
@@ -78,7 +77,7 @@ pub fn retrain_in_directory<B>(
     checkpoint_every: usize,
     resume: bool,
     device: &B::Device,
-    mut on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport),
 ) -> Result<Retrained<B>, ModelError>
 where
     B: AutodiffBackend + RetentionBackend,
@@ -132,15 +131,7 @@ where
     if resuming {
         trainer = trainer.resume(dir.checkpoint())?;
     }
-    while !trainer.finished() {
-        let report = trainer.step()?;
-        on_step(&report);
-        let due = checkpoint_every > 0 && report.step % checkpoint_every == 0;
-        if due || trainer.finished() {
-            trainer.save(dir.checkpoint())?;
-            write_losses_csv(&start.with_start(trainer.log()), &dir.losses_csv())?;
-        }
-    }
+    trainer.run_to_end(dir, checkpoint_every, on_step, |log| start.with_start(log))?;
     Ok(Retrained { start, trainer })
 }
 

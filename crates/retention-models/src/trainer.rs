@@ -225,6 +225,31 @@ where
         })
     }
 
+    /// Steps to the end, calling `on_step` after each; every `checkpoint_every` steps (0: only
+    /// at the end) and at the end saves to `dir`'s checkpoint and writes its `losses.csv`
+    /// from `csv_log(log)`.
+    ///
+    /// # Errors
+    /// Those of [`step`](Self::step), [`save`](Self::save) and the CSV's writing.
+    pub fn run_to_end(
+        &mut self,
+        dir: &crate::RunDirectory,
+        checkpoint_every: usize,
+        mut on_step: impl FnMut(&StepReport),
+        csv_log: impl Fn(&LossLog) -> LossLog,
+    ) -> Result<(), ModelError> {
+        while !self.finished() {
+            let report = self.step()?;
+            on_step(&report);
+            let due = checkpoint_every > 0 && report.step % checkpoint_every == 0;
+            if due || self.finished() {
+                self.save(dir.checkpoint())?;
+                crate::write_losses_csv(&csv_log(&self.log), &dir.losses_csv())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Mean cross-entropy over the fixed validation batches.
     ///
     /// # Errors

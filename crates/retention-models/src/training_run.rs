@@ -138,7 +138,7 @@ pub fn train_in_directory<B>(
     checkpoint_every: usize,
     resume: bool,
     device: &B::Device,
-    mut on_step: impl FnMut(&StepReport),
+    on_step: impl FnMut(&StepReport),
 ) -> Result<Trainer<B>, ModelError>
 where
     B: AutodiffBackend + RetentionBackend,
@@ -168,15 +168,7 @@ where
     if resuming {
         trainer = trainer.resume(dir.checkpoint())?;
     }
-    while !trainer.finished() {
-        let report = trainer.step()?;
-        on_step(&report);
-        let due = checkpoint_every > 0 && report.step % checkpoint_every == 0;
-        if due || trainer.finished() {
-            trainer.save(dir.checkpoint())?;
-            write_losses_csv(trainer.log(), &dir.losses_csv())?;
-        }
-    }
+    trainer.run_to_end(dir, checkpoint_every, on_step, LossLog::clone)?;
     Ok(trainer)
 }
 
