@@ -7,6 +7,12 @@
 # corpus as files (on a machine with bible-kjv: `bible Gen1:1-Rev22:21 > .gpu/kjv.txt`;
 # `scripts/fetch-smollm2.sh .gpu`):
 #   scripts/gpu-models.sh OUT_DIR GGUF CORPUS_FILE
+# The checkpoint (98 MB) is more than one call may carry (64 MiB): split it here
+# (`split -b 47M models/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/smollm2.part.`), carry the
+# first part (and the corpus) in one call that moves it to the ignored models/ folder there,
+# and the rest with the binary in the next call while the machine is still warm (ignored
+# folders stay between calls of one machine): `cat models/smollm2.part.* .gpu/smollm2.part.*
+# > models/smollm2.gguf` before this script.
 # Environment: LATENCY_AT (contexts, default 1024,...,65536), STEPS (default 2000), BATCH (8),
 # SEQ (1024), MIXER (both), RETRAIN_TIMEOUT (seconds, default 420), EXTRA (more retrain flags,
 # e.g. --rotary).
