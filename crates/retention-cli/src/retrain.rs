@@ -4,7 +4,6 @@
 //! same fine-tuning of the unconverted model as a control.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
@@ -15,7 +14,7 @@ use retention_models::{
 };
 
 use crate::CliError;
-use crate::train::{MixerChoice, progress_bar};
+use crate::train::{MixerChoice, StepProgress};
 
 /// Settings of `retention retrain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -143,10 +142,7 @@ where
     let tokens_per_step = (training.batch_size * training.seq_len) as f64;
     let mut summaries = Vec::new();
     for kind in args.mixer.kinds() {
-        let bar = progress_bar(kind.name(), training.steps)?;
-        let start = Instant::now();
-        let mut ran = 0usize;
-        let mut last_valid = None;
+        let mut progress = StepProgress::new(kind.name(), training.steps, tokens_per_step)?;
         let retrained = retrain_in_directory::<Autodiff<B>>(
             original.clone(),
             &config,
@@ -158,21 +154,9 @@ where
             args.checkpoint_every,
             args.resume,
             device,
-            |r| {
-                ran += 1;
-                last_valid = r.valid_loss.or(last_valid);
-                bar.set_position(r.step as u64);
-                bar.set_message(format!(
-                    "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
-                    r.loss,
-                    last_valid.map_or("-".into(), |v: f64| format!("{v:.3}")),
-                    r.learning_rate,
-                    ran as f64 * tokens_per_step / start.elapsed().as_secs_f64()
-                ));
-            },
+            |r| progress.show(r),
         )?;
-        bar.finish();
-        let seconds = start.elapsed().as_secs_f64();
+        let (ran, seconds) = progress.finish();
         summaries.push(RetrainSummary {
             mixer: kind,
             log: retrained.start.with_start(retrained.trainer.log()),

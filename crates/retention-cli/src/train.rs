@@ -177,11 +177,8 @@ where
     for kind in args.mixer.kinds() {
         let model = base.clone().with_mixer(kind);
         let dir = RunDirectory::new(args.out.join(kind.name()));
-        let bar = progress_bar(kind.name(), training.steps)?;
         let tokens_per_step = (training.batch_size * training.seq_len) as f64;
-        let start = Instant::now();
-        let mut ran = 0usize;
-        let mut last_valid = None;
+        let mut progress = StepProgress::new(kind.name(), training.steps, tokens_per_step)?;
         let trainer = train_in_directory::<Autodiff<B>>(
             &model,
             &training,
@@ -190,33 +187,14 @@ where
             args.checkpoint_every,
             args.resume,
             device,
-            |r| {
-                ran += 1;
-                if r.valid_loss.is_some() {
-                    last_valid = r.valid_loss;
-                }
-                let rate = ran as f64 * tokens_per_step / start.elapsed().as_secs_f64();
-                bar.set_position(r.step as u64);
-                bar.set_message(format!(
-                    "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
-                    r.loss,
-                    last_valid.map_or("-".into(), |v: f64| format!("{v:.3}")),
-                    r.learning_rate,
-                    rate
-                ));
-            },
+            |r| progress.show(r),
         )?;
-        bar.finish();
-        let seconds = start.elapsed().as_secs_f64();
+        let (ran, seconds) = progress.finish();
         summaries.push(TrainSummary {
             mixer: kind,
             params: burn::module::Module::num_params(trainer.model()),
             log: trainer.log().clone(),
-            tokens_per_s: if ran > 0 {
-                ran as f64 * tokens_per_step / seconds
-            } else {
-                0.0
-            },
+            tokens_per_s: ran as f64 * tokens_per_step / seconds.max(1e-9),
         });
     }
     let runs: Vec<(&str, &LossLog)> = summaries.iter().map(|s| (s.mixer.name(), &s.log)).collect();
@@ -234,15 +212,56 @@ where
     Ok(summaries)
 }
 
-/// The progress bar of a training run of `steps` steps, `name` before it.
-pub(crate) fn progress_bar(name: &str, steps: usize) -> Result<ProgressBar, CliError> {
-    let bar = ProgressBar::new(steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+/// A run's progress bar: the step, the last training and validation losses, the learning
+/// rate and the tokens per second since the run (or its resumption) began.
+pub(crate) struct StepProgress {
+    bar: ProgressBar,
+    start: Instant,
+    ran: usize,
+    last_valid: Option<f64>,
+    tokens_per_step: f64,
+}
+
+impl StepProgress {
+    /// A bar of `steps` steps, `name` before it.
+    pub(crate) fn new(name: &str, steps: usize, tokens_per_step: f64) -> Result<Self, CliError> {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>9} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
             .map_err(|e| CliError::Device(e.to_string()))?,
-    );
-    bar.set_prefix(name.to_string());
-    Ok(bar)
+        );
+        bar.set_prefix(name.to_string());
+        Ok(Self {
+            bar,
+            start: Instant::now(),
+            ran: 0,
+            last_valid: None,
+            tokens_per_step,
+        })
+    }
+
+    /// Shows the step just done.
+    pub(crate) fn show(&mut self, r: &retention_models::StepReport) {
+        self.ran += 1;
+        self.last_valid = r.valid_loss.or(self.last_valid);
+        self.bar.set_position(r.step as u64);
+        self.bar.set_message(format!(
+            "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
+            r.loss,
+            self.last_valid
+                .map_or("-".into(), |v: f64| format!("{v:.3}")),
+            r.learning_rate,
+            self.ran as f64 * self.tokens_per_step / self.start.elapsed().as_secs_f64()
+        ));
+    }
+
+    /// Ends the bar; returns the steps this invocation ran and its seconds.
+    pub(crate) fn finish(self) -> (usize, f64) {
+        self.bar.finish();
+        (self.ran, self.start.elapsed().as_secs_f64())
+    }
 }
 
 fn print_summary(summaries: &[TrainSummary]) {
