@@ -5,10 +5,10 @@ use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 
+use crate::rotary::RotaryAngles;
 use crate::{
     DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
     power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
-    rotate_pairs,
 };
 
 /// Configuration of a [`PowerRetention`] layer.
@@ -212,8 +212,10 @@ impl<B: RetentionBackend> PowerRetention<B> {
         let mut q = self.query.forward(x.clone()).reshape([b, t, hq, d]);
         let mut k = self.key.forward(x.clone()).reshape([b, t, h, d]);
         if let Some(theta) = self.rotary_theta {
-            q = rotate_pairs(q, start, theta);
-            k = rotate_pairs(k, start, theta);
+            // one table of angles for the queries and the keys
+            let angles = RotaryAngles::new(start, t, d, theta, &q.device());
+            q = angles.rotate(q);
+            k = angles.rotate(k);
         }
         let v = self.value.forward(x.clone()).reshape([b, t, h, d]);
         let log_g = self.gate.as_ref().map(|g| log_sigmoid(g.forward(x)));

@@ -12,31 +12,60 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 /// # Shapes
 /// - `x`: `[batch, seq, heads, head_dim]` (even `head_dim`) → the same
 pub fn rotate_pairs<B: Backend>(x: Tensor<B, 4>, start: usize, theta: f64) -> Tensor<B, 4> {
-    let [b, t, h, d] = x.dims();
-    let half = d / 2;
-    let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-    for s in 0..t {
-        let position = (start + s) as f64;
-        for i in 0..half {
-            let angle = position * theta.powf(-2.0 * i as f64 / d as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+    let [_, t, _, d] = x.dims();
+    RotaryAngles::new(start, t, d, theta, &x.device()).rotate(x)
+}
+
+/// The cosines and sines of [`rotate_pairs`] for `seq` positions from `start`, made once and
+/// applied to the queries and the keys alike.
+pub(crate) struct RotaryAngles<B: Backend> {
+    cos: Tensor<B, 5>,
+    sin: Tensor<B, 5>,
+}
+
+impl<B: Backend> RotaryAngles<B> {
+    pub(crate) fn new(
+        start: usize,
+        seq: usize,
+        head_dim: usize,
+        theta: f64,
+        device: &B::Device,
+    ) -> Self {
+        let half = head_dim / 2;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(seq * half),
+            Vec::with_capacity(seq * half),
+        );
+        for s in 0..seq {
+            let position = (start + s) as f64;
+            for i in 0..half {
+                let angle = position * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table = |values: Vec<f32>| {
+            Tensor::<B, 4>::from_data(TensorData::new(values, [1, seq, 1, half]), device)
+                .unsqueeze_dim::<5>(4)
+        };
+        Self {
+            cos: table(cos),
+            sin: table(sin),
         }
     }
-    let device = x.device();
-    let dtype = x.dtype();
-    let table = |values: Vec<f32>| {
-        Tensor::<B, 4>::from_data(TensorData::new(values, [1, t, 1, half]), &device)
-            .cast(dtype)
-            .unsqueeze_dim::<5>(4)
-    };
-    let (cos, sin) = (table(cos), table(sin));
-    let pairs = x.reshape([b, t, h, half, 2]);
-    let even = pairs.clone().narrow(4, 0, 1);
-    let odd = pairs.narrow(4, 1, 1);
-    let rotated_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
-    let rotated_odd = even * sin + odd * cos;
-    Tensor::cat(vec![rotated_even, rotated_odd], 4).reshape([b, t, h, d])
+
+    /// `x` (`[batch, seq, heads, head_dim]`) rotated, in its own dtype.
+    pub(crate) fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, t, h, d] = x.dims();
+        let dtype = x.dtype();
+        let (cos, sin) = (self.cos.clone().cast(dtype), self.sin.clone().cast(dtype));
+        let pairs = x.reshape([b, t, h, d / 2, 2]);
+        let even = pairs.clone().narrow(4, 0, 1);
+        let odd = pairs.narrow(4, 1, 1);
+        let rotated_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
+        let rotated_odd = even * sin + odd * cos;
+        Tensor::cat(vec![rotated_even, rotated_odd], 4).reshape([b, t, h, d])
+    }
 }
 
 #[cfg(test)]
