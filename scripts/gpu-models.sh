@@ -13,9 +13,11 @@
 # and the rest with the binary in the next call while the machine is still warm (ignored
 # folders stay between calls of one machine): `cat models/smollm2.part.* .gpu/smollm2.part.*
 # > models/smollm2.gguf` before this script.
-# Environment: LATENCY_AT (contexts, default 1024,...,65536), STEPS (default 2000), BATCH (8),
-# SEQ (1024), MIXER (both), RETRAIN_TIMEOUT (seconds, default 420), EXTRA (more retrain flags,
-# e.g. --rotary).
+# Environment: LATENCY_AT (contexts, default 1024,...,65536; `none` skips the latency),
+# STEPS (default 2000), BATCH (8), SEQ (1024), MIXER (both), RETRAIN_TIMEOUT (seconds, default
+# 420), CHECKPOINT_EVERY (250), RUNS (the run directories, default runs/gpu-retrain: an ignored
+# folder, so a later call on the same warm machine continues with RESUME=1), EXTRA (more
+# retrain flags, e.g. --rotary).
 # Writes OUT_DIR/latency.csv (draw it with `retention plot`), latency.log, retrain.log,
 # recovery.svg, and each run's losses.csv and recovery.json as <mixer>-losses.csv and
 # <mixer>-recovery.json: 8 files, what a run may return. Checkpoints every 250 steps keep
@@ -25,14 +27,20 @@ out=${1:?usage: scripts/gpu-models.sh OUT_DIR GGUF CORPUS_FILE}
 gguf=${2:?gguf file}
 corpus=${3:?corpus file}
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
-timeout 240 .gpu/retention generate --backend cuda --model "$gguf" \
-  --latency-at "${LATENCY_AT:-1024,4096,16384,32768,65536}" --latency-steps 16 \
-  --out "$out/latency.csv" > "$out/latency.log" 2>&1
-tail -n 14 "$out/latency.log"
-runs=$(mktemp -d)
+if [ "${LATENCY_AT:-}" != none ]; then
+  timeout 240 .gpu/retention generate --backend cuda --model "$gguf" \
+    --latency-at "${LATENCY_AT:-1024,4096,16384,32768,65536}" --latency-steps 16 \
+    --out "$out/latency.csv" > "$out/latency.log" 2>&1
+  tail -n 14 "$out/latency.log"
+fi
+runs=${RUNS:-runs/gpu-retrain}
+mkdir -p "$runs"
+resume=
+[ -n "${RESUME:-}" ] && resume=--resume
 timeout "${RETRAIN_TIMEOUT:-420}" .gpu/retention retrain --backend cuda --model "$gguf" \
   --corpus "$corpus" --mixer "${MIXER:-both}" --steps "${STEPS:-2000}" --batch "${BATCH:-8}" \
-  --seq "${SEQ:-1024}" --checkpoint-every 250 --out "$runs" ${EXTRA:-} > "$out/retrain.log" 2>&1
+  --seq "${SEQ:-1024}" --checkpoint-every "${CHECKPOINT_EVERY:-250}" --out "$runs" $resume \
+  ${EXTRA:-} > "$out/retrain.log" 2>&1
 echo "retrain exit: $?"
 grep -v "^\s*$" "$out/retrain.log" | tr '\r' '\n' | tail -n 12
 cp "$runs/recovery.svg" "$out/" 2>/dev/null

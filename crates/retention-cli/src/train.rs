@@ -247,14 +247,25 @@ impl StepProgress {
         self.ran += 1;
         self.last_valid = r.valid_loss.or(self.last_valid);
         self.bar.set_position(r.step as u64);
-        self.bar.set_message(format!(
+        let message = format!(
             "loss {:.3}  valid {}  lr {:.1e}  {:.0} tok/s",
             r.loss,
             self.last_valid
                 .map_or("-".into(), |v: f64| format!("{v:.3}")),
             r.learning_rate,
             self.ran as f64 * self.tokens_per_step / self.start.elapsed().as_secs_f64()
-        ));
+        );
+        // Without a terminal (a log file, a batch job) the bar draws nothing: a line per
+        // validation pass and every 50 steps says how the run goes instead.
+        if self.bar.is_hidden() && (r.valid_loss.is_some() || r.step % 50 == 0) {
+            eprintln!(
+                "{} step {} [{:.0} s] {message}",
+                self.bar.prefix(),
+                r.step,
+                self.start.elapsed().as_secs_f64()
+            );
+        }
+        self.bar.set_message(message);
     }
 
     /// Ends the bar; returns the steps this invocation ran and its seconds.
