@@ -30,6 +30,7 @@ use half::f16;
 use crate::Buffer;
 use crate::block_mma::{A_STRIDE, PLANE, SKIP_ROW};
 use crate::chunk_grad::GradDims;
+use crate::chunk_grad_state_manual::chunk_grad_state_manual_kernel;
 use crate::config::StateGradTiles;
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
@@ -485,30 +486,57 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
     let omega = args.omega.unwrap_or_else(|| dummy.clone());
     let gates = args.gates.unwrap_or_else(|| dummy.clone());
     let dv = args.dv.unwrap_or_else(|| dummy.clone());
+    let dim = CubeDim::new_2d(PLANE, tiles.planes);
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
-        chunk_grad_state_mma_kernel::launch_unchecked::<R>(
-            client,
-            count,
-            CubeDim::new_2d(PLANE, tiles.planes),
-            args.x.arg(),
-            args.w.arg(),
-            omega.arg(),
-            gates.arg(),
-            args.states.arg(),
-            args.sums.arg(),
-            args.dx.arg(),
-            args.dg.arg(),
-            dv.arg(),
-            dims.seq as u32,
-            heads as u32,
-            dims.kv_heads as u32,
-            dims.chunk as u32,
-            dims.n_chunks as u32,
-            dims.expanded_dim as u32,
-            x_scale,
-            out_scale,
-            tiles,
-        )
+        if tiles.manual {
+            chunk_grad_state_manual_kernel::launch_unchecked::<R>(
+                client,
+                count,
+                dim,
+                args.x.arg(),
+                args.w.arg(),
+                omega.arg(),
+                gates.arg(),
+                args.states.arg(),
+                args.sums.arg(),
+                args.dx.arg(),
+                args.dg.arg(),
+                dv.arg(),
+                dims.seq as u32,
+                heads as u32,
+                dims.kv_heads as u32,
+                dims.chunk as u32,
+                dims.n_chunks as u32,
+                dims.expanded_dim as u32,
+                x_scale,
+                out_scale,
+                tiles,
+            )
+        } else {
+            chunk_grad_state_mma_kernel::launch_unchecked::<R>(
+                client,
+                count,
+                dim,
+                args.x.arg(),
+                args.w.arg(),
+                omega.arg(),
+                gates.arg(),
+                args.states.arg(),
+                args.sums.arg(),
+                args.dx.arg(),
+                args.dg.arg(),
+                dv.arg(),
+                dims.seq as u32,
+                heads as u32,
+                dims.kv_heads as u32,
+                dims.chunk as u32,
+                dims.n_chunks as u32,
+                dims.expanded_dim as u32,
+                x_scale,
+                out_scale,
+                tiles,
+            )
+        }
     }
 }

@@ -230,6 +230,26 @@ pub struct StateGradTiles {
     pub gated: bool,
     /// Keys (`∂k`, `∂v`, key-side gate terms) or queries; set at launch.
     pub keys: bool,
+    /// The products contracted in registers
+    /// ([`chunk_grad_state_manual`](crate::chunk_grad_state_manual), CUDA's manually managed
+    /// `mma`) instead of staged through shared memory.
+    pub manual: bool,
+}
+
+/// Whether `client` runs CUDA's manually managed `m16n8k16` MMA with f16 operands and an f32
+/// accumulator, whose register layout [`chunk_grad_state_manual`](crate::chunk_grad_state_manual)
+/// relies on.
+fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    let f16 = half::f16::as_type_native_unchecked().storage_type();
+    R::name(client) == "cuda"
+        && client.features().matmul.mma.contains(&MmaConfig {
+            a_type: f16,
+            b_type: f16,
+            cd_type: f32::as_type_native_unchecked().storage_type(),
+            m: 16,
+            n: 8,
+            k: 16,
+        })
 }
 
 impl StateGradTiles {
@@ -245,24 +265,29 @@ impl StateGradTiles {
         if !use_mma(client, strategy, f16, &[], head_dim, value_dim) || value_dim > 128 {
             return None;
         }
+        let manual = manual_mma_supported(client);
         // two cubes per multiprocessor where 8 planes allow it, else 4-plane cubes
         let max = shared_memory_max(client);
         [(8u32, max / 2), (4, max)]
             .into_iter()
-            .find(|&(planes, cap)| Self::shared_bytes(planes as usize, head_dim, value_dim) <= cap)
+            .find(|&(planes, cap)| {
+                Self::shared_bytes(planes as usize, head_dim, value_dim, manual) <= cap
+            })
             .map(|(planes, _)| Self {
                 head_dim: head_dim as u32,
                 value_dim: value_dim as u32,
                 planes,
                 gated: false,
                 keys: false,
+                manual,
             })
     }
 
-    /// Shared memory of one cube, in bytes.
-    pub fn shared_bytes(planes: usize, head_dim: usize, value_dim: usize) -> usize {
+    /// Shared memory of one cube, in bytes (`manual`: no staged products).
+    pub fn shared_bytes(planes: usize, head_dim: usize, value_dim: usize, manual: bool) -> usize {
         use crate::block_mma::A_STRIDE;
         let rows = 16 * planes;
+        let staged = 4 * rows * 32 + 2 * rows * A_STRIDE;
         4 * rows
             + 2 * rows * (head_dim + 2)
             + 2 * rows * (value_dim + 8)
@@ -271,8 +296,7 @@ impl StateGradTiles {
             + 4 * rows * (head_dim + 1)
             + 2 * 2 * 32 * (value_dim + 8)
             + 4 * 2 * 32
-            + 4 * rows * 32
-            + 2 * rows * A_STRIDE
+            + if manual { 0 } else { staged }
     }
 }
 

@@ -33,6 +33,7 @@ pub mod chunk_grad;
 pub mod chunk_grad_intra_mma;
 mod chunk_grad_keys;
 mod chunk_grad_queries;
+mod chunk_grad_state_manual;
 pub mod chunk_grad_state_mma;
 pub mod chunk_output;
 mod chunk_output_mma;
