@@ -2,6 +2,7 @@
 
 use burn::tensor::DType;
 use clap::ValueEnum;
+use retention::ComputeDtype;
 
 /// A dtype selectable with `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -24,6 +25,16 @@ impl DtypeChoice {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The same dtype as a layer's [`ComputeDtype`].
+    pub fn compute(self) -> ComputeDtype {
+        match self {
+            Self::F64 => ComputeDtype::F64,
+            Self::F32 => ComputeDtype::F32,
+            Self::F16 => ComputeDtype::F16,
+            Self::Bf16 => ComputeDtype::Bf16,
         }
     }
 }

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use retention::RetentionBackend;
+use retention::{ComputeDtype, RetentionBackend};
 use retention_models::{
-    Corpus, LossLog, MixerKind, Pretrained, RecoveryStart, RunDirectory, TrainingConfig,
+    Corpus, LossLog, MixerKind, Pretrained, RecoveryStart, RunDirectory, Trainable, TrainingConfig,
     TrainingData, plot_losses, retrain_in_directory,
 };
 
-use crate::CliError;
 use crate::train::{MixerChoice, StepProgress};
+use crate::{CliError, DtypeChoice};
 
 /// Settings of `retention retrain`.
 #[derive(Debug, Clone, clap::Args)]
@@ -61,6 +61,15 @@ pub struct RetrainArgs {
     /// SmolLM2 the conversion starts from a higher held-out loss with it).
     #[arg(long)]
     pub rotary: bool,
+    /// The element type the retention layers run the op in (the model, its weights and the
+    /// optimizer stay in f32): `bf16` puts them on the tensor-core kernels on GPUs. Default:
+    /// the model's own.
+    #[arg(long, value_enum)]
+    pub retention_dtype: Option<DtypeChoice>,
+    /// Train the sequence mixers alone: embeddings, norms, feed-forward blocks and the head
+    /// keep their pretrained values.
+    #[arg(long)]
+    pub mixers_only: bool,
     /// Steps between validation passes.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
@@ -120,7 +129,11 @@ where
     }
     let config = config
         .with_retention_chunk(args.chunk)
-        .with_retention_rotary(args.rotary);
+        .with_retention_rotary(args.rotary)
+        .with_retention_dtype(
+            args.retention_dtype
+                .map_or(ComputeDtype::Input, DtypeChoice::compute),
+        );
     let mut corpus = Corpus::open(&args.corpus)?;
     if let Some(max) = args.max_corpus_bytes {
         corpus = corpus.truncated(max);
@@ -138,7 +151,12 @@ where
         .with_weight_decay(args.weight_decay)
         .with_seed(args.seed)
         .with_eval_every(args.eval_every)
-        .with_eval_batches(args.eval_batches);
+        .with_eval_batches(args.eval_batches)
+        .with_trainable(if args.mixers_only {
+            Trainable::Mixers
+        } else {
+            Trainable::All
+        });
     let tokens_per_step = (training.batch_size * training.seq_len) as f64;
     let mut summaries = Vec::new();
     for kind in args.mixer.kinds() {

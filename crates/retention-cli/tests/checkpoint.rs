@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use burn::backend::NdArray;
+use retention_cli::DtypeChoice;
 use retention_cli::convert::{ConvertArgs, convert};
 use retention_cli::generate::{GenerateArgs, ModelMixer, generate};
 use retention_cli::generate_latency::latency_curve;
@@ -90,6 +91,9 @@ fn smollm2_generates_converts_and_retrains() {
             weight_decay: 0.0,
             chunk: 8,
             rotary: false,
+            // the f64 op and frozen pretrained parts: the options a GPU run takes with bf16
+            retention_dtype: Some(DtypeChoice::F64),
+            mixers_only: true,
             eval_every: 1,
             eval_batches: 1,
             checkpoint_every: 0,

@@ -1,11 +1,22 @@
 //! What the trainer needs of a model: next-token cross-entropy over a batch of token windows.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Int, Tensor, backend::Backend};
 use retention::RetentionBackend;
 
 use crate::{LanguageModel, LlamaModel, ModelError};
+
+/// Which parameters a training run updates.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every parameter.
+    All,
+    /// The sequence mixers' parameters alone ([`CausalLm::frozen_but_mixers`]): a converted
+    /// model's new mixers learn while the pretrained rest stays as it was.
+    Mixers,
+}
 
 /// A causal language model the [`Trainer`](crate::Trainer) can train: the small
 /// [`LanguageModel`] trained from scratch, or a pretrained [`LlamaModel`] retrained after its
@@ -27,6 +38,9 @@ pub trait CausalLm<B: Backend>: Module<B> {
         inputs: Tensor<B, 2, Int>,
         targets: Tensor<B, 2, Int>,
     ) -> Result<Tensor<B, 1>, ModelError>;
+
+    /// The model with every parameter outside its sequence mixers frozen (no gradient).
+    fn frozen_but_mixers(self) -> Self;
 }
 
 impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
@@ -40,6 +54,10 @@ impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
         targets: Tensor<B, 2, Int>,
     ) -> Result<Tensor<B, 1>, ModelError> {
         self.loss_of_checked(inputs, targets)
+    }
+
+    fn frozen_but_mixers(self) -> Self {
+        LanguageModel::frozen_but_mixers(self)
     }
 }
 
@@ -58,5 +76,9 @@ impl<B: RetentionBackend> CausalLm<B> for LlamaModel<B> {
         let vocab = logits.dims()[2];
         let ce = CrossEntropyLossConfig::new().init(&logits.device());
         Ok(ce.forward(logits.reshape([b * t, vocab]), targets.reshape([b * t])))
+    }
+
+    fn frozen_but_mixers(self) -> Self {
+        LlamaModel::frozen_but_mixers(self)
     }
 }

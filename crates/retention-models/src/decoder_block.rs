@@ -17,6 +17,16 @@ pub struct DecoderBlock<B: Backend> {
 }
 
 impl<B: Backend> DecoderBlock<B> {
+    /// The block with its norms and feed-forward frozen, its mixer as it is.
+    pub(crate) fn frozen_but_mixer(self) -> Self {
+        Self {
+            mixer_norm: self.mixer_norm.no_grad(),
+            mixer: self.mixer,
+            ffn_norm: self.ffn_norm.no_grad(),
+            ffn: self.ffn.no_grad(),
+        }
+    }
+
     /// Builds a block.
     ///
     /// # Errors

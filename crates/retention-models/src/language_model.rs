@@ -156,6 +156,22 @@ pub struct LanguageModel<B: Backend> {
 }
 
 impl<B: RetentionBackend> LanguageModel<B> {
+    /// The model with every parameter but its sequence mixers' frozen (no gradient):
+    /// embedding, norms, feed-forward blocks, output head.
+    pub fn frozen_but_mixers(self) -> Self {
+        Self {
+            embed: self.embed.no_grad(),
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(DecoderBlock::frozen_but_mixer)
+                .collect(),
+            norm: self.norm.no_grad(),
+            head: self.head.no_grad(),
+            vocab_size: self.vocab_size,
+        }
+    }
+
     /// Next-token logits.
     ///
     /// # Shapes

@@ -27,7 +27,7 @@ mod token_windows;
 mod trainer;
 mod training_run;
 
-pub use causal_lm::CausalLm;
+pub use causal_lm::{CausalLm, Trainable};
 pub use corpus::Corpus;
 pub use decoder_block::DecoderBlock;
 pub use error::ModelError;

@@ -9,8 +9,8 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use retention::{
-    MixerCache, PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttentionConfig,
-    SequenceMixer, SequenceMixerConfig,
+    ComputeDtype, MixerCache, PowerRetentionConfig, RetentionBackend, RetentionError,
+    RotaryAttentionConfig, SequenceMixer, SequenceMixerConfig,
 };
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
@@ -56,6 +56,11 @@ pub struct LlamaConfig {
     /// 6.84 (the original: 3.27).
     #[config(default = false)]
     pub retention_rotary: bool,
+    /// The element type power retention blocks run the op in during whole-sequence passes
+    /// (training, scoring): `Bf16` puts an `f32` model's retention on the tensor-core kernels
+    /// (mixed precision, [`ComputeDtype`]).
+    #[config(default = "ComputeDtype::Input")]
+    pub retention_dtype: ComputeDtype,
 }
 
 impl LlamaConfig {
@@ -112,6 +117,7 @@ impl LlamaConfig {
             mixer: MixerKind::Attention,
             retention_chunk: 128,
             retention_rotary: false,
+            retention_dtype: ComputeDtype::Input,
         })
     }
 
@@ -127,7 +133,8 @@ impl LlamaConfig {
                 PowerRetentionConfig::new(self.d_model, self.n_heads)
                     .with_n_kv_heads(Some(self.n_kv_heads))
                     .with_chunk_size(Some(self.retention_chunk))
-                    .with_rotary_theta(self.retention_rotary.then_some(f64::from(self.rope_theta))),
+                    .with_rotary_theta(self.retention_rotary.then_some(f64::from(self.rope_theta)))
+                    .with_compute_dtype(self.retention_dtype),
             ),
         })
     }
@@ -174,6 +181,18 @@ pub struct LlamaBlock<B: Backend> {
     mixer: SequenceMixer<B>,
     ffn_norm: RmsNorm<B>,
     ffn: FeedForward<B>,
+}
+
+impl<B: Backend> LlamaBlock<B> {
+    /// The block with its norms and feed-forward frozen, its mixer as it is.
+    fn frozen_but_mixer(self) -> Self {
+        Self {
+            mixer_norm: self.mixer_norm.no_grad(),
+            mixer: self.mixer,
+            ffn_norm: self.ffn_norm.no_grad(),
+            ffn: self.ffn.no_grad(),
+        }
+    }
 }
 
 impl<B: RetentionBackend> LlamaBlock<B> {
@@ -383,6 +402,40 @@ impl<B: RetentionBackend> LlamaModel<B> {
             blocks.push(block);
         }
         Ok(Self { blocks, ..self })
+    }
+
+    /// The model with its power retention blocks running the op in `dtype` during
+    /// whole-sequence passes ([`ComputeDtype`]); attention blocks are left as they are.
+    pub fn with_retention_dtype(self, dtype: ComputeDtype) -> Self {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|block| match block.mixer {
+                SequenceMixer::PowerRetention(layer) => LlamaBlock {
+                    mixer: SequenceMixer::PowerRetention(layer.with_compute_dtype(dtype)),
+                    ..block
+                },
+                _ => block,
+            })
+            .collect();
+        Self { blocks, ..self }
+    }
+
+    /// The model with every parameter but its sequence mixers' frozen (no gradient: the
+    /// optimizer leaves them as they are): embeddings, norms, feed-forward blocks and the
+    /// output head. Retraining a converted model this way keeps what the pretrained
+    /// layers know while the new mixers learn, with a fifth of the parameters to fit.
+    pub fn frozen_but_mixers(self) -> Self {
+        Self {
+            embedding: self.embedding.no_grad(),
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(LlamaBlock::frozen_but_mixer)
+                .collect(),
+            norm: self.norm.no_grad(),
+            head: self.head.map(Module::no_grad),
+        }
     }
 
     /// The model a GGUF checkpoint holds (architecture `llama`), its block weights dequantized

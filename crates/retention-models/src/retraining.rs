@@ -54,10 +54,11 @@ where
 }
 
 /// Converts `original` (loaded with `config`; `info` and the data's tokenizer go beside the
-/// checkpoint for generation) to `mixer` (power retention: every attention
-/// layer, [`LlamaModel::into_retention`] at `config.retention_chunk`; attention: as it is, the
-/// control) and trains it for `training.steps` in `dir`, from its checkpoint when `resume` is
-/// set and one exists; checkpoints every `checkpoint_every` steps (0: only at the end) and at
+/// checkpoint for generation) to `mixer` (power retention: every attention layer,
+/// [`LlamaModel::into_retention`] at `config.retention_chunk`, the op in
+/// `config.retention_dtype`; attention: as it is, the control) and trains it for
+/// `training.steps` in `dir`, from its checkpoint when `resume` is set and one exists;
+/// checkpoints every `checkpoint_every` steps (0: only at the end) and at
 /// the end, writes `losses.csv`, and calls `on_step` after every step. The original's
 /// held-out loss is measured once, on the validation batches the run uses, then `original`
 /// is dropped.
@@ -104,11 +105,10 @@ where
 
     B::seed(device, training.seed);
     let model = match mixer {
-        MixerKind::Retention => original.clone().into_retention(
-            config.retention_chunk,
-            config.retention_rotary,
-            device,
-        )?,
+        MixerKind::Retention => original
+            .clone()
+            .into_retention(config.retention_chunk, config.retention_rotary, device)?
+            .with_retention_dtype(config.retention_dtype),
         MixerKind::Attention => original.clone(),
     };
     let train = TokenWindows::new(data.train.clone(), training.seq_len)?;

@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use retention::RetentionBackend;
 
 use crate::token_windows::{TokenBatch, TokenWindows};
-use crate::{CausalLm, LanguageModel, ModelError};
+use crate::{CausalLm, LanguageModel, ModelError, Trainable};
 
 /// Hyper-parameters of a training run.
 #[derive(Config, Debug)]
@@ -50,6 +50,9 @@ pub struct TrainingConfig {
     /// Batches in a validation pass.
     #[config(default = 4)]
     pub eval_batches: usize,
+    /// Which parameters the optimizer updates.
+    #[config(default = "Trainable::All")]
+    pub trainable: Trainable,
 }
 
 impl TrainingConfig {
@@ -154,6 +157,10 @@ where
             return Err(ModelError::TokenIds { vocab_size, count });
         }
         let valid = valid.evenly_spaced(config.eval_batches.max(1), config.batch_size, device);
+        let model = match config.trainable {
+            Trainable::All => model,
+            Trainable::Mixers => model.frozen_but_mixers(),
+        };
         Ok(Self {
             optim: config.optimizer().init(),
             config,

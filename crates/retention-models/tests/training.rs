@@ -2,11 +2,11 @@
 //! run continues the uninterrupted run's loss curve.
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 use retention_models::{
     Corpus, LanguageModel, LanguageModelConfig, MixerKind, ModelError, RunDirectory, TokenWindows,
-    Trainer, TrainingConfig, TrainingData, train_in_directory,
+    Trainable, Trainer, TrainingConfig, TrainingData, train_in_directory,
 };
 
 type B = Autodiff<NdArray>;
@@ -104,6 +104,75 @@ fn checkpoint_restores_outputs_bit_for_bit() -> Result<(), ModelError> {
         let b = restored.model().forward(batch.inputs)?.into_data();
         assert_eq!(a, b, "{}: outputs differ after save → load", mixer.name());
     }
+    Ok(())
+}
+
+/// Every float parameter's values by its path (`blocks.0.mixer.query.weight`).
+#[derive(Default)]
+struct ParamValues {
+    path: Vec<String>,
+    values: Vec<(String, TensorData)>,
+}
+
+impl ModuleVisitor<B> for ParamValues {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.values
+            .push((self.path.join("."), param.val().into_data()));
+    }
+}
+
+fn param_values(model: &LanguageModel<B>) -> Vec<(String, TensorData)> {
+    let mut v = ParamValues::default();
+    model.visit(&mut v);
+    v.values
+}
+
+/// With `Trainable::Mixers` the optimizer moves the mixers' parameters alone, also after a
+/// resume (a checkpoint's parameters come back frozen where the run froze them).
+#[test]
+fn frozen_parameters_stay_as_they_were() -> Result<(), ModelError> {
+    let dir = tempfile::tempdir().map_err(|e| ModelError::io("tempdir", e))?;
+    let model = tiny_model(MixerKind::Retention)?;
+    let before = param_values(&model);
+    let frozen = |model: LanguageModel<B>| -> Result<Trainer<B>, ModelError> {
+        let training = TrainingConfig::new(6, 4, 24)
+            .with_eval_every(0)
+            .with_eval_batches(1)
+            .with_learning_rate(1e-2)
+            .with_warmup_steps(1)
+            .with_trainable(Trainable::Mixers);
+        let (train, valid) = patterned_windows(training.seq_len)?;
+        Trainer::new(training, model, train, &valid, &Default::default())
+    };
+    let mut trainer = frozen(model.clone())?;
+    for _ in 0..3 {
+        trainer.step()?;
+    }
+    trainer.save(dir.path())?;
+    let mut trainer = frozen(model)?.resume(dir.path())?;
+    while !trainer.finished() {
+        trainer.step()?;
+    }
+    let after = param_values(trainer.model());
+    assert_eq!(before.len(), after.len());
+    let (mut moved, mut kept) = (0, 0);
+    for ((path, a), (_, b)) in before.iter().zip(&after) {
+        let in_mixer = path.split('.').any(|s| s == "mixer");
+        if in_mixer {
+            assert_ne!(a, b, "{path}: a mixer parameter did not train");
+            moved += 1;
+        } else {
+            assert_eq!(a, b, "{path}: a frozen parameter changed");
+            kept += 1;
+        }
+    }
+    assert!(moved > 0 && kept > 0, "moved {moved}, kept {kept}");
     Ok(())
 }
 

@@ -21,6 +21,7 @@
 mod autodiff_backend;
 mod backend;
 mod backward;
+mod compute_dtype;
 #[cfg(feature = "cube")]
 mod cube_backend;
 #[cfg(feature = "cube")]
@@ -44,6 +45,7 @@ pub mod validation;
 
 pub use backend::RetentionBackend;
 pub use backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
+pub use compute_dtype::ComputeDtype;
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, expanded_dim, pair_block};

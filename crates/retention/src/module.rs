@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor, activation::log_sigmoid, backend::Backend};
 
 use crate::rotary::RotaryAngles;
 use crate::{
-    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
+    ComputeDtype, DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
     power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
 };
 
@@ -59,6 +59,10 @@ pub struct PowerRetentionConfig {
     /// state only through the `_at` methods, which take the position.
     #[config(default = "None")]
     pub rotary_theta: Option<f64>,
+    /// The element type [`forward`](PowerRetention::forward) runs the op in (mixed
+    /// precision: [`ComputeDtype`]).
+    #[config(default = "ComputeDtype::Input")]
+    pub compute_dtype: ComputeDtype,
     /// Initializer of the projection weights (same default as Burn's `MultiHeadAttention`).
     #[config(
         default = "Initializer::KaimingUniform{gain:0.577_350_269_189_625_8, fan_out_only:false}"
@@ -158,6 +162,7 @@ impl PowerRetentionConfig {
             n_kv_heads: h,
             head_dim: d,
             rotary_theta: self.rotary_theta,
+            compute_dtype: self.compute_dtype,
             options: self.options(),
         })
     }
@@ -190,6 +195,9 @@ pub struct PowerRetention<B: Backend> {
     pub head_dim: usize,
     /// Base of the rotary encoding of queries and keys; `None`: none.
     pub rotary_theta: Option<f64>,
+    /// The element type [`forward`](Self::forward) runs the op in.
+    #[module(skip)]
+    pub compute_dtype: ComputeDtype,
     /// Options of the op.
     #[module(skip)]
     pub options: RetentionOptions,
@@ -253,7 +261,8 @@ impl<B: RetentionBackend> PowerRetention<B> {
         self.output.forward(y.reshape([b, t, hq * d]))
     }
 
-    /// Mixes a whole sequence (training, scoring).
+    /// Mixes a whole sequence (training, scoring), the op in the layer's
+    /// [`ComputeDtype`].
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
@@ -261,8 +270,25 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// # Errors
     /// [`RetentionError::Mismatch`] when the width of `x` is not `d_model`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
+        let dtype = x.dtype();
         let (q, k, v, log_g) = self.project(x, 0)?;
-        Ok(self.merge(power_retention(q, k, v, log_g, &self.options)?))
+        let c = self.compute_dtype;
+        let y = power_retention(
+            c.cast(q),
+            c.cast(k),
+            c.cast(v),
+            log_g.map(|g| c.cast(g)),
+            &self.options,
+        )?;
+        Ok(self.merge(if y.dtype() == dtype { y } else { y.cast(dtype) }))
+    }
+
+    /// The layer with [`forward`](Self::forward) running the op in `dtype`.
+    pub fn with_compute_dtype(self, dtype: ComputeDtype) -> Self {
+        Self {
+            compute_dtype: dtype,
+            ..self
+        }
     }
 
     /// Mixes a prompt, continuing from `state` if given, and returns the state after it

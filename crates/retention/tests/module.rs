@@ -7,7 +7,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::attention::MultiHeadAttentionConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor, backend::AutodiffBackend};
-use retention::{DecodeState, PowerRetention, PowerRetentionConfig, SequenceMixerConfig};
+use retention::{
+    ComputeDtype, DecodeState, PowerRetention, PowerRetentionConfig, SequenceMixerConfig,
+};
 
 type B = NdArray;
 type AD = Autodiff<NdArray>;
@@ -89,6 +91,50 @@ fn gradients_reach_every_parameter() {
             norm.is_finite() && norm > 0.0,
             "gradient of {path} is {norm}"
         );
+    }
+}
+
+/// A layer whose op runs in another dtype returns the model's dtype, the same values up to
+/// that dtype's rounding, and the same gradients (here f64 inside an f32 model: the two
+/// differ by f32 rounding only; on GPUs `Bf16` puts the op on the tensor-core kernels).
+#[test]
+fn compute_dtype_casts_around_the_op() {
+    let dev = Default::default();
+    let layer: PowerRetention<AD> = config().init(&dev).expect("valid config");
+    let x = input::<AD>(2, 9, &dev);
+    let run = |layer: &PowerRetention<AD>| {
+        let y = layer.forward(x.clone()).expect("valid");
+        assert_eq!(y.dtype(), burn::tensor::DType::F32);
+        let grads = y.clone().powi_scalar(2).mean().backward();
+        let dq = layer.query.weight.val().grad(&grads).expect("query grad");
+        let dg = layer
+            .gate
+            .as_ref()
+            .and_then(|g| g.weight.val().grad(&grads))
+            .expect("gate grad");
+        (y.inner(), dq, dg)
+    };
+    let (y, dq, dg) = run(&layer);
+    // cloned after a forward pass: a clone of a parameter not drawn yet draws its own
+    let wide = layer.clone().with_compute_dtype(ComputeDtype::F64);
+    let (y64, dq64, dg64) = run(&wide);
+    let rel = |a: Tensor<B, 2>, b: Tensor<B, 2>| {
+        let scale = b.clone().abs().max().into_scalar();
+        (a - b).abs().max().into_scalar() / scale
+    };
+    let [b, t, d] = y.dims();
+    let flat = |y: Tensor<B, 3>| y.reshape([b * t, d]);
+    let output = rel(flat(y64), flat(y));
+    assert!(
+        output > 0.0,
+        "the f64 op returned the f32 op's values bit for bit"
+    );
+    for (name, err) in [
+        ("output", output),
+        ("∂W_q", rel(dq64, dq)),
+        ("∂W_gate", rel(dg64, dg)),
+    ] {
+        assert!(err < 1e-4, "{name}: f64 op vs f32 op differ by {err:.2e}");
     }
 }
 
