@@ -70,6 +70,12 @@ pub struct RetrainArgs {
     /// keep their pretrained values.
     #[arg(long)]
     pub mixers_only: bool,
+    /// Weight of the pretrained model's next-token distribution in the training targets (0:
+    /// the corpus's tokens alone; 1: the pretrained model's predictions alone). The original
+    /// then runs forward beside the model being trained; held-out losses stay the corpus's
+    /// cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    pub distill: f64,
     /// Steps between validation passes.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
@@ -152,6 +158,7 @@ where
         .with_seed(args.seed)
         .with_eval_every(args.eval_every)
         .with_eval_batches(args.eval_batches)
+        .with_distill(args.distill)
         .with_trainable(if args.mixers_only {
             Trainable::Mixers
         } else {

@@ -94,6 +94,7 @@ fn smollm2_generates_converts_and_retrains() {
             // the f64 op and frozen pretrained parts: the options a GPU run takes with bf16
             retention_dtype: Some(DtypeChoice::F64),
             mixers_only: true,
+            distill: 0.5,
             eval_every: 1,
             eval_batches: 1,
             checkpoint_every: 0,

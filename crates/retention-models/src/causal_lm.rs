@@ -39,6 +39,16 @@ pub trait CausalLm<B: Backend>: Module<B> {
         targets: Tensor<B, 2, Int>,
     ) -> Result<Tensor<B, 1>, ModelError>;
 
+    /// Next-token logits at every position of `inputs`, ids already known to lie in the
+    /// vocabulary.
+    ///
+    /// # Shapes
+    /// - `inputs`: `[batch, seq]` → `[batch, seq, vocab_size]`
+    ///
+    /// # Errors
+    /// The model's errors.
+    fn next_token_logits(&self, inputs: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError>;
+
     /// The model with every parameter outside its sequence mixers frozen (no gradient).
     fn frozen_but_mixers(self) -> Self;
 }
@@ -54,6 +64,10 @@ impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
         targets: Tensor<B, 2, Int>,
     ) -> Result<Tensor<B, 1>, ModelError> {
         self.loss_of_checked(inputs, targets)
+    }
+
+    fn next_token_logits(&self, inputs: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
+        self.logits(inputs)
     }
 
     fn frozen_but_mixers(self) -> Self {
@@ -72,10 +86,14 @@ impl<B: RetentionBackend> CausalLm<B> for LlamaModel<B> {
         targets: Tensor<B, 2, Int>,
     ) -> Result<Tensor<B, 1>, ModelError> {
         let [b, t] = targets.dims();
-        let logits = self.forward(inputs)?;
+        let logits = self.next_token_logits(inputs)?;
         let vocab = logits.dims()[2];
         let ce = CrossEntropyLossConfig::new().init(&logits.device());
         Ok(ce.forward(logits.reshape([b * t, vocab]), targets.reshape([b * t])))
+    }
+
+    fn next_token_logits(&self, inputs: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
+        Ok(self.forward(inputs)?)
     }
 
     fn frozen_but_mixers(self) -> Self {

@@ -227,7 +227,7 @@ impl<B: RetentionBackend> LanguageModel<B> {
         Ok(ce.forward(logits, targets.reshape([b * t])))
     }
 
-    fn logits(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
+    pub(crate) fn logits(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {
         let mut x = self.embed.forward(tokens);
         for block in &self.blocks {
             x = block.forward(x)?;

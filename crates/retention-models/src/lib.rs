@@ -9,6 +9,7 @@
 mod causal_lm;
 mod corpus;
 mod decoder_block;
+mod distillation;
 mod error;
 mod feed_forward;
 mod ggml_blocks;
@@ -30,6 +31,7 @@ mod training_run;
 pub use causal_lm::{CausalLm, Trainable};
 pub use corpus::Corpus;
 pub use decoder_block::DecoderBlock;
+pub use distillation::{distillation_loss, teacher_distribution};
 pub use error::ModelError;
 pub use feed_forward::{FeedForward, FeedForwardConfig};
 pub use ggml_blocks::{GgmlType, dequantize};

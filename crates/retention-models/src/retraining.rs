@@ -60,8 +60,8 @@ where
 /// `training.steps` in `dir`, from its checkpoint when `resume` is set and one exists;
 /// checkpoints every `checkpoint_every` steps (0: only at the end) and at
 /// the end, writes `losses.csv`, and calls `on_step` after every step. The original's
-/// held-out loss is measured once, on the validation batches the run uses, then `original`
-/// is dropped.
+/// held-out loss is measured once, on the validation batches the run uses; then `original`
+/// is dropped, or kept as the teacher where `training.distill` is positive.
 ///
 /// # Errors
 /// [`ModelError::Config`] when resuming with settings other than the saved ones; the model's,
@@ -114,12 +114,13 @@ where
     let train = TokenWindows::new(data.train.clone(), training.seq_len)?;
     let valid = TokenWindows::new(data.valid.clone(), training.seq_len)?;
     let mut trainer = Trainer::new(training.clone(), model, train, &valid, device)?;
+    let original = original.valid();
     let start = if resuming {
         RecoveryStart::load(&start_path)
             .map_err(|e| ModelError::io(&start_path, std::io::Error::other(e.to_string())))?
     } else {
         let start = RecoveryStart::new(
-            trainer.validation_loss_of(&original.valid())?,
+            trainer.validation_loss_of(&original)?,
             trainer.validation_loss()?,
         );
         start
@@ -127,7 +128,12 @@ where
             .map_err(|e| ModelError::io(&start_path, e))?;
         start
     };
-    drop(original);
+    // the original teaches the run what it would predict (training.distill), else it goes
+    if training.distill > 0.0 {
+        trainer = trainer.with_teacher(original);
+    } else {
+        drop(original);
+    }
     if resuming {
         trainer = trainer.resume(dir.checkpoint())?;
     }
@@ -255,5 +261,47 @@ mod tests {
             |_| (),
         );
         assert!(matches!(other, Err(ModelError::Config(_))));
+    }
+
+    /// Distillation from the original: the converted model's held-out loss falls towards the
+    /// original's, and a trainer asked to distil without a teacher refuses to step.
+    #[test]
+    fn distils_from_the_original() {
+        let dev = Default::default();
+        let data = data();
+        let config = LlamaConfig::new(300, 32, 2, 4, 2, 48)
+            .with_max_seq(64)
+            .with_retention_chunk(8);
+        let original = config.init::<B>(&dev).expect("builds");
+        let training = TrainingConfig::new(12, 2, 16)
+            .with_learning_rate(3e-3)
+            .with_warmup_steps(2)
+            .with_eval_every(6)
+            .with_distill(0.5);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let run = retrain_in_directory(
+            original.clone(),
+            &config,
+            &GenerationInfo::new(false),
+            MixerKind::Retention,
+            &training,
+            &data,
+            &RunDirectory::new(tmp.path().join("distil")),
+            0,
+            false,
+            &dev,
+            |_| (),
+        )
+        .expect("retrains");
+        let last = run.trainer.log().valid.last().expect("validated").1;
+        assert!(
+            last < run.start.converted,
+            "held-out loss {} → {last}",
+            run.start.converted
+        );
+        let windows = TokenWindows::new(data.train.clone(), 16).expect("windows");
+        let mut orphan =
+            Trainer::new(training, original, windows.clone(), &windows, &dev).expect("builds");
+        assert!(matches!(orphan.step(), Err(ModelError::Config(_))));
     }
 }

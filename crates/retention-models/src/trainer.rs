@@ -15,7 +15,9 @@ use burn::tensor::backend::AutodiffBackend;
 use retention::RetentionBackend;
 
 use crate::token_windows::{TokenBatch, TokenWindows};
-use crate::{CausalLm, LanguageModel, ModelError, Trainable};
+use crate::{
+    CausalLm, LanguageModel, ModelError, Trainable, distillation_loss, teacher_distribution,
+};
 
 /// Hyper-parameters of a training run.
 #[derive(Config, Debug)]
@@ -53,6 +55,11 @@ pub struct TrainingConfig {
     /// Which parameters the optimizer updates.
     #[config(default = "Trainable::All")]
     pub trainable: Trainable,
+    /// Weight of a teacher's next-token distribution in the training targets (0: the text's
+    /// tokens alone; see [`distillation_loss`]); a run with a positive weight needs a
+    /// teacher ([`Trainer::with_teacher`]).
+    #[config(default = 0.0)]
+    pub distill: f64,
 }
 
 impl TrainingConfig {
@@ -78,7 +85,8 @@ impl TrainingConfig {
 /// The losses so far: one training loss per step, validation losses where they were measured.
 #[derive(Config, Debug)]
 pub struct LossLog {
-    /// Mean cross-entropy of step `i`'s batch (nats per token), before the update.
+    /// Mean cross-entropy of step `i`'s batch (nats per token), before the update (against
+    /// the mixed targets under distillation).
     pub train: Vec<f64>,
     /// `(steps done, mean validation cross-entropy)`.
     pub valid: Vec<(usize, f64)>,
@@ -108,6 +116,9 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> = LanguageModel<B>> 
     step: usize,
     log: LossLog,
     device: B::Device,
+    /// The model whose next-token distributions the training targets mix in
+    /// ([`TrainingConfig::distill`]).
+    teacher: Option<M::InnerModule>,
 }
 
 /// The recorder of checkpoints: full precision, so a restored model is bit-identical.
@@ -135,9 +146,10 @@ where
     /// A run starting from `model` at step 0.
     ///
     /// # Errors
-    /// [`ModelError::Config`] for zero steps, batch size or sequence length, or a validation
-    /// stream shorter than one window; [`ModelError::TokenIds`] when a stream holds ids outside
-    /// the model's vocabulary (checked here, once, so the steps need not).
+    /// [`ModelError::Config`] for zero steps, batch size or sequence length, a distillation
+    /// weight outside `[0, 1]`, or a validation stream shorter than one window;
+    /// [`ModelError::TokenIds`] when a stream holds ids outside the model's vocabulary
+    /// (checked here, once, so the steps need not).
     pub fn new(
         config: TrainingConfig,
         model: M,
@@ -149,6 +161,12 @@ where
             return Err(ModelError::Config(format!(
                 "steps ({}), batch_size ({}) and seq_len ({}) must be positive",
                 config.steps, config.batch_size, config.seq_len
+            )));
+        }
+        if !(0.0..=1.0).contains(&config.distill) {
+            return Err(ModelError::Config(format!(
+                "distill is a weight in [0, 1], got {}",
+                config.distill
             )));
         }
         let vocab_size = model.vocab_size();
@@ -170,7 +188,18 @@ where
             step: 0,
             log: LossLog::new(Vec::new(), Vec::new()),
             device: device.clone(),
+            teacher: None,
         })
+    }
+
+    /// The run with `teacher`'s next-token distributions mixed into its training targets,
+    /// with weight [`TrainingConfig::distill`] (the pretrained model a conversion started
+    /// from, say). The validation loss stays the text's cross-entropy.
+    pub fn with_teacher(self, teacher: M::InnerModule) -> Self {
+        Self {
+            teacher: Some(teacher),
+            ..self
+        }
     }
 
     /// Steps done.
@@ -209,7 +238,20 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let loss = self.model.next_token_loss(batch.inputs, batch.targets)?;
+        let loss = if self.config.distill > 0.0 {
+            let teacher = self.teacher.as_ref().ok_or_else(|| {
+                ModelError::Config(format!(
+                    "distill = {} needs a teacher (Trainer::with_teacher)",
+                    self.config.distill
+                ))
+            })?;
+            let probs =
+                teacher_distribution::<B>(teacher.next_token_logits(batch.inputs.clone().inner())?);
+            let logits = self.model.next_token_logits(batch.inputs)?;
+            distillation_loss(logits, batch.targets, Some(probs), self.config.distill)
+        } else {
+            self.model.next_token_loss(batch.inputs, batch.targets)?
+        };
         let value = loss.clone().into_scalar().elem::<f64>();
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         let lr = self.config.learning_rate_at(self.step);
