@@ -12,6 +12,7 @@ pub mod dtype_choice;
 pub mod error;
 pub mod generate;
 pub mod generate_latency;
+pub mod plot_losses;
 pub mod retrain;
 pub mod selftest;
 pub mod tensor_file;

@@ -93,6 +93,22 @@ enum Command {
         #[arg(long, default_value = "docs/img")]
         out: std::path::PathBuf,
     },
+    /// Draws runs' loss curves (their `losses.csv`) in one SVG, with the pretrained model's
+    /// held-out loss and the +5 % bar (a recovery chart from runs made in several sittings).
+    PlotLosses {
+        /// A run as `LABEL=PATH/TO/losses.csv` (repeatable).
+        #[arg(long = "run", required = true)]
+        runs: Vec<retention_cli::plot_losses::LossRun>,
+        /// The pretrained model's held-out loss (a run's `recovery.json`, `original`).
+        #[arg(long)]
+        original: Option<f64>,
+        /// The chart's title.
+        #[arg(long, default_value = "held-out loss")]
+        title: String,
+        /// The SVG to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Trains the decoder language model on a real corpus (retention, attention, or both) and
     /// draws their loss curves (`<out>/loss.svg`).
     Train {
@@ -295,6 +311,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 grad
             )
             .map(drop))
+        }
+        Command::PlotLosses {
+            runs,
+            original,
+            title,
+            out,
+        } => {
+            retention_cli::plot_losses::plot_loss_runs(&runs, original, &title, &out)?;
+            println!("{}", out.display());
+            Ok(())
         }
         Command::Plot { csv, out } => {
             let text = std::fs::read_to_string(&csv).map_err(|source| CliError::Io {

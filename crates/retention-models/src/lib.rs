@@ -50,4 +50,6 @@ pub use text_tokenizer::TextTokenizer;
 pub use token_sampler::{SamplingConfig, TokenSampler};
 pub use token_windows::{TokenBatch, TokenWindows};
 pub use trainer::{LossLog, StepReport, Trainer, TrainingConfig};
-pub use training_run::{RunDirectory, TrainingData, train_in_directory, write_losses_csv};
+pub use training_run::{
+    RunDirectory, TrainingData, read_losses_csv, train_in_directory, write_losses_csv,
+};

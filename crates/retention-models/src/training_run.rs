@@ -198,6 +198,45 @@ pub(crate) fn check_same_run(
     Ok(())
 }
 
+/// Reads the rows [`write_losses_csv`] writes back into a [`LossLog`] (a run cut short keeps
+/// the rows of its last checkpoint).
+///
+/// # Errors
+/// [`ModelError::Io`] when the file cannot be read; [`ModelError::Config`] for a row that is
+/// not `step,train_loss,valid_loss` with steps in order.
+pub fn read_losses_csv(path: &Path) -> Result<LossLog, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let bad = |line: &str| {
+        ModelError::Config(format!(
+            "{}: `{line}` is not a `step,train_loss,valid_loss` row in order",
+            path.display()
+        ))
+    };
+    let number = |field: &str, line: &str| -> Result<Option<f64>, ModelError> {
+        match field.trim() {
+            "" => Ok(None),
+            x => x.parse().map(Some).map_err(|_| bad(line)),
+        }
+    };
+    let mut log = LossLog::new(Vec::new(), Vec::new());
+    for line in text.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let [step, train, valid] = fields[..] else {
+            return Err(bad(line));
+        };
+        let step: usize = step.trim().parse().map_err(|_| bad(line))?;
+        match number(train, line)? {
+            Some(loss) if step == log.train.len() + 1 => log.train.push(loss),
+            None if step == 0 => {}
+            _ => return Err(bad(line)),
+        }
+        if let Some(v) = number(valid, line)? {
+            log.valid.push((step, v));
+        }
+    }
+    Ok(log)
+}
+
 /// Writes `step,train_loss,valid_loss` rows (validation empty where none was measured).
 ///
 /// # Errors
@@ -219,4 +258,27 @@ pub fn write_losses_csv(log: &LossLog, path: &Path) -> Result<(), ModelError> {
         let _ = writeln!(csv, "{step},{loss:.6},{valid}");
     }
     std::fs::write(path, csv).map_err(|e| ModelError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CSV reads back as written (to its six decimals), the start row included, and a
+    /// row out of order is refused.
+    #[test]
+    fn losses_csv_round_trips() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("losses.csv");
+        let log = LossLog::new(
+            vec![4.25, 3.5, 3.125],
+            vec![(0, 6.75), (2, 3.875), (3, 3.0625)],
+        );
+        write_losses_csv(&log, &path).expect("writes");
+        let back = read_losses_csv(&path).expect("reads");
+        assert_eq!(back.train, log.train);
+        assert_eq!(back.valid, log.valid);
+        std::fs::write(&path, "step,train_loss,valid_loss\n1,4.0,\n3,3.0,\n").expect("writes");
+        assert!(matches!(read_losses_csv(&path), Err(ModelError::Config(_))));
+    }
 }
