@@ -1,12 +1,18 @@
 //! ggml's tensor element types and their dequantization to f32: the plain floats (F32, F16,
-//! BF16) and the 32-value block formats SmolLM2's GGUF files use (Q4_0, Q4_1, Q8_0).
+//! BF16), the 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the 256-value "K"
+//! super-blocks (Q4_K, Q5_K, Q6_K: [`ggml_kquants`](crate::ggml_kquants)).
 //!
 //! A block holds 32 values: Q8_0 is an f16 scale `d` and 32 `i8` (`x = d·q`); Q4_0 is `d` and
 //! 16 bytes of 4-bit codes (`x = d·(q − 8)`); Q4_1 is `d`, an f16 offset `m` and 16 bytes
 //! (`x = d·q + m`). In the 4-bit formats byte `j` holds value `j` in its low nibble and value
-//! `j + 16` in its high one.
+//! `j + 16` in its high one. Q5_0 and Q5_1 add 4 bytes (a little-endian `u32`) of fifth bits
+//! before the codes, bit `i` for value `i` (`x = d·(q − 16)`, `x = d·q + m`).
 
 use burn::tensor::{bf16, f16};
+
+use crate::ggml_kquants::{
+    Q4_K_BYTES, Q5_K_BYTES, Q6_K_BYTES, SUPER_BLOCK, dequantize_q6_k, dequantize_q45_k,
+};
 
 /// Values per quantized block.
 const BLOCK: usize = 32;
@@ -24,8 +30,20 @@ pub enum GgmlType {
     Q4_0,
     /// Blocks of 32: f16 scale and offset, 4-bit codes.
     Q4_1,
+    /// Blocks of 32: f16 scale, 5-bit codes centred on 16.
+    Q5_0,
+    /// Blocks of 32: f16 scale and offset, 5-bit codes.
+    Q5_1,
     /// Blocks of 32: f16 scale, 8-bit codes.
     Q8_0,
+    /// ggml's `Q4_K`. Super-blocks of 256: 4-bit codes, 6-bit scales and minima per 32
+    /// values.
+    Q4K,
+    /// ggml's `Q5_K`. Super-blocks of 256: 5-bit codes, 6-bit scales and minima per 32
+    /// values.
+    Q5K,
+    /// ggml's `Q6_K`. Super-blocks of 256: 6-bit codes, 8-bit scales per 16 values.
+    Q6K,
 }
 
 impl GgmlType {
@@ -36,7 +54,12 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
             30 => Self::Bf16,
             _ => return None,
         })
@@ -45,15 +68,22 @@ impl GgmlType {
     /// Bytes of `count` values (`None`: the count is not a whole number of blocks, or
     /// overflows).
     pub fn bytes_for(self, count: usize) -> Option<usize> {
-        let per_block = |block_bytes: usize| {
-            (count % BLOCK == 0).then(|| (count / BLOCK).checked_mul(block_bytes))?
+        let blocks_of = |values: usize, block_bytes: usize| {
+            (count % values == 0).then(|| (count / values).checked_mul(block_bytes))?
         };
+        let per_block = |block_bytes: usize| blocks_of(BLOCK, block_bytes);
+        let per_super_block = |block_bytes: usize| blocks_of(SUPER_BLOCK, block_bytes);
         match self {
             Self::F32 => count.checked_mul(4),
             Self::F16 | Self::Bf16 => count.checked_mul(2),
             Self::Q4_0 => per_block(2 + BLOCK / 2),
             Self::Q4_1 => per_block(4 + BLOCK / 2),
+            Self::Q5_0 => per_block(6 + BLOCK / 2),
+            Self::Q5_1 => per_block(8 + BLOCK / 2),
             Self::Q8_0 => per_block(2 + BLOCK),
+            Self::Q4K => per_super_block(Q4_K_BYTES),
+            Self::Q5K => per_super_block(Q5_K_BYTES),
+            Self::Q6K => per_super_block(Q6_K_BYTES),
         }
     }
 }
@@ -88,7 +118,42 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], count: usize) -> Option<Vec<f32>> 
         GgmlType::Q4_1 => nibble_blocks(bytes, 4, |block, q| {
             f32::from(q) * half(&block[..2]) + half(&block[2..4])
         }),
+        GgmlType::Q5_0 => fifth_bit_blocks(bytes, 2, |block, q| {
+            (f32::from(q) - 16.0) * half(&block[..2])
+        }),
+        GgmlType::Q5_1 => fifth_bit_blocks(bytes, 4, |block, q| {
+            f32::from(q) * half(&block[..2]) + half(&block[2..4])
+        }),
+        GgmlType::Q4K => dequantize_q45_k(bytes, false),
+        GgmlType::Q5K => dequantize_q45_k(bytes, true),
+        GgmlType::Q6K => dequantize_q6_k(bytes),
     })
+}
+
+/// The 5-bit formats: blocks of a `head_bytes` header, 4 bytes of fifth bits (a little-endian
+/// `u32`, bit `i` for value `i`) and 16 bytes of low nibbles as in the 4-bit formats.
+fn fifth_bit_blocks(bytes: &[u8], head_bytes: usize, value: impl Fn(&[u8], u8) -> f32) -> Vec<f32> {
+    let block_bytes = head_bytes + 4 + BLOCK / 2;
+    let mut out = Vec::with_capacity(bytes.len() / block_bytes * BLOCK);
+    for block in bytes.chunks_exact(block_bytes) {
+        let h = &block[head_bytes..head_bytes + 4];
+        let high = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let codes = &block[head_bytes + 4..];
+        let fifth = |i: usize| (((high >> i) & 1) as u8) << 4;
+        out.extend(
+            codes
+                .iter()
+                .enumerate()
+                .map(|(j, &q)| value(block, (q & 0x0f) | fifth(j))),
+        );
+        out.extend(
+            codes
+                .iter()
+                .enumerate()
+                .map(|(j, &q)| value(block, (q >> 4) | fifth(j + 16))),
+        );
+    }
+    out
 }
 
 /// The 4-bit formats: blocks of a `head_bytes` header and 16 bytes of codes; `value(block, q)`

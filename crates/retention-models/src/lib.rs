@@ -13,6 +13,7 @@ mod distillation;
 mod error;
 mod feed_forward;
 mod ggml_blocks;
+mod ggml_kquants;
 mod gguf_file;
 mod hf_checkpoint;
 mod language_model;
