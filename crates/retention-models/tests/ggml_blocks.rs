@@ -32,7 +32,11 @@ fn block_types_match_ggml() {
     for (name, ty) in types {
         let v = &all[name];
         let bytes = bytes_of(&v.hex);
-        assert_eq!(ty.bytes_for(v.values.len()), Some(bytes.len()), "{name} size");
+        assert_eq!(
+            ty.bytes_for(v.values.len()),
+            Some(bytes.len()),
+            "{name} size"
+        );
         let got = dequantize(ty, &bytes, v.values.len()).expect("dequantizes");
         let scale = v.values.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(scale > 0.0, "{name}: all-zero vectors check nothing");

@@ -165,6 +165,45 @@ impl Problem {
         }
     }
 
+    /// Sequence `i` of the batch as a problem of batch 1.
+    pub fn sequence(&self, i: usize) -> Self {
+        let one =
+            |x: &[f64], width: usize| x[i * self.t * width..(i + 1) * self.t * width].to_vec();
+        Self {
+            b: 1,
+            q: one(&self.q, self.hq * self.d),
+            k: one(&self.k, self.h * self.d),
+            v: one(&self.v, self.h * self.e),
+            log_g: self.log_g.as_ref().map(|g| one(g, self.h)),
+            ..self.clone()
+        }
+    }
+
+    /// The problem with its key/value heads rotated by one (head `i` becomes head `i + 1`
+    /// mod `h`) and their groups of query heads with them (query head `j` becomes `j + r`
+    /// mod `hq`, `r = hq / h`): its output holds query head `j`'s rows at `j + r` mod `hq`.
+    pub fn kv_heads_rotated(&self) -> Self {
+        let r = self.hq / self.h;
+        let rotate = |x: &[f64], heads: usize, shift: usize, width: usize| {
+            let mut out = vec![0.0; x.len()];
+            for (row, chunk) in x.chunks_exact(heads * width).enumerate() {
+                for head in 0..heads {
+                    let to = (head + shift) % heads;
+                    out[(row * heads + to) * width..][..width]
+                        .copy_from_slice(&chunk[head * width..][..width]);
+                }
+            }
+            out
+        };
+        Self {
+            q: rotate(&self.q, self.hq, r, self.d),
+            k: rotate(&self.k, self.h, 1, self.d),
+            v: rotate(&self.v, self.h, 1, self.e),
+            log_g: self.log_g.as_ref().map(|g| rotate(g, self.h, 1, 1)),
+            ..self.clone()
+        }
+    }
+
     /// Rows `[from, to)` of a `[b, t, width]` array.
     pub fn rows(&self, x: &[f64], width: usize, from: usize, to: usize) -> Vec<f64> {
         (0..self.b)
