@@ -5,7 +5,10 @@
 //! Without a GPU adapter the tests print why and pass, unless `CI` is set: then they fail.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+
 use burn::tensor::{DType, Tensor, backend::Backend};
+use common::adapter;
 use retention::RetentionBackend;
 use retention::validation::{run_grad_suite, run_suite};
 
@@ -27,25 +30,6 @@ fn grad_suite<B: RetentionBackend>(name: &str, cases: u64) {
         "{name}: gradients disagree with the oracle:\n{}",
         report.failures()
     );
-}
-
-/// Whether `B` has a usable device; without one, skip loudly (or fail under CI).
-fn adapter<B: Backend>(name: &str) -> Option<B::Device> {
-    let probe = std::panic::catch_unwind(|| {
-        let dev = B::Device::default();
-        let _ = Tensor::<B, 1>::zeros([1], &dev).into_data();
-        dev
-    });
-    match probe {
-        Ok(dev) => Some(dev),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("{name}: no GPU adapter, and CI is set: the kernel suite must run in CI")
-        }
-        Err(_) => {
-            eprintln!("SKIPPED {name}: no GPU adapter found (set CI=1 to make this a failure)");
-            None
-        }
-    }
 }
 
 /// Gradients through an initial state and out of the final state, which the randomized suite
