@@ -55,6 +55,40 @@ fn host<B: RetentionBackend, const N: usize>(
     })
 }
 
+/// The op's inputs as `retention apply` reads them from a file, their shapes checked.
+#[derive(Debug, Clone)]
+pub struct ApplyInputs {
+    /// `[batch, seq, q_heads, head_dim]`.
+    pub q: HostTensor,
+    /// `[batch, seq, kv_heads, head_dim]`.
+    pub k: HostTensor,
+    /// `[batch, seq, kv_heads, value_dim]`.
+    pub v: HostTensor,
+    /// `[batch, seq, kv_heads]`, if the file has it.
+    pub log_g: Option<HostTensor>,
+}
+
+impl ApplyInputs {
+    /// Tensors `q`, `k`, `v` and, if present, `log_g` of `file`, checked against each other
+    /// and `options` as the op checks them.
+    ///
+    /// # Errors
+    /// Missing tensors, unsupported dtypes, and the op's shape errors (as
+    /// [`CliError::Retention`]).
+    pub fn read(file: &TensorFile, options: &RetentionOptions) -> Result<Self, CliError> {
+        let (q, k, v) = (file.require("q")?, file.require("k")?, file.require("v")?);
+        let log_g = file.get("log_g")?;
+        check_shapes(
+            &q.shape,
+            &k.shape,
+            &v.shape,
+            log_g.as_ref().map(|g| g.shape.as_slice()),
+            options,
+        )?;
+        Ok(Self { q, k, v, log_g })
+    }
+}
+
 /// Reads `q`, `k`, `v` (`[b, t, h, d]`) and optional `log_g` (`[b, t, h]`) from
 /// `args.input`, runs [`power_retention`] with Manifest's semantics for
 /// `power_retention(Q, K, V, log_G, deg=p, scale=σ, chunk_size=c)`, and writes `out`
@@ -70,19 +104,11 @@ pub fn apply<B: RetentionBackend>(
     args: &ApplyArgs,
 ) -> Result<ApplySummary, CliError> {
     let file = TensorFile::open(&args.input)?;
-    let (q, k, v) = (file.require("q")?, file.require("k")?, file.require("v")?);
-    let log_g = file.get("log_g")?;
     let options = RetentionOptions::new()
         .with_degree(args.degree)
         .with_chunk_size(args.chunk)
         .with_scale(args.scale.filter(|s| *s != 0.0));
-    check_shapes(
-        &q.shape,
-        &k.shape,
-        &v.shape,
-        log_g.as_ref().map(|g| g.shape.as_slice()),
-        &options,
-    )?;
+    let ApplyInputs { q, k, v, log_g } = ApplyInputs::read(&file, &options)?;
     let out_dtype = q.dtype;
     let (q, k, v) = (
         tensor::<B, 4>(q, dev),

@@ -45,6 +45,14 @@ impl TensorFile {
             path: path.into(),
             source,
         })?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// A file's bytes, already read (`path` names it in errors).
+    ///
+    /// # Errors
+    /// [`CliError::Format`] for a bad header.
+    pub fn from_bytes(path: &str, bytes: Vec<u8>) -> Result<Self, CliError> {
         let file = Self {
             path: path.into(),
             bytes,

@@ -73,6 +73,16 @@ pub enum RetentionError {
         "`degree` must be even and at least 2 (the weights (q·k)^p must be non-negative), got {0}"
     )]
     Degree(usize),
+    /// The feature count `D = C(d + p − 1, p)` does not fit in a `usize`.
+    #[error(
+        "`degree` {degree} at head_dim {head_dim} needs more features (D = C(d + p − 1, p)) than a usize can count"
+    )]
+    FeatureCount {
+        /// `head_dim` of `q`.
+        head_dim: usize,
+        /// The degree `p`.
+        degree: usize,
+    },
     /// Chunk size zero.
     #[error("`chunk_size` must be at least 1, got 0")]
     ChunkSize,

@@ -46,16 +46,40 @@ pub fn pair_block(head_dim: usize) -> usize {
 /// assert_eq!(retention::expanded_dim(64, 4), 766_480);
 /// ```
 pub fn expanded_dim(head_dim: usize, degree: usize) -> usize {
+    checked_expanded_dim(head_dim, degree).unwrap_or(usize::MAX)
+}
+
+/// [`expanded_dim`], or `None` where `D` does not fit in a `usize` ([`check_shapes`]
+/// (crate::check_shapes) refuses such problems).
+///
+/// ```
+/// assert_eq!(retention::checked_expanded_dim(64, 4), Some(766_480));
+/// assert_eq!(retention::checked_expanded_dim(1, 1 << 60), Some(1));
+/// assert_eq!(retention::checked_expanded_dim(1 << 40, 1 << 40), None);
+/// ```
+pub fn checked_expanded_dim(head_dim: usize, degree: usize) -> Option<usize> {
+    if head_dim == 0 {
+        return Some(0);
+    }
     if degree == 2 {
-        return head_dim * (head_dim + pair_block(head_dim)) / 2;
+        return head_dim
+            .checked_add(pair_block(head_dim))?
+            .checked_mul(head_dim)
+            .map(|x| x / 2);
     }
-    // C(n, k) with n = d + p − 1, k = p, computed incrementally (exact in u128).
-    let n = (head_dim + degree).saturating_sub(1) as u128;
+    // C(n, k) with n = d + p − 1 and k = min(p, d − 1) (C(n, p) = C(n, n − p)), built
+    // incrementally: each partial product C(n − k + i + 1, i + 1) is exact, and the first
+    // one past usize::MAX ends the walk, so no degree makes it long.
+    let n = (head_dim as u128 + degree as u128).saturating_sub(1);
+    let k = (degree as u128).min(n.saturating_sub(degree as u128));
     let mut c: u128 = 1;
-    for i in 0..degree as u128 {
-        c = c * (n - i) / (i + 1);
+    for i in 0..k {
+        c = c.checked_mul(n - i)? / (i + 1);
+        if c > usize::MAX as u128 {
+            return None;
+        }
     }
-    c as usize
+    usize::try_from(c).ok()
 }
 
 /// Index tables of the feature map for one `(head_dim, degree)` pair.

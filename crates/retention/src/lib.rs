@@ -48,7 +48,7 @@ pub use backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs
 pub use compute_dtype::ComputeDtype;
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
-pub use feature_map::{SympowLayout, expanded_dim, pair_block};
+pub use feature_map::{SympowLayout, checked_expanded_dim, expanded_dim, pair_block};
 pub use mixer::{SequenceMixer, SequenceMixerConfig};
 pub use mixer_cache::MixerCache;
 pub use module::{PowerRetention, PowerRetentionConfig};

@@ -154,6 +154,12 @@ pub fn check_shapes(
         }
     }
     options.validate()?;
+    if crate::checked_expanded_dim(q[3], options.degree).is_none() {
+        return Err(RetentionError::FeatureCount {
+            head_dim: q[3],
+            degree: options.degree,
+        });
+    }
     Ok(RetentionDims {
         batch: q[0],
         seq: q[1],

@@ -165,6 +165,50 @@ fn degree_chunk_scale() {
     assert_msg(&e, &["`scale` must be finite and positive", "-1"]);
 }
 
+/// A degree whose feature count `D` no `usize` holds is refused, at once: the fuzzer's
+/// input (`fuzz/`, target `op_shapes`) that made the count of `D` loop for ~10^18 steps.
+#[test]
+fn feature_count() {
+    let q = [
+        17_713_572_325_522_527_040,
+        576_460_752_303_423_487,
+        18_446_743_017_316_067_082,
+        159_429_202_811_904,
+    ];
+    let v = [q[0], q[1], q[2], 281_474_960_591_370];
+    let degree = 1_441_151_880_758_558_720;
+    let e = err_of(
+        &q,
+        &q,
+        &v,
+        None,
+        &RetentionOptions::new().with_degree(degree),
+    );
+    assert_eq!(
+        e,
+        RetentionError::FeatureCount {
+            head_dim: q[3],
+            degree
+        }
+    );
+    assert_msg(
+        &e,
+        &["`degree` 1441151880758558720", "head_dim 159429202811904"],
+    );
+    // a large degree at head dim 1 has one feature, and is a valid problem
+    let one = [1, 3, 1, 1];
+    assert!(
+        check_shapes(
+            &one,
+            &one,
+            &one,
+            None,
+            &RetentionOptions::new().with_degree(1 << 60)
+        )
+        .is_ok()
+    );
+}
+
 #[test]
 fn gate_shape() {
     let e = err_of(
