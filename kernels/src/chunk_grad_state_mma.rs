@@ -487,56 +487,40 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
     let gates = args.gates.unwrap_or_else(|| dummy.clone());
     let dv = args.dv.unwrap_or_else(|| dummy.clone());
     let dim = CubeDim::new_2d(PLANE, tiles.planes);
+    // the two kernels take the same arguments: one launch written once for either
+    macro_rules! launch {
+        ($kernel:ident) => {
+            $kernel::launch_unchecked::<R>(
+                client,
+                count,
+                dim,
+                args.x.arg(),
+                args.w.arg(),
+                omega.arg(),
+                gates.arg(),
+                args.states.arg(),
+                args.sums.arg(),
+                args.dx.arg(),
+                args.dg.arg(),
+                dv.arg(),
+                dims.seq as u32,
+                heads as u32,
+                dims.kv_heads as u32,
+                dims.chunk as u32,
+                dims.n_chunks as u32,
+                dims.expanded_dim as u32,
+                x_scale,
+                out_scale,
+                tiles,
+            )
+        };
+    }
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
         if tiles.manual {
-            chunk_grad_state_manual_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                dim,
-                args.x.arg(),
-                args.w.arg(),
-                omega.arg(),
-                gates.arg(),
-                args.states.arg(),
-                args.sums.arg(),
-                args.dx.arg(),
-                args.dg.arg(),
-                dv.arg(),
-                dims.seq as u32,
-                heads as u32,
-                dims.kv_heads as u32,
-                dims.chunk as u32,
-                dims.n_chunks as u32,
-                dims.expanded_dim as u32,
-                x_scale,
-                out_scale,
-                tiles,
-            )
+            launch!(chunk_grad_state_manual_kernel)
         } else {
-            chunk_grad_state_mma_kernel::launch_unchecked::<R>(
-                client,
-                count,
-                dim,
-                args.x.arg(),
-                args.w.arg(),
-                omega.arg(),
-                gates.arg(),
-                args.states.arg(),
-                args.sums.arg(),
-                args.dx.arg(),
-                args.dg.arg(),
-                dv.arg(),
-                dims.seq as u32,
-                heads as u32,
-                dims.kv_heads as u32,
-                dims.chunk as u32,
-                dims.n_chunks as u32,
-                dims.expanded_dim as u32,
-                x_scale,
-                out_scale,
-                tiles,
-            )
+            launch!(chunk_grad_state_mma_kernel)
         }
     }
 }

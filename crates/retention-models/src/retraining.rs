@@ -163,6 +163,18 @@ mod tests {
         }
     }
 
+    /// A tiny Llama (vocabulary 300, width 32, two blocks) and 12 steps of 2 × 16 tokens.
+    fn tiny_run() -> (LlamaConfig, TrainingConfig) {
+        let config = LlamaConfig::new(300, 32, 2, 4, 2, 48)
+            .with_max_seq(64)
+            .with_retention_chunk(8);
+        let training = TrainingConfig::new(12, 2, 16)
+            .with_learning_rate(3e-3)
+            .with_warmup_steps(2)
+            .with_eval_every(6);
+        (config, training)
+    }
+
     /// A converted model retrains (its loss falls from where the conversion left it), its run
     /// resumes from the checkpoint (a finished run stays finished, a longer one continues the
     /// same losses), and a run with other settings is refused.
@@ -170,14 +182,8 @@ mod tests {
     fn converts_retrains_and_resumes() {
         let dev = Default::default();
         let data = data();
-        let config = LlamaConfig::new(300, 32, 2, 4, 2, 48)
-            .with_max_seq(64)
-            .with_retention_chunk(8);
+        let (config, training) = tiny_run();
         let original = config.init::<B>(&dev).expect("builds");
-        let training = TrainingConfig::new(12, 2, 16)
-            .with_learning_rate(3e-3)
-            .with_warmup_steps(2)
-            .with_eval_every(6);
         let tmp = tempfile::tempdir().expect("tmp");
         let run = |steps: usize, name: &str, resume: bool| {
             let mut training = training.clone();
@@ -269,15 +275,9 @@ mod tests {
     fn distils_from_the_original() {
         let dev = Default::default();
         let data = data();
-        let config = LlamaConfig::new(300, 32, 2, 4, 2, 48)
-            .with_max_seq(64)
-            .with_retention_chunk(8);
+        let (config, training) = tiny_run();
+        let training = training.with_distill(0.5);
         let original = config.init::<B>(&dev).expect("builds");
-        let training = TrainingConfig::new(12, 2, 16)
-            .with_learning_rate(3e-3)
-            .with_warmup_steps(2)
-            .with_eval_every(6)
-            .with_distill(0.5);
         let tmp = tempfile::tempdir().expect("tmp");
         let run = retrain_in_directory(
             original.clone(),
