@@ -153,7 +153,7 @@ impl<B: RetentionBackend> SequenceMixer<B> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use burn::backend::NdArray;
     use burn::nn::attention::MultiHeadAttentionConfig;

@@ -68,7 +68,7 @@ impl<B: Backend> RotaryAngles<B> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use burn::backend::NdArray;
     use burn::nn::RotaryEncodingConfig;

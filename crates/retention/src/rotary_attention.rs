@@ -241,7 +241,7 @@ impl<B: Backend> RotaryAttention<B> {
 /// rotated keys and the values of every token so far, `[batch, n_kv_heads, tokens, head_dim]`.
 pub type AttentionOutput<B> = (Tensor<B, 3>, Tensor<B, 4>, Tensor<B, 4>);
 
-#[cfg(test)]
+#[cfg(all(test, feature = "ndarray"))]
 mod tests {
     use burn::backend::NdArray;
     use burn::module::Param;

@@ -3,7 +3,8 @@
 //! `Autodiff` over it. Run with `--features wgpu` (CI runs it on Mesa lavapipe) or `cuda`.
 //!
 //! Without a GPU adapter the tests print why and pass, unless `CI` is set: then they fail.
-#![cfg(any(feature = "wgpu", feature = "cuda"))]
+// the oracle of the gradient checks runs on ndarray
+#![cfg(all(feature = "ndarray", any(feature = "wgpu", feature = "cuda")))]
 
 mod common;
 

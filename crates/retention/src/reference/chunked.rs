@@ -18,7 +18,7 @@ use crate::feature_map::SympowLayout;
 /// 2. `ΔS_u = Σ_τ φ_K(k_τ e^{(A_u − ā_τ)/p}) v_τᵀ`, `Δz_u = Σ_τ φ_K(…)`: each chunk's keys
 ///    discounted to the chunk end.
 /// 3. `S_u = e^{A_{u−1}} S_{u−1} + ΔS_{u−1}` (state entering chunk `u`, `S_0` = initial state),
-///    computed for all chunks at once as one product with the `[n+1, n]` decay matrix.
+///    scanned in order (the backward pass uses the equivalent `[n+1, n]` decay matrix).
 /// 4. Output = normalised merge of `φ_Q(q_τ e^{ā_τ/p})ᵀ S_u` and causal gated power attention
 ///    inside the chunk, stabilised in log space.
 ///
@@ -369,7 +369,7 @@ impl<B: Backend> StateParts<B> {
 
         // 3. discounted scan across chunks as a product with the decay matrix
         //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals
-        let cum = a_tot.reshape([b, h, n]).cumsum(2);
+        let cum = a_tot.clone().reshape([b, h, n]).cumsum(2);
         let prev = Tensor::cat(
             vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()],
             2,
@@ -383,19 +383,32 @@ impl<B: Backend> StateParts<B> {
             .clamp_max(0.0)
             .exp()
             * lower;
-        let mut s_in = decay
-            .clone()
-            .matmul(delta_s)
-            .reshape([b, h, n + 1, big_d, e]);
-        let mut z_in = decay.clone().matmul(delta_z); // [b, h, n+1, D]
+        // (the backward pass multiplies by the decay matrix; the forward's states are scanned
+        // in order, so a non-finite value in a chunk reaches later chunks only: in the
+        // product, the zeros above the diagonal would carry it to earlier ones as 0·NaN)
         let carry = prev.exp(); // e^{C_{u-1}}
         let initial = initial.map(|(s0, z0)| (s0.to_dtype(dt), z0.to_dtype(dt)));
-        if let Some((s0, z0)) = &initial {
-            s_in = s_in
-                + s0.clone().unsqueeze_dim::<5>(2) * carry.clone().reshape([b, h, n + 1, 1, 1]);
-            z_in =
-                z_in + z0.clone().unsqueeze_dim::<4>(2) * carry.clone().reshape([b, h, n + 1, 1]);
+        let (mut s, mut z) = match &initial {
+            Some((s0, z0)) => (
+                s0.clone().reshape([b, h, big_d * e]),
+                z0.clone().reshape([b, h, big_d]),
+            ),
+            None => (
+                Tensor::zeros([b, h, big_d * e], (&device, dt)),
+                Tensor::zeros([b, h, big_d], (&device, dt)),
+            ),
+        };
+        let chunk_decay = a_tot.clone().reshape([b, h, n]).exp();
+        let (mut s_seq, mut z_seq) = (vec![s.clone()], vec![z.clone()]);
+        for u in 0..n {
+            let g = chunk_decay.clone().narrow(2, u, 1);
+            s = s * g.clone() + delta_s.clone().narrow(2, u, 1).reshape([b, h, big_d * e]);
+            z = z * g + delta_z.clone().narrow(2, u, 1).reshape([b, h, big_d]);
+            s_seq.push(s.clone());
+            z_seq.push(z.clone());
         }
+        let s_in = Tensor::stack::<4>(s_seq, 2).reshape([b, h, n + 1, big_d, e]);
+        let z_in = Tensor::stack::<4>(z_seq, 2); // [b, h, n+1, D]
         let final_state = s_in.clone().narrow(2, n, 1).reshape([b, h, big_d, e]);
         let final_key_sum = z_in.clone().narrow(2, n, 1).reshape([b, h, big_d]);
         let s_used = s_in.narrow(2, 0, n); // [b, h, n, D, e]
