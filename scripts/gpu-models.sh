@@ -18,6 +18,9 @@
 # 420), CHECKPOINT_EVERY (250), RUNS (the run directories, default runs/gpu-retrain: an ignored
 # folder, so a later call on the same warm machine continues with RESUME=1), EXTRA (more
 # retrain flags, e.g. --rotary).
+# Two runs compared in one call: `LATENCY_AT=none MIXER=retention RUNS=runs/d0 EXTRA="--retention-dtype bf16"
+# scripts/gpu-models.sh $OUT/d0 ...` then the same with RUNS=runs/d5, OUT $OUT/d5 and
+# `--distill 0.5` added (each OUT folder gets its own three files).
 # Writes OUT_DIR/latency.csv (draw it with `retention plot`), latency.log, retrain.log,
 # recovery.svg, and each run's losses.csv and recovery.json as <mixer>-losses.csv and
 # <mixer>-recovery.json: 8 files, what a run may return. Checkpoints every 250 steps keep
