@@ -29,6 +29,7 @@ set -uo pipefail
 out=${1:?usage: scripts/gpu-models.sh OUT_DIR GGUF CORPUS_FILE}
 gguf=${2:?gguf file}
 corpus=${3:?corpus file}
+mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv
 if [ "${LATENCY_AT:-}" != none ]; then
   timeout 240 .gpu/retention generate --backend cuda --model "$gguf" \
