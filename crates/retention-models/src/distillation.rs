@@ -59,7 +59,13 @@ mod tests {
 
     use super::*;
 
-    type B = Autodiff<NdArray<f64>>;
+    // f32, as the crate's other tests in this process: with these on NdArray<f64>, the
+    // checkpoint round trips that ran after them differed from their originals at f32
+    // rounding (why is not established)
+    type B = Autodiff<NdArray>;
+
+    /// Agreement of two computations in f32.
+    const TOL: f64 = 1e-5;
 
     fn logits(seed: u64) -> Tensor<B, 3> {
         <B as Backend>::seed(&Default::default(), seed);
@@ -78,7 +84,7 @@ mod tests {
     }
 
     fn scalar(x: Tensor<B, 1>) -> f64 {
-        x.into_scalar()
+        f64::from(x.into_scalar())
     }
 
     /// Weight 0 (or no teacher) is Burn's cross-entropy of the text's tokens.
@@ -93,7 +99,7 @@ mod tests {
             distillation_loss(x.clone(), targets(), None, 0.7),
             distillation_loss(x.clone(), targets(), Some(teacher), 0.0),
         ] {
-            assert!((scalar(loss) - scalar(ce.clone())).abs() < 1e-12);
+            assert!((scalar(loss) - scalar(ce.clone())).abs() < TOL);
         }
     }
 
@@ -109,10 +115,10 @@ mod tests {
             .sum_dim(2)
             .mean()
             .neg();
-        assert!((scalar(loss.clone()) - scalar(entropy)).abs() < 1e-12);
+        assert!((scalar(loss.clone()) - scalar(entropy)).abs() < TOL);
         let grads = loss.backward();
         let g = x.grad(&grads).expect("gradient");
-        assert!(g.abs().max().into_scalar() < 1e-12);
+        assert!(f64::from(g.abs().max().into_scalar()) < TOL);
 
         let other = teacher_distribution::<B>(logits(4).inner());
         let text = scalar(distillation_loss(x.clone(), targets(), None, 0.0));
@@ -123,8 +129,8 @@ mod tests {
             1.0,
         ));
         let mixed = scalar(distillation_loss(x, targets(), Some(other), 0.25));
-        assert!((mixed - (0.75 * text + 0.25 * soft)).abs() < 1e-12);
+        assert!((mixed - (0.75 * text + 0.25 * soft)).abs() < TOL);
         // the two parts differ, so the mixture's check says something
-        assert!((soft - text).abs() > 1e-6);
+        assert!((soft - text).abs() > 1e-3);
     }
 }

@@ -223,6 +223,7 @@ mod tests {
         assert_eq!(GgmlType::Q4_1.bytes_for(33), None);
         assert_eq!(GgmlType::Q4_1.bytes_for(64), Some(40));
         assert_eq!(GgmlType::Q8_0.bytes_for(usize::MAX - 31), None);
-        assert_eq!(GgmlType::from_id(12), None, "K-quants are not read");
+        assert_eq!(GgmlType::from_id(12), Some(GgmlType::Q4K));
+        assert_eq!(GgmlType::from_id(10), None, "Q2_K is not read");
     }
 }
