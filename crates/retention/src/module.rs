@@ -268,11 +268,20 @@ impl<B: RetentionBackend> PowerRetention<B> {
     /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     ///
     /// # Errors
-    /// [`RetentionError::Mismatch`] when the width of `x` is not `d_model`.
+    /// [`RetentionError::Mismatch`] when the width of `x` is not `d_model`;
+    /// [`RetentionError::Config`] when the backend has no tensors of the layer's
+    /// [`ComputeDtype`] (bf16 on ndarray).
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
         let dtype = x.dtype();
-        let (q, k, v, log_g) = self.project(x, 0)?;
         let c = self.compute_dtype;
+        if let Some(wanted) = c.dtype()
+            && !B::supports_dtype(&x.device(), wanted)
+        {
+            return Err(RetentionError::Config(format!(
+                "compute_dtype {c:?}: the backend has no {wanted:?} tensors on this device"
+            )));
+        }
+        let (q, k, v, log_g) = self.project(x, 0)?;
         let y = power_retention(
             c.cast(q),
             c.cast(k),

@@ -138,6 +138,21 @@ fn compute_dtype_casts_around_the_op() {
     }
 }
 
+/// A compute dtype the backend lacks is an error naming the setting, not a panic inside
+/// the backend's cast.
+#[test]
+fn an_unsupported_compute_dtype_is_refused() {
+    let dev = Default::default();
+    let layer: PowerRetention<B> = config()
+        .with_compute_dtype(ComputeDtype::Bf16)
+        .init(&dev)
+        .expect("valid config");
+    match layer.forward(input::<B>(1, 5, &dev)) {
+        Err(e) => assert!(e.to_string().contains("compute_dtype Bf16"), "{e}"),
+        Ok(_) => panic!("ndarray has no bf16 tensors: the layer must refuse"),
+    }
+}
+
 #[test]
 fn adam_steps_reduce_a_toy_loss() {
     let dev = Default::default();
