@@ -367,8 +367,10 @@ impl<B: Backend> StateParts<B> {
             .reshape([b, h, n, big_d * e]);
         let delta_z = phi_k.clone().sum_dim(3).reshape([b, h, n, big_d]);
 
-        // 3. discounted scan across chunks as a product with the decay matrix
-        //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals
+        // 3. the states entering each chunk, scanned in order (below); the backward pass takes
+        //    the same scan as a product with the decay matrix
+        //    decay[u, u'] = exp(C_{u-1} - C_{u'}) for u' < u, C = cumulative chunk totals,
+        //    and the initial state's decay `carry`, both built here
         let cum = a_tot.clone().reshape([b, h, n]).cumsum(2);
         let prev = Tensor::cat(
             vec![Tensor::zeros([b, h, 1], (&device, dt)), cum.clone()],
@@ -383,8 +385,7 @@ impl<B: Backend> StateParts<B> {
             .clamp_max(0.0)
             .exp()
             * lower;
-        // (the backward pass multiplies by the decay matrix; the forward's states are scanned
-        // in order, so a non-finite value in a chunk reaches later chunks only: in the
+        // scanned in order, a non-finite value in a chunk reaches later chunks only (in the
         // product, the zeros above the diagonal would carry it to earlier ones as 0·NaN)
         let carry = prev.exp(); // e^{C_{u-1}}
         let initial = initial.map(|(s0, z0)| (s0.to_dtype(dt), z0.to_dtype(dt)));
