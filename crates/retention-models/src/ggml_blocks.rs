@@ -112,16 +112,16 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], count: usize) -> Option<Vec<f32>> 
                 block[2..].iter().map(move |&q| d * f32::from(q as i8))
             })
             .collect(),
-        GgmlType::Q4_0 => nibble_blocks(bytes, 2, |block, q| {
+        GgmlType::Q4_0 => code_blocks(bytes, 2, false, |block, q| {
             (f32::from(q) - 8.0) * half(&block[..2])
         }),
-        GgmlType::Q4_1 => nibble_blocks(bytes, 4, |block, q| {
+        GgmlType::Q4_1 => code_blocks(bytes, 4, false, |block, q| {
             f32::from(q) * half(&block[..2]) + half(&block[2..4])
         }),
-        GgmlType::Q5_0 => fifth_bit_blocks(bytes, 2, |block, q| {
+        GgmlType::Q5_0 => code_blocks(bytes, 2, true, |block, q| {
             (f32::from(q) - 16.0) * half(&block[..2])
         }),
-        GgmlType::Q5_1 => fifth_bit_blocks(bytes, 4, |block, q| {
+        GgmlType::Q5_1 => code_blocks(bytes, 4, true, |block, q| {
             f32::from(q) * half(&block[..2]) + half(&block[2..4])
         }),
         GgmlType::Q4K => dequantize_q45_k(bytes, false),
@@ -130,40 +130,34 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], count: usize) -> Option<Vec<f32>> 
     })
 }
 
-/// The 5-bit formats: blocks of a `head_bytes` header, 4 bytes of fifth bits (a little-endian
-/// `u32`, bit `i` for value `i`) and 16 bytes of low nibbles as in the 4-bit formats.
-fn fifth_bit_blocks(bytes: &[u8], head_bytes: usize, value: impl Fn(&[u8], u8) -> f32) -> Vec<f32> {
-    let block_bytes = head_bytes + 4 + BLOCK / 2;
+/// The 4- and 5-bit formats: blocks of a `head_bytes` header, for the 5-bit ones
+/// (`fifth_bits`) 4 bytes of fifth bits (a little-endian `u32`, bit `i` for value `i`), then
+/// 16 bytes of codes, value `j` in the low nibble of byte `j` and value `j + 16` in its high
+/// one; `value(block, q)` turns code `q` into its value with the block's header (in ggml's
+/// order of operations).
+fn code_blocks(
+    bytes: &[u8],
+    head_bytes: usize,
+    fifth_bits: bool,
+    value: impl Fn(&[u8], u8) -> f32,
+) -> Vec<f32> {
+    let high_bytes = if fifth_bits { 4 } else { 0 };
+    let block_bytes = head_bytes + high_bytes + BLOCK / 2;
     let mut out = Vec::with_capacity(bytes.len() / block_bytes * BLOCK);
     for block in bytes.chunks_exact(block_bytes) {
-        let h = &block[head_bytes..head_bytes + 4];
-        let high = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-        let codes = &block[head_bytes + 4..];
+        let mut high = [0u8; 4];
+        high[..high_bytes].copy_from_slice(&block[head_bytes..head_bytes + high_bytes]);
+        let high = u32::from_le_bytes(high);
         let fifth = |i: usize| (((high >> i) & 1) as u8) << 4;
-        out.extend(
-            codes
-                .iter()
-                .enumerate()
-                .map(|(j, &q)| value(block, (q & 0x0f) | fifth(j))),
-        );
-        out.extend(
-            codes
-                .iter()
-                .enumerate()
-                .map(|(j, &q)| value(block, (q >> 4) | fifth(j + 16))),
-        );
-    }
-    out
-}
-
-/// The 4-bit formats: blocks of a `head_bytes` header and 16 bytes of codes; `value(block, q)`
-/// turns code `q` into its value with the block's header (in ggml's order of operations).
-fn nibble_blocks(bytes: &[u8], head_bytes: usize, value: impl Fn(&[u8], u8) -> f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(bytes.len() / (head_bytes + BLOCK / 2) * BLOCK);
-    for block in bytes.chunks_exact(head_bytes + BLOCK / 2) {
-        let codes = &block[head_bytes..];
-        out.extend(codes.iter().map(|&q| value(block, q & 0x0f)));
-        out.extend(codes.iter().map(|&q| value(block, q >> 4)));
+        let codes = &block[head_bytes + high_bytes..];
+        for (shift, first) in [(0, 0), (4, BLOCK / 2)] {
+            out.extend(
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &q)| value(block, ((q >> shift) & 0x0f) | fifth(first + j))),
+            );
+        }
     }
     out
 }
