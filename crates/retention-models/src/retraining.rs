@@ -175,6 +175,30 @@ mod tests {
         (config, training)
     }
 
+    /// The tiny run in `dir`: the original converted to retention, checkpoints every 6 steps.
+    fn retrain_tiny(
+        original: &LlamaModel<B>,
+        config: &LlamaConfig,
+        training: &TrainingConfig,
+        data: &TrainingData,
+        dir: &std::path::Path,
+        resume: bool,
+    ) -> Result<Retrained<B>, ModelError> {
+        retrain_in_directory(
+            original.clone(),
+            config,
+            &GenerationInfo::new(false),
+            MixerKind::Retention,
+            training,
+            data,
+            &RunDirectory::new(dir),
+            6,
+            resume,
+            &Default::default(),
+            |_| (),
+        )
+    }
+
     /// A converted model retrains (its loss falls from where the conversion left it), its run
     /// resumes from the checkpoint (a finished run stays finished, a longer one continues the
     /// same losses), and a run with other settings is refused.
@@ -188,18 +212,13 @@ mod tests {
         let run = |steps: usize, name: &str, resume: bool| {
             let mut training = training.clone();
             training.steps = steps;
-            retrain_in_directory(
-                original.clone(),
+            retrain_tiny(
+                &original,
                 &config,
-                &GenerationInfo::new(false),
-                MixerKind::Retention,
                 &training,
                 &data,
-                &RunDirectory::new(tmp.path().join(name)),
-                6,
+                &tmp.path().join(name),
                 resume,
-                &dev,
-                |_| (),
             )
             .expect("retrains")
         };
@@ -253,18 +272,13 @@ mod tests {
             &whole.trainer.log().train
         ));
         // another configuration in the same directory is refused
-        let other = retrain_in_directory(
-            original.clone(),
+        let other = retrain_tiny(
+            &original,
             &config.clone().with_retention_chunk(4),
-            &GenerationInfo::new(false),
-            MixerKind::Retention,
             &training,
             &data,
-            &RunDirectory::new(tmp.path().join("whole")),
-            6,
+            &tmp.path().join("whole"),
             true,
-            &dev,
-            |_| (),
         );
         assert!(matches!(other, Err(ModelError::Config(_))));
     }
@@ -279,18 +293,13 @@ mod tests {
         let training = training.with_distill(0.5);
         let original = config.init::<B>(&dev).expect("builds");
         let tmp = tempfile::tempdir().expect("tmp");
-        let run = retrain_in_directory(
-            original.clone(),
+        let run = retrain_tiny(
+            &original,
             &config,
-            &GenerationInfo::new(false),
-            MixerKind::Retention,
             &training,
             &data,
-            &RunDirectory::new(tmp.path().join("distil")),
-            0,
+            &tmp.path().join("distil"),
             false,
-            &dev,
-            |_| (),
         )
         .expect("retrains");
         let last = run.trainer.log().valid.last().expect("validated").1;
