@@ -117,7 +117,8 @@ impl PowerRetentionConfig {
                 "rotary encoding needs an even head dim and θ > 0 (head dim {d}, θ {theta})"
             ));
         }
-        self.options().validate()
+        self.options().validate()?;
+        crate::shapes::check_feature_count(d, self.degree)
     }
 
     /// Builds the layer.
@@ -125,7 +126,8 @@ impl PowerRetentionConfig {
     /// # Errors
     /// [`RetentionError::HeadRatio`] when `n_heads` is not a multiple of `n_kv_heads`,
     /// [`RetentionError::Degree`] / [`RetentionError::ChunkSize`] / [`RetentionError::Scale`]
-    /// for bad options, [`RetentionError::Config`] for zero sizes.
+    /// for bad options, [`RetentionError::FeatureCount`] for a degree whose feature count no
+    /// `usize` holds, [`RetentionError::Config`] for zero sizes.
     pub fn init<B: Backend>(
         &self,
         device: &B::Device,

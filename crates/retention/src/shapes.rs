@@ -154,12 +154,7 @@ pub fn check_shapes(
         }
     }
     options.validate()?;
-    if crate::checked_expanded_dim(q[3], options.degree).is_none() {
-        return Err(RetentionError::FeatureCount {
-            head_dim: q[3],
-            degree: options.degree,
-        });
-    }
+    check_feature_count(q[3], options.degree)?;
     Ok(RetentionDims {
         batch: q[0],
         seq: q[1],
@@ -207,4 +202,12 @@ pub fn check_state_shapes(
 /// [`RetentionError::Mismatch`] naming `x`.
 pub(crate) fn check_width(shape: [usize; 3], d_model: usize) -> Result<(), RetentionError> {
     same("x", &shape, 2, "width", "d_model of the layer", d_model)
+}
+
+/// [`RetentionError::FeatureCount`] when `D = C(d + p − 1, p)` does not fit in a `usize`.
+pub(crate) fn check_feature_count(head_dim: usize, degree: usize) -> Result<(), RetentionError> {
+    match crate::checked_expanded_dim(head_dim, degree) {
+        Some(_) => Ok(()),
+        None => Err(RetentionError::FeatureCount { head_dim, degree }),
+    }
 }

@@ -195,6 +195,11 @@ fn feature_count() {
         &e,
         &["`degree` 1441151880758558720", "head_dim 159429202811904"],
     );
+    // a layer with such a degree is refused when it is built, not at its first call
+    let layer = PowerRetentionConfig::new(64, 1)
+        .with_degree(1 << 40)
+        .init::<B>(&Default::default());
+    assert!(matches!(layer, Err(RetentionError::FeatureCount { .. })));
     // a large degree at head dim 1 has one feature, and is a valid problem
     let one = [1, 3, 1, 1];
     assert!(
