@@ -86,6 +86,21 @@ pub enum RetentionError {
     /// Chunk size zero.
     #[error("`chunk_size` must be at least 1, got 0")]
     ChunkSize,
+    /// A tensor with more elements than the kernels index (32-bit positions), or a chunk whose
+    /// state alone is larger than `segment_elements`.
+    #[error(
+        "`{arg}` has {elements} elements (shape {shape:?}); at most {limit} are supported: split the sequence and pass the state on (`power_retention_with_state`), or use a smaller batch"
+    )]
+    TooLarge {
+        /// The argument (or `chunk state` for one chunk's state).
+        arg: &'static str,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Its element count.
+        elements: usize,
+        /// The largest count allowed.
+        limit: usize,
+    },
     /// The scale is not a finite positive number.
     #[error("`scale` must be finite and positive, got {0}")]
     Scale(f64),

@@ -53,7 +53,7 @@ pub use mixer::{SequenceMixer, SequenceMixerConfig};
 pub use mixer_cache::MixerCache;
 pub use module::{PowerRetention, PowerRetentionConfig};
 pub use op::{power_retention, power_retention_step, power_retention_with_state};
-pub use options::RetentionOptions;
+pub use options::{DEFAULT_SEGMENT_ELEMENTS, MAX_TENSOR_ELEMENTS, RetentionOptions};
 pub use rotary::rotate_pairs;
 pub use rotary_attention::{AttentionOutput, RotaryAttention, RotaryAttentionConfig};
 pub use shapes::{RetentionDims, check_shapes, check_state_shapes};

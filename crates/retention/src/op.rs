@@ -120,17 +120,75 @@ pub fn power_retention<B: RetentionBackend>(
     if dims.batch == 0 || dims.seq == 0 {
         return Ok(empty_output(&dims, &q));
     }
+    if let Some(c) = options.chunk_size.filter(|&c| dims.seq > c) {
+        let segment = dims.segment_tokens(c, options)?;
+        return Ok(chunked::<B>(q, k, v, log_g, None, c, segment, options).0);
+    }
     let g = log_g.map(|g| g.into_primitive().tensor());
-    let (q, k, v) = (
+    Ok(float(B::retention_attention(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
-    );
-    let y = match options.chunk_size {
-        Some(c) if dims.seq > c => B::retention_chunked(q, k, v, g, None, c, options).0,
-        _ => B::retention_attention(q, k, v, g, options),
+        g,
+        options,
+    )))
+}
+
+/// The chunked form, in segments of `segment` tokens (each from the state the previous one
+/// ended with) when the chunk states of the whole sequence exceed the options' budget.
+#[allow(clippy::too_many_arguments)]
+fn chunked<B: RetentionBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_g: Option<Tensor<B, 3>>,
+    initial: Option<RetentionState<B>>,
+    chunk: usize,
+    segment: Option<usize>,
+    options: &RetentionOptions,
+) -> (Tensor<B, 4>, RetentionState<B>) {
+    let seq = q.dims()[1];
+    let Some(segment) = segment.filter(|&s| s < seq) else {
+        let g = log_g.map(|g| g.into_primitive().tensor());
+        let init = initial.map(|s| {
+            (
+                s.state.into_primitive().tensor(),
+                s.key_sum.into_primitive().tensor(),
+            )
+        });
+        return from_parts(B::retention_chunked(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            g,
+            init,
+            chunk,
+            options,
+        ));
     };
-    Ok(float(y))
+    let run = |start: usize, state: Option<RetentionState<B>>| {
+        let len = segment.min(seq - start);
+        let part = |x: &Tensor<B, 4>| x.clone().narrow(1, start, len);
+        chunked::<B>(
+            part(&q),
+            part(&k),
+            part(&v),
+            log_g.as_ref().map(|g| g.clone().narrow(1, start, len)),
+            state,
+            // a last segment shorter than a chunk is one chunk of its own length
+            chunk.min(len.next_multiple_of(16)),
+            None,
+            options,
+        )
+    };
+    let (first, mut state) = run(0, initial);
+    let mut outputs = vec![first];
+    for start in (segment..seq).step_by(segment) {
+        let (y, next) = run(start, Some(state));
+        outputs.push(y);
+        state = next;
+    }
+    (Tensor::cat(outputs, 1), state)
 }
 
 /// Power retention that starts from `initial_state` (or from nothing) and also returns the
@@ -155,6 +213,7 @@ pub fn power_retention_with_state<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
     let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
+    crate::shapes::check_elements("state", &dims.state_shape(options.degree))?;
     if let Some(s) = &initial_state {
         s.check(&dims, options.degree)?;
     }
@@ -179,26 +238,26 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         .chunk_size
         .unwrap_or(dims.seq)
         .min(dims.seq.next_multiple_of(16));
-    let g = log_g.map(|g| g.into_primitive().tensor());
-    let init = initial_state.map(|s| {
-        (
-            s.state.into_primitive().tensor(),
-            s.key_sum.into_primitive().tensor(),
-        )
-    });
-    Ok(from_parts(B::retention_chunked(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-        g,
-        init,
+    let segment = match options.chunk_size {
+        Some(_) => dims.segment_tokens(chunk, options)?,
+        // the attention form (one chunk of the whole sequence) is what the caller asked for
+        None => None,
+    };
+    Ok(chunked::<B>(
+        q,
+        k,
+        v,
+        log_g,
+        initial_state,
         chunk,
+        segment,
         options,
-    )))
+    ))
 }
 
 /// One recurrent step: advances `state` by one token and returns that token's output. Costs
-/// O(1) in the number of tokens behind the state.
+/// O(1) in the number of tokens behind the state. The new state has the dtype of `state`
+/// (see [`RetentionState::cast`]): the kernels advance it in f32 and round it back.
 ///
 /// # Shapes
 /// - `q`: `[batch, 1, q_heads, head_dim]`, `k`: `[batch, 1, kv_heads, head_dim]`,
@@ -217,8 +276,9 @@ pub fn power_retention_step<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
     check_step(&q, &k, &v, log_g.as_ref(), &state, options)?;
+    let dtype = state.dtype();
     let g = log_g.map(|g| g.into_primitive().tensor());
-    Ok(from_parts(B::retention_step(
+    let (y, next) = from_parts(B::retention_step(
         q.into_primitive().tensor(),
         k.into_primitive().tensor(),
         v.into_primitive().tensor(),
@@ -226,5 +286,7 @@ pub fn power_retention_step<B: RetentionBackend>(
         state.state.into_primitive().tensor(),
         state.key_sum.into_primitive().tensor(),
         options,
-    )))
+    ));
+    // the state comes back in the dtype it came in (the kernels advance it in f32)
+    Ok((y, next.cast(dtype)))
 }

@@ -24,7 +24,21 @@ pub struct RetentionOptions {
     /// Chunk size of the linear-cost chunked form; `None` selects the quadratic attention form.
     #[config(default = "None")]
     pub chunk_size: Option<usize>,
+    /// Largest number of chunk-state elements (`batch · kv_heads · chunks · D · value_dim`) one
+    /// call of the chunked form holds at once. A longer sequence runs as segments of whole
+    /// chunks, each starting from the state the previous one ended with: the same result, with
+    /// the memory of the chunk states bounded and every kernel index within 32 bits.
+    #[config(default = "DEFAULT_SEGMENT_ELEMENTS")]
+    pub segment_elements: usize,
 }
+
+/// Default of [`RetentionOptions::segment_elements`]: `2³¹` elements (8 GiB of f32 chunk
+/// states).
+pub const DEFAULT_SEGMENT_ELEMENTS: usize = 1 << 31;
+
+/// Most elements one input, output or state tensor of the op may have (kernel positions are
+/// 32-bit).
+pub const MAX_TENSOR_ELEMENTS: usize = u32::MAX as usize;
 
 impl RetentionOptions {
     /// The scale actually used for head dimension `head_dim`.
@@ -47,6 +61,11 @@ impl RetentionOptions {
         }
         if self.chunk_size == Some(0) {
             return Err(RetentionError::ChunkSize);
+        }
+        if self.segment_elements == 0 {
+            return Err(RetentionError::Config(
+                "`segment_elements` must be at least 1, got 0".into(),
+            ));
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Shape checking of the op's inputs, shared by the tensor API and by callers that hold
 //! shapes only (file readers, the CLI).
 
-use crate::{RetentionError, RetentionOptions, expanded_dim};
+use crate::{MAX_TENSOR_ELEMENTS, RetentionError, RetentionOptions, expanded_dim};
 
 /// The sizes of one retention problem, as read from validated inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,35 @@ impl RetentionDims {
             expanded_dim(self.head_dim, degree),
             self.value_dim,
         ]
+    }
+
+    /// Tokens per segment when the chunked form at `chunk` would hold more chunk-state
+    /// elements than `options.segment_elements` (a whole number of chunks), or `None` when the
+    /// sequence runs in one call.
+    ///
+    /// # Errors
+    /// [`RetentionError::TooLarge`] when one chunk's state alone exceeds the budget or the
+    /// 32-bit element limit.
+    pub fn segment_tokens(
+        &self,
+        chunk: usize,
+        options: &RetentionOptions,
+    ) -> Result<Option<usize>, RetentionError> {
+        let shape = self.state_shape(options.degree);
+        check_elements("state", &shape)?;
+        let per_chunk: usize = shape.iter().product();
+        let limit = options.segment_elements;
+        if per_chunk > limit {
+            return Err(RetentionError::TooLarge {
+                arg: "chunk state",
+                shape: shape.to_vec(),
+                elements: per_chunk,
+                limit,
+            });
+        }
+        let chunk = chunk.max(1);
+        let chunks = self.seq.div_ceil(chunk);
+        Ok((per_chunk.saturating_mul(chunks) > limit).then(|| (limit / per_chunk) * chunk))
     }
 
     /// Shape of the key-sum, `[batch, kv_heads, D]`, for degree `degree`.
@@ -155,6 +184,10 @@ pub fn check_shapes(
     }
     options.validate()?;
     check_feature_count(q[3], options.degree)?;
+    let out = [q[0], q[1], q[2], v[3]];
+    for (arg, shape) in [("q", q), ("k", k), ("v", v), ("output", &out[..])] {
+        check_elements(arg, shape)?;
+    }
     Ok(RetentionDims {
         batch: q[0],
         seq: q[1],
@@ -163,6 +196,26 @@ pub fn check_shapes(
         head_dim: q[3],
         value_dim: v[3],
     })
+}
+
+/// Checks that a tensor of `shape` has at most [`MAX_TENSOR_ELEMENTS`] elements.
+///
+/// # Errors
+/// [`RetentionError::TooLarge`] naming `arg`.
+pub(crate) fn check_elements(arg: &'static str, shape: &[usize]) -> Result<(), RetentionError> {
+    let elements = shape
+        .iter()
+        .try_fold(1usize, |n, &x| n.checked_mul(x))
+        .unwrap_or(usize::MAX);
+    if elements > MAX_TENSOR_ELEMENTS {
+        return Err(RetentionError::TooLarge {
+            arg,
+            shape: shape.to_vec(),
+            elements,
+            limit: MAX_TENSOR_ELEMENTS,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a `(state, key_sum)` pair against the problem sizes.

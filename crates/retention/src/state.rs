@@ -54,6 +54,27 @@ impl<B: Backend> RetentionState<B> {
         crate::shapes::check_state_shapes(dims, degree, &self.state.dims(), &self.key_sum.dims())
     }
 
+    /// This state in `dtype` (both tensors). A recurrent step returns its state in the dtype
+    /// of the state it was given, so a state cast to bf16 stays bf16 (half the memory, rounded
+    /// after every step, as Manifest's library keeps it) and an f32 one stays f32.
+    pub fn cast(self, dtype: DType) -> Self {
+        let cast = |x: Tensor<B, 4>| if x.dtype() == dtype { x } else { x.cast(dtype) };
+        let key_sum = if self.key_sum.dtype() == dtype {
+            self.key_sum
+        } else {
+            self.key_sum.cast(dtype)
+        };
+        Self {
+            state: cast(self.state),
+            key_sum,
+        }
+    }
+
+    /// Element type of the state.
+    pub fn dtype(&self) -> DType {
+        self.state.dtype()
+    }
+
     /// Batch size.
     pub fn batch(&self) -> usize {
         self.state.dims()[0]

@@ -112,6 +112,40 @@ impl Problem {
         }
     }
 
+    /// The same problem with each query orthogonal to its own key and equal to the previous
+    /// one: keys keep the second half of their coordinates at even positions and the first
+    /// at odd ones, and the query at position `i > 0` is the key at `i − 1`. A row's own
+    /// weight is then exactly zero and, under strong gates, its output is the previous
+    /// token's value, carried by a weight of `e^{−20}·|k|⁴` (well conditioned: no other
+    /// weight comes near it). That weight must survive every precision the kernels use
+    /// (`e^{−20}` is below f16's range).
+    pub fn self_orthogonal(&self) -> Self {
+        let (d, half) = (self.d, self.d / 2);
+        let mut out = self.clone();
+        for (row, vals) in out.k.chunks_mut(d).enumerate() {
+            let pos = row / self.h % self.t;
+            let (from, to) = if pos % 2 == 0 { (0, half) } else { (half, d) };
+            vals[from..to].iter_mut().for_each(|v| *v = 0.0);
+        }
+        let group = self.hq / self.h;
+        for bi in 0..self.b {
+            for i in 0..self.t {
+                for head in 0..self.hq {
+                    let at = ((bi * self.t + i) * self.hq + head) * d;
+                    if i == 0 {
+                        // the first query on the half its own key leaves out
+                        out.q[at + half..at + d].iter_mut().for_each(|v| *v = 0.0);
+                    } else {
+                        let from = ((bi * self.t + i - 1) * self.h + head / group) * d;
+                        let prev: Vec<f64> = out.k[from..from + d].to_vec();
+                        out.q[at..at + d].copy_from_slice(&prev);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The same problem with every input rounded to `dtype` (so the oracle sees exactly what
     /// a half-precision run sees).
     pub fn rounded(&self, dtype: DType) -> Self {
@@ -439,6 +473,12 @@ pub enum Check {
     PrefillState,
     /// Output of a prefill continued from an initial state.
     InitialState,
+    /// The chunked form under strong gates with each query orthogonal to its own key
+    /// ([`Problem::self_orthogonal`]): every output is carried by a weight of `e^{−20}`.
+    StrongGatesOrthogonal,
+    /// The chunked form in segments of whole chunks (a `segment_elements` budget smaller
+    /// than the sequence's chunk states), each starting from the previous one's state.
+    Segmented,
     /// Output of one decode step after the prefill.
     Step,
     /// State after that decode step.
@@ -465,6 +505,8 @@ impl Check {
             Check::AttentionP4 => "attention form, p = 4",
             Check::PrefillState => "prefill final state",
             Check::InitialState => "prefill from a state",
+            Check::StrongGatesOrthogonal => "strong gates, own key orthogonal",
+            Check::Segmented => "chunked form in segments",
             Check::Step => "decode step output",
             Check::StepState => "decode step state",
             Check::WindowDecode => "windowed decode output",
@@ -525,6 +567,28 @@ pub fn check_case<B: RetentionBackend>(
         Check::Attention
     };
     out.push((form, max_rel(&y, &oracle)));
+    if p.t > case.chunk && case.index % 2 == 1 {
+        // segments of one or two chunks
+        let per_chunk = p.b * p.h * crate::expanded_dim(p.d, 2) * p.e;
+        let segmented = opts
+            .clone()
+            .with_segment_elements(per_chunk * (1 + (case.index / 2 % 2) as usize));
+        let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+        let y = to_vec(power_retention(q, k, v, g, &segmented)?);
+        out.push((Check::Segmented, max_rel(&y, &oracle)));
+    }
+
+    if p.t >= 2 && case.index % 5 == 2 {
+        let sharp = Problem::random(case.index, p.b, p.t, p.hq, p.h, p.d, p.e, Gates::Strong)
+            .self_orthogonal()
+            .rounded(dtype);
+        let (q, k, v, g) = sharp.tensors::<B>(dev, dtype);
+        let y = to_vec(power_retention(q, k, v, g, &opts)?);
+        out.push((
+            Check::StrongGatesOrthogonal,
+            max_rel(&y, &sharp.naive(2, scale)),
+        ));
+    }
 
     let state_error = |s: RetentionState<B>, want: &Problem| {
         let (ws, wz) = want.naive_state(2);

@@ -39,6 +39,7 @@ const OK: RetentionOptions = RetentionOptions {
     degree: 2,
     scale: None,
     chunk_size: None,
+    segment_elements: retention::DEFAULT_SEGMENT_ELEMENTS,
 };
 
 #[test]
@@ -326,4 +327,42 @@ fn config() {
         .forward(Tensor::zeros([1, 3, 32], &dev))
         .expect_err("wrong width");
     assert_msg(&e, &["`x` has width 32", "d_model of the layer", "64"]);
+}
+
+#[test]
+fn too_large() {
+    // 2^20 tokens of 64 heads of dim 128: 2^33 elements, beyond the kernels' 32-bit positions
+    let t = 1 << 20;
+    let e = retention::check_shapes(
+        &[1, t, 64, 128],
+        &[1, t, 8, 128],
+        &[1, t, 8, 128],
+        None,
+        &OK,
+    )
+    .expect_err("too many elements");
+    assert!(
+        matches!(
+            e,
+            RetentionError::TooLarge {
+                arg: "q",
+                elements: 8_589_934_592,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_msg(&e, &["`q`", "8589934592", "power_retention_with_state"]);
+    // the output counts too: few query heads but wide values
+    let e = retention::check_shapes(&[1, t, 1, 8], &[1, t, 1, 8], &[1, t, 1, 4096], None, &OK)
+        .expect_err("too many elements");
+    assert!(
+        matches!(e, RetentionError::TooLarge { arg: "v", .. }),
+        "{e:?}"
+    );
+    // a zero segment budget is a configuration error
+    let zero = RetentionOptions::new().with_segment_elements(0);
+    let e = retention::check_shapes(&[1, 4, 1, 8], &[1, 4, 1, 8], &[1, 4, 1, 8], None, &zero)
+        .expect_err("zero budget");
+    assert_msg(&e, &["segment_elements"]);
 }

@@ -315,6 +315,58 @@ pub fn state_continuation<B: RetentionBackend>(dev: &B::Device, dtype: DType, to
     }
 }
 
+/// A sequence whose chunk states exceed `segment_elements` runs in segments that pass their
+/// state on: output and final state equal one call's; a chunk whose state alone exceeds the
+/// budget is refused.
+pub fn segments_match_one_call<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
+    let p = Problem::random(500, 2, 45, 4, 2, 8, 5, Gates::Typical);
+    let per_chunk = 2 * 2 * expanded_dim(8, 2) * 5;
+    for (chunk, chunks_per_segment) in [(4, 1), (4, 3), (7, 2), (16, 1), (16, 2)] {
+        let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
+        let segmented = opts
+            .clone()
+            .with_segment_elements(per_chunk * chunks_per_segment);
+        let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+        let (y1, s1) =
+            power_retention_with_state(q.clone(), k.clone(), v.clone(), g.clone(), None, &opts)
+                .expect("valid");
+        let (y2, s2) = power_retention_with_state(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            g.clone(),
+            None,
+            &segmented,
+        )
+        .expect("valid");
+        let y3 = power_retention(q, k, v, g, &segmented).expect("valid");
+        let y1 = to_vec(y1);
+        let case = format!("chunk {chunk}, {chunks_per_segment} chunks per segment");
+        let err = max_rel(&to_vec(y2), &y1);
+        assert!(err <= tol, "segmented prefill output ({case}): {err:e}");
+        let err = max_rel(&to_vec(y3), &y1);
+        assert!(err <= tol, "segmented output ({case}): {err:e}");
+        let err = max_rel(&to_vec(s2.state), &to_vec(s1.state))
+            .max(max_rel(&to_vec(s2.key_sum), &to_vec(s1.key_sum)));
+        assert!(err <= tol, "segmented final state ({case}): {err:e}");
+    }
+    let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+    let small = RetentionOptions::new()
+        .with_chunk_size(Some(4))
+        .with_segment_elements(per_chunk - 1);
+    let e = power_retention(q, k, v, g, &small).expect_err("a chunk over the budget");
+    assert!(
+        matches!(
+            e,
+            retention::RetentionError::TooLarge {
+                arg: "chunk state",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
 /// Zero gates are the same as no gates; the scale cancels; a query of zeros gives zeros, not NaN;
 /// strong gates keep only the current token.
 pub fn gate_and_scale_properties<B: RetentionBackend>(dev: &B::Device, dtype: DType, tol: f64) {
@@ -376,6 +428,7 @@ macro_rules! backend_suite {
             #[test] fn state_continuation_and_layout() { each(super::state_continuation::<B>) }
             #[test] fn windowed_decode_matches_full_sequence() { each(super::windowed_decode::<B>) }
             #[test] fn gates_scale_and_degenerate_rows() { each(super::gate_and_scale_properties::<B>) }
+            #[test] fn segments_match_one_call() { each(super::segments_match_one_call::<B>) }
         }
     };
 }
@@ -385,6 +438,36 @@ backend_suite!(ndarray, burn::backend::NdArray, [F64 => 1e-10, F32 => 1e-4]);
 
 #[cfg(feature = "tch")]
 backend_suite!(tch, burn::backend::LibTorch, [F64 => 1e-10, F32 => 1e-4]);
+
+/// A step returns its state in the dtype of the state it was given: an f64 model decoding on
+/// an f32 state keeps an f32 state, whose outputs stay within f32 rounding of the f64 ones.
+#[cfg(feature = "ndarray")]
+#[test]
+fn step_keeps_the_state_dtype() {
+    type B = burn::backend::NdArray<f64>;
+    let dev = Default::default();
+    let p = Problem::random(600, 1, 24, 2, 1, 8, 4, Gates::Typical);
+    let opts = RetentionOptions::new().with_chunk_size(Some(8));
+    let (q, k, v, g) = p.slice(0, 16).tensors::<B>(&dev, DType::F64);
+    let (_, wide) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
+    assert_eq!(wide.dtype(), DType::F64);
+    let mut narrow = wide.clone().cast(DType::F32);
+    let mut wide = wide;
+    for s in 16..p.t {
+        let (q, k, v, g) = p.slice(s, s + 1).tensors::<B>(&dev, DType::F64);
+        let (y64, next64) =
+            power_retention_step(q.clone(), k.clone(), v.clone(), g.clone(), wide, &opts)
+                .expect("valid");
+        let (y32, next32) = power_retention_step(q, k, v, g, narrow, &opts).expect("valid");
+        assert_eq!(next64.dtype(), DType::F64, "an f64 state stays f64");
+        assert_eq!(next32.dtype(), DType::F32, "an f32 state stays f32");
+        assert_eq!(next32.key_sum.dtype(), DType::F32);
+        let err = max_rel(&to_vec(y32), &to_vec(y64));
+        assert!(err <= 1e-5, "f32 state, step {s}: {err:e}");
+        assert!(err > 0.0, "the f32 state must round (step {s})");
+        (wide, narrow) = (next64, next32);
+    }
+}
 
 /// Gradients (dq, dk, dv, dlog_g) of the chunked form equal those of the attention form.
 #[cfg(feature = "ndarray")]
@@ -399,7 +482,7 @@ fn chunked_gradients_match_attention_gradients() {
         (402, Gates::Strong),
     ] {
         let p = Problem::random(seed, 2, 23, 4, 2, 8, 6, gates);
-        let grads_of = |chunk: Option<usize>| {
+        let grads_of = |chunk: Option<usize>, segment_elements: usize| {
             let (q, k, v, g) = p.tensors::<AD>(&dev, DType::F64);
             let g = g.unwrap_or_else(|| Tensor::zeros([2, 23, 2], (&dev, DType::F64)));
             let (q, k, v, g) = (
@@ -415,7 +498,9 @@ fn chunked_gradients_match_attention_gradients() {
                 ),
                 (&dev, DType::F64),
             );
-            let opts = RetentionOptions::new().with_chunk_size(chunk);
+            let opts = RetentionOptions::new()
+                .with_chunk_size(chunk)
+                .with_segment_elements(segment_elements);
             let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts)
                 .expect("valid");
             let grads = (y * w).sum().backward();
@@ -427,19 +512,24 @@ fn chunked_gradients_match_attention_gradients() {
                 to_vec(g.grad(&grads).expect("gate gradient")),
             )
         };
-        let a = grads_of(None);
-        let c = grads_of(Some(5));
-        for (name, x, y) in [
-            ("dq", &c.0, &a.0),
-            ("dk", &c.1, &a.1),
-            ("dv", &c.2, &a.2),
-            ("dlog_g", &c.3, &a.3),
-        ] {
-            let err = max_rel(x, y);
-            assert!(
-                err <= 1e-9,
-                "{name} ({gates:?}): chunked vs attention {err:e}"
-            );
+        let a = grads_of(None, retention::DEFAULT_SEGMENT_ELEMENTS);
+        let c = grads_of(Some(5), retention::DEFAULT_SEGMENT_ELEMENTS);
+        // segments of two chunks (2 · b · h · D · e chunk-state elements): five segments,
+        // gradients flowing back through the states passed between them
+        let s = grads_of(Some(5), 2 * (2 * 2 * expanded_dim(8, 2) * 6));
+        for (form, grads) in [("chunked", &c), ("segmented", &s)] {
+            for (name, x, y) in [
+                ("dq", &grads.0, &a.0),
+                ("dk", &grads.1, &a.1),
+                ("dv", &grads.2, &a.2),
+                ("dlog_g", &grads.3, &a.3),
+            ] {
+                let err = max_rel(x, y);
+                assert!(
+                    err <= 1e-9,
+                    "{name} ({gates:?}): {form} vs attention {err:e}"
+                );
+            }
         }
     }
 }
