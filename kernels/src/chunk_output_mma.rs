@@ -15,7 +15,8 @@
 //! 3. `O += W V` on the matrix units (bf16 operands, `V` converted on staging).
 //!
 //! Weights carry the row factor `1/(σ|q_i|)²` of the query-state numerators and denominators,
-//! which cancels in the division. Planes whose rows all precede the step's first key skip it.
+//! which cancels in the division; those come without the row's gate factor `e^{ā_i}`, applied
+//! here in `f32` when they are added. Planes whose rows all precede the step's first key skip it.
 
 use cubecl::prelude::*;
 use half::bf16;
@@ -354,8 +355,15 @@ pub(crate) fn chunk_output_mma_kernel<F: Float, O: Float>(
                 let mut l = lpart[plane * 32 + 2 * rr] + lpart[plane * 32 + 2 * rr + 1];
                 let mut val = so[tile_s + rr * SS + idx % half_e];
                 if comptime!(cfg.with_state) {
-                    l += state_den[at];
-                    val += state_num[at * e + col];
+                    // the query-state part comes without the row's gate factor e^{G_i}, which
+                    // is applied here in f32 (in the f16 queries it underflowed for G_i ≲ −15,
+                    // dropping the state from rows whose own weights are as small)
+                    let mut decay = 1.0f32;
+                    if comptime!(cfg.gated) {
+                        decay = f32::exp(gates[gate_base + (chunk_start + pos) as usize]);
+                    }
+                    l += decay * state_den[at];
+                    val += decay * state_num[at * e + col];
                 }
                 let inv = select(l > 0.0, 1.0 / l, 0.0f32);
                 out[at * e + col] = O::cast_from(val * inv);

@@ -180,8 +180,6 @@ pub struct QueryStateTiles {
     pub head_dim: u32,
     /// `e` (a multiple of 32, at most 128).
     pub value_dim: u32,
-    /// Whether log-gates are given (set at launch from the arguments).
-    pub gated: bool,
 }
 
 impl QueryStateTiles {
@@ -202,7 +200,6 @@ impl QueryStateTiles {
         .then_some(Self {
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
-            gated: false,
         })
     }
 

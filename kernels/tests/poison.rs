@@ -278,7 +278,6 @@ fn every_kernel_writes_every_output_element<R: Runtime>(
                 let den = Buf::poisoned(client, B * T * HQ, Elem::F32);
                 let args = QueryStateArgs {
                     q: q.arg(),
-                    gates: Some(gates.arg()),
                     states: half.arg(),
                     sums: sums.arg(),
                     num: num.arg(),

@@ -576,7 +576,6 @@ where
             let den = empty_f32(&q, &[b, t, hq]);
             let args = QueryStateArgs {
                 q: arg(q.clone()),
-                gates: gates.clone().map(arg),
                 states: arg(half_states),
                 sums: arg(sums),
                 num: arg(num.clone()),

@@ -311,7 +311,6 @@ where
             let den = empty_f32(&q, &[b, t, hq]);
             let args = QueryStateArgs {
                 q: arg(hf.q.clone()),
-                gates: gates.clone().map(arg),
                 states: arg(half_states.clone()),
                 sums: arg(sums.clone()),
                 num: arg(num.clone()),
