@@ -7,8 +7,10 @@ use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::bench_plot::{parse_rows, plot_rows};
 use retention_cli::convert::{ConvertArgs, convert};
 use retention_cli::demo::{DemoArgs, demo};
+use retention_cli::drift::{DriftArgs, drift};
 use retention_cli::generate::{GenerateArgs, generate};
 use retention_cli::generate_latency::latency_curve;
+use retention_cli::numerics::{NumericsArgs, numerics};
 use retention_cli::retrain::{RetrainArgs, retrain};
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
@@ -81,6 +83,25 @@ enum Command {
         /// Also check gradients (the backward pass) against the f64 reference.
         #[arg(long)]
         grad: bool,
+    },
+    /// Long-sequence numerics: one sequence of a million tokens under extreme gates in f32,
+    /// f16 and bf16 (non-finite values, half against f32 kernels, f32 kernels against the f64
+    /// reference at both ends, gradients); a table, and the rows as CSV.
+    Numerics {
+        /// Backend to check (kernel backends; the reference on CPU backends is slow at 1M).
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: NumericsArgs,
+    },
+    /// Decode drift: many recurrent steps after a prefill, with an f32 or a bf16 state,
+    /// against the chunked form at the same positions (the error per block of steps).
+    Drift {
+        /// Backend to run on.
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: DriftArgs,
     },
     /// Draws benchmark rows (the CSV of `bench` and the anchor script) as charts (SVG, and a
     /// PNG copy of each): time, tokens/s and TFLOP/s against the sequence length, decode
@@ -311,6 +332,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 grad
             )
             .map(drop))
+        }
+        Command::Numerics { backend, args } => {
+            for &choice in &args.dtypes {
+                check_dtype(backend, choice)?;
+            }
+            with_backend!(backend, |Bk, dev| numerics::<Bk>(&dev, &args).map(drop))
+        }
+        Command::Drift { backend, args } => {
+            for &choice in &args.states {
+                check_dtype(backend, choice)?;
+            }
+            with_backend!(backend, |Bk, dev| drift::<Bk>(&dev, &args).map(drop))
         }
         Command::PlotLosses {
             runs,
