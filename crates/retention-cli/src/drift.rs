@@ -13,6 +13,7 @@ use retention::{
 };
 
 use crate::bench::BenchShape;
+use crate::drift_plot::{plot_drift, read_drift_csv};
 use crate::gate_pattern::GatePattern;
 use crate::numerics::{NumericsRow, Segment, finish, max_abs};
 use crate::{CliError, DtypeChoice};
@@ -47,6 +48,12 @@ pub struct DriftArgs {
     /// CSV of the rows (`tokens` is the position after the block).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also draw the curves as an SVG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Draw `--plot` from this CSV of an earlier run instead of running.
+    #[arg(long, requires = "plot")]
+    pub from_csv: Option<PathBuf>,
 }
 
 /// The bound on an f32 state's drift (the chunked form's own f32 error is ≈ 10⁻⁶); a bf16
@@ -63,6 +70,14 @@ pub fn drift<B: RetentionBackend>(
     dev: &B::Device,
     args: &DriftArgs,
 ) -> Result<Vec<NumericsRow>, CliError> {
+    if let (Some(csv), Some(svg)) = (&args.from_csv, &args.plot) {
+        let text = std::fs::read_to_string(csv).map_err(|source| CliError::Io {
+            path: csv.display().to_string(),
+            source,
+        })?;
+        plot_drift(&read_drift_csv(&text)?, TITLE, svg)?;
+        return Ok(Vec::new());
+    }
     let opts = RetentionOptions::new().with_chunk_size(Some(args.chunk));
     let total = args.prefill + args.steps;
     let every = args.every.max(1);
@@ -137,5 +152,15 @@ pub fn drift<B: RetentionBackend>(
             }
         }
     }
-    finish(rows, args.out.as_ref())
+    let rows = finish(rows, args.out.as_ref())?;
+    if let Some(svg) = &args.plot {
+        let csv: String = std::iter::once(NumericsRow::CSV_HEADER.to_string())
+            .chain(rows.iter().map(NumericsRow::csv_line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        plot_drift(&read_drift_csv(&csv)?, TITLE, svg)?;
+    }
+    Ok(rows)
 }
+
+const TITLE: &str = "decode drift: recurrent steps against the chunked form";

@@ -9,6 +9,7 @@ pub mod chart_png;
 pub mod convert;
 pub mod demo;
 pub mod drift;
+pub mod drift_plot;
 pub mod dtype_choice;
 pub mod error;
 pub mod gate_pattern;
