@@ -276,6 +276,12 @@ pub(crate) fn non_finite<B: Backend, const N: usize>(x: Tensor<B, N>) -> f64 {
     n as f64
 }
 
+/// `max |x|` over the finite elements of `x`.
+pub(crate) fn finite_max_abs<B: Backend, const N: usize>(x: Tensor<B, N>) -> f64 {
+    let finite = x.clone().is_finite();
+    max_abs(x.zeros_like().mask_where(finite, x))
+}
+
 /// `max |x|` in f64 (NaN when `x` holds one).
 pub(crate) fn max_abs<B: Backend, const N: usize>(x: Tensor<B, N>) -> f64 {
     let m: f64 = x.cast(DType::F32).abs().max().into_scalar().elem();
@@ -535,11 +541,25 @@ fn gradients<B: RetentionBackend>(
         );
         let y = power_retention(q.clone(), k.clone(), v.clone(), Some(g.clone()), &opts)?;
         let grads = (y.cast(DType::F32) * w.clone()).sum().backward();
-        let mut bad = 0.0;
+        let (mut bad, mut largest) = (0.0, 0.0f64);
         for x in [&q, &k, &v] {
-            bad += x.grad(&grads).map_or(f64::NAN, non_finite);
+            let grad = x.grad(&grads);
+            bad += grad.clone().map_or(f64::NAN, non_finite);
+            largest = largest.max(grad.map_or(f64::NAN, finite_max_abs));
         }
-        bad += g.grad(&grads).map_or(f64::NAN, non_finite);
+        let grad = g.grad(&grads);
+        bad += grad.clone().map_or(f64::NAN, non_finite);
+        largest = largest.max(grad.map_or(f64::NAN, finite_max_abs));
+        // f16 holds at most 65,504: a larger exact gradient has no f16 value
+        rows.push(NumericsRow {
+            shape: shape.name(),
+            gates: gates.name(),
+            dtype,
+            tokens: args.grad_tokens,
+            check: "largest finite |gradient|".into(),
+            value: largest,
+            limit: f64::INFINITY,
+        });
         rows.push(NumericsRow {
             shape: shape.name(),
             gates: gates.name(),
