@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Several retraining runs of the converted model at once on one GPU: a 135M model leaves the
-# H200 mostly idle (host-bound launches), so concurrent runs cost little more wall time than
-# one. Each run gets its own run directory under RUNS_ROOT (an ignored folder: RESUME=1 in a
-# later call of the same warm machine continues them) and its own folder under OUT_DIR.
+# Several retraining runs of the converted model side by side on one GPU. Measured on an H200
+# (docs/models.md): four at once trained about 16k tokens/s together, less than one run alone
+# (27k), so give it one run unless the runs are short comparisons. Each run gets its own run
+# directory under RUNS_ROOT (an ignored folder: RESUME=1 in a later call of the same warm
+# machine continues them) and its own folder under OUT_DIR.
 #
 #   scripts/gpu-retrain-sweep.sh OUT_DIR GGUF CORPUS_FILE 'name:flags' ['name:flags' ...]
 # e.g. 'lr1e-4:--lr 1e-4' 'd5:--lr 1e-4 --distill 0.5'. Every run also gets COMMON (default
 # `--retention-dtype bf16 --steps 1000`) and RETRAIN_TIMEOUT (seconds, default 500).
-# Writes OUT_DIR/NAME/{retrain.log,losses.csv,recovery.json} and prints each run's held-out
-# losses.
+# Writes OUT_DIR/NAME/{retrain.log,losses.csv,recovery.json}, packed into OUT_DIR/sweep.tgz
+# (a call returns only a few files), and prints each run's held-out losses.
 set -uo pipefail
 out=${1:?usage: scripts/gpu-retrain-sweep.sh OUT_DIR GGUF CORPUS 'name:flags'...}
 gguf=${2:?gguf file}
@@ -39,3 +40,7 @@ for spec in "$@"; do
   cp "$root/$name/retention/recovery.json" "$out/$name/" 2>/dev/null
   tr '\r' '\n' < "$out/$name/retrain.log" | grep -E -i "step [0-9]*00 |held|error|panic" | tail -n 14
 done
+names=()
+for spec in "$@"; do names+=("${spec%%:*}"); done
+tar czf "$out/sweep.tgz" -C "$out" "${names[@]}" && rm -rf "${names[@]/#/$out/}"
+ls -la "$out"
