@@ -13,7 +13,7 @@ use retention::{
 };
 
 use crate::bench::BenchShape;
-use crate::drift_plot::{plot_drift, read_drift_csv};
+use crate::drift_plot::{curve_name, drift_curves, plot_drift, read_drift_csv};
 use crate::gate_pattern::GatePattern;
 use crate::numerics::{NumericsRow, Segment, finish, max_abs};
 use crate::{CliError, DtypeChoice};
@@ -154,11 +154,11 @@ pub fn drift<B: RetentionBackend>(
     }
     let rows = finish(rows, args.out.as_ref())?;
     if let Some(svg) = &args.plot {
-        let csv: String = std::iter::once(NumericsRow::CSV_HEADER.to_string())
-            .chain(rows.iter().map(NumericsRow::csv_line))
-            .collect::<Vec<_>>()
-            .join("\n");
-        plot_drift(&read_drift_csv(&csv)?, TITLE, svg)?;
+        let points = rows.iter().map(|r| {
+            let name = curve_name(r.shape, r.gates, &format!("{:?}", r.dtype));
+            (name, r.tokens, r.value)
+        });
+        plot_drift(&drift_curves(points), TITLE, svg)?;
     }
     Ok(rows)
 }

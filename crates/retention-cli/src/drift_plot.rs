@@ -17,7 +17,7 @@ pub type DriftPoint = (f64, f64);
 /// # Errors
 /// [`CliError::Input`] naming the line that is not such a row.
 pub fn read_drift_csv(text: &str) -> Result<BTreeMap<String, Vec<DriftPoint>>, CliError> {
-    let mut curves: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
+    let mut points = Vec::new();
     for (n, line) in text.lines().enumerate().skip(1) {
         if line.trim().is_empty() {
             continue;
@@ -29,14 +29,29 @@ pub fn read_drift_csv(text: &str) -> Result<BTreeMap<String, Vec<DriftPoint>>, C
         }
         let tokens: usize = f[3].parse().map_err(|_| bad())?;
         let value: f64 = f[5].parse().map_err(|_| bad())?;
-        let key = format!("{}, gates {}, {} state", f[0], f[1], f[2].to_lowercase());
+        points.push((curve_name(f[0], f[1], f[2]), tokens, value));
+    }
+    Ok(drift_curves(points))
+}
+
+/// The key of one curve: `"<shape>, gates <g>, <dtype> state"`.
+pub fn curve_name(shape: &str, gates: &str, dtype: &str) -> String {
+    format!("{shape}, gates {gates}, {} state", dtype.to_lowercase())
+}
+
+/// Curves from `(curve, position after the block, error)` points, x counted in steps from
+/// the prefill (the first block ends one block's length after it).
+pub fn drift_curves(
+    points: impl IntoIterator<Item = (String, usize, f64)>,
+) -> BTreeMap<String, Vec<DriftPoint>> {
+    let mut curves: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
+    for (key, tokens, value) in points {
         curves.entry(key).or_default().push((tokens, value));
     }
-    Ok(curves
+    curves
         .into_iter()
         .map(|(k, mut pts)| {
             pts.sort_by_key(|p| p.0);
-            // the first block ends `every` steps after the prefill: steps = tokens − prefill
             let every = match pts.as_slice() {
                 [a, b, ..] => b.0 - a.0,
                 _ => 1,
@@ -48,7 +63,7 @@ pub fn read_drift_csv(text: &str) -> Result<BTreeMap<String, Vec<DriftPoint>>, C
                 .collect();
             (k, pts)
         })
-        .collect())
+        .collect()
 }
 
 /// Draws the curves into an SVG at `out`.

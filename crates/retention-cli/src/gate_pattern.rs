@@ -1,7 +1,7 @@
 //! Log-gate patterns of the long-sequence checks: the regimes a trained model's gates can
 //! reach, at their extremes.
 
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{Distribution, Tensor, activation::log_sigmoid, backend::Backend};
 use clap::ValueEnum;
 
 /// How the per-token log-gates `ln g ≤ 0` of a check are drawn.
@@ -51,13 +51,11 @@ impl GatePattern {
                 .reshape([1, seq, 1]);
                 (odd * -20.0).expand(shape)
             }
-            Self::Random => {
-                let x: Tensor<B, 3> = Tensor::random(shape, Distribution::Normal(3.0, 2.0), device);
-                // ln σ(x) = −softplus(−x), computed stably
-                let neg = x.neg();
-                let soft = neg.clone().clamp_min(0.0) + neg.abs().neg().exp().add_scalar(1.0).log();
-                soft.neg()
-            }
+            Self::Random => log_sigmoid(Tensor::random(
+                shape,
+                Distribution::Normal(3.0, 2.0),
+                device,
+            )),
         }
     }
 }

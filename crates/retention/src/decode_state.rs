@@ -123,6 +123,7 @@ fn absorb<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> RetentionState<B> {
     let n = w.keys.dims()[1];
+    let dtype = base.dtype();
     let mut state = base;
     let mut from = 0;
     while from < n {
@@ -151,7 +152,8 @@ fn absorb<B: RetentionBackend>(
         };
         from += len;
     }
-    state
+    // the base keeps its dtype (see `RetentionState::cast`)
+    state.cast(dtype)
 }
 
 /// One decode step on a [`DecodeState`]: the token's output, and the state with the token

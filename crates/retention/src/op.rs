@@ -243,16 +243,14 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         // the attention form (one chunk of the whole sequence) is what the caller asked for
         None => None,
     };
-    Ok(chunked::<B>(
-        q,
-        k,
-        v,
-        log_g,
-        initial_state,
-        chunk,
-        segment,
-        options,
-    ))
+    let dtype = initial_state.as_ref().map(RetentionState::dtype);
+    let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
+    // a given state comes back in its own dtype (see `RetentionState::cast`)
+    let state = match dtype {
+        Some(d) => state.cast(d),
+        None => state,
+    };
+    Ok((y, state))
 }
 
 /// One recurrent step: advances `state` by one token and returns that token's output. Costs

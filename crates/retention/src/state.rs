@@ -54,19 +54,17 @@ impl<B: Backend> RetentionState<B> {
         crate::shapes::check_state_shapes(dims, degree, &self.state.dims(), &self.key_sum.dims())
     }
 
-    /// This state in `dtype` (both tensors). A recurrent step returns its state in the dtype
-    /// of the state it was given, so a state cast to bf16 stays bf16 (half the memory, rounded
-    /// after every step, as Manifest's library keeps it) and an f32 one stays f32.
+    /// This state in `dtype` (both tensors). Every call that advances a given state (a step,
+    /// a decode step's absorption, a prefill from it) returns it in the dtype it came in, so a
+    /// state cast to bf16 stays bf16 (half the memory, rounded after every step, as Manifest's
+    /// library keeps it) and an f32 one f32.
     pub fn cast(self, dtype: DType) -> Self {
-        let cast = |x: Tensor<B, 4>| if x.dtype() == dtype { x } else { x.cast(dtype) };
-        let key_sum = if self.key_sum.dtype() == dtype {
-            self.key_sum
-        } else {
-            self.key_sum.cast(dtype)
-        };
+        fn to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+            if x.dtype() == dtype { x } else { x.cast(dtype) }
+        }
         Self {
-            state: cast(self.state),
-            key_sum,
+            state: to(self.state, dtype),
+            key_sum: to(self.key_sum, dtype),
         }
     }
 

@@ -439,11 +439,12 @@ backend_suite!(ndarray, burn::backend::NdArray, [F64 => 1e-10, F32 => 1e-4]);
 #[cfg(feature = "tch")]
 backend_suite!(tch, burn::backend::LibTorch, [F64 => 1e-10, F32 => 1e-4]);
 
-/// A step returns its state in the dtype of the state it was given: an f64 model decoding on
-/// an f32 state keeps an f32 state, whose outputs stay within f32 rounding of the f64 ones.
+/// A step, a prefill from a state and a decode state's absorption return the state in the
+/// dtype it was given: an f64 model decoding on an f32 state keeps an f32 state, whose outputs
+/// stay within f32 rounding of the f64 ones.
 #[cfg(feature = "ndarray")]
 #[test]
-fn step_keeps_the_state_dtype() {
+fn advancing_a_state_keeps_its_dtype() {
     type B = burn::backend::NdArray<f64>;
     let dev = Default::default();
     let p = Problem::random(600, 1, 24, 2, 1, 8, 4, Gates::Typical);
@@ -466,6 +467,23 @@ fn step_keeps_the_state_dtype() {
         assert!(err <= 1e-5, "f32 state, step {s}: {err:e}");
         assert!(err > 0.0, "the f32 state must round (step {s})");
         (wide, narrow) = (next64, next32);
+    }
+    // a prefill from a given state and a decode state's absorption keep its dtype too
+    let (q, k, v, g) = p.slice(16, p.t).tensors::<B>(&dev, DType::F64);
+    let (_, prefilled) =
+        power_retention_with_state(q, k, v, g, Some(narrow.clone()), &opts).expect("valid");
+    assert_eq!(
+        prefilled.dtype(),
+        DType::F32,
+        "a prefill keeps its state's dtype"
+    );
+    let mut decoding = DecodeState::new(narrow, 2).expect("valid");
+    for s in 16..p.t {
+        let (q, k, v, g) = p.slice(s, s + 1).tensors::<B>(&dev, DType::F64);
+        decoding = power_retention_decode(q, k, v, g, decoding, &opts)
+            .expect("valid")
+            .1;
+        assert_eq!(decoding.base().dtype(), DType::F32, "absorption, step {s}");
     }
 }
 
