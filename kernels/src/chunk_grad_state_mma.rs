@@ -31,7 +31,8 @@ use crate::Buffer;
 use crate::block_mma::{A_STRIDE, PLANE, SKIP_ROW};
 use crate::chunk_grad::GradDims;
 use crate::chunk_grad_state_manual::chunk_grad_state_manual_kernel;
-use crate::config::StateGradTiles;
+use crate::chunk_grad_state_outer::chunk_grad_state_outer_kernel;
+use crate::config::{StateGradProducts, StateGradTiles};
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
 /// Features per step (two 16-feature groups).
@@ -486,7 +487,7 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
     let omega = args.omega.unwrap_or_else(|| dummy.clone());
     let gates = args.gates.unwrap_or_else(|| dummy.clone());
     let dv = args.dv.unwrap_or_else(|| dummy.clone());
-    let dim = CubeDim::new_2d(PLANE, tiles.planes);
+    let dim = CubeDim::new_2d(PLANE, tiles.cube_planes());
     // the two kernels take the same arguments: one launch written once for either
     macro_rules! launch {
         ($kernel:ident) => {
@@ -517,10 +518,10 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
     }
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
-        if tiles.manual {
-            launch!(chunk_grad_state_manual_kernel)
-        } else {
-            launch!(chunk_grad_state_mma_kernel)
+        match tiles.products {
+            StateGradProducts::Outer => launch!(chunk_grad_state_outer_kernel),
+            StateGradProducts::Registers => launch!(chunk_grad_state_manual_kernel),
+            StateGradProducts::Staged => launch!(chunk_grad_state_mma_kernel),
         }
     }
 }

@@ -8,6 +8,7 @@
 use cubecl::prelude::*;
 
 use crate::chunk_state_mma::chunk_state_mma_kernel;
+use crate::chunk_state_outer::chunk_state_outer_kernel;
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_pair, pair_block, pair_weight};
 use crate::tile_load::load_key_value_rows;
@@ -44,7 +45,7 @@ pub struct StateArgs<R: Runtime> {
 }
 
 /// Launches the chunk-state kernel with tiles from [`StateTiles::plan`] (its `mma` field picks
-/// the tensor-core variant).
+/// a tensor-core variant, `outer` the one on CUDA's manually managed `mma`).
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`StateArgs`], `dtype` must be the element
@@ -66,7 +67,12 @@ pub unsafe fn launch_chunk_state<R: Runtime>(
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
-    let (launch, cube_dim) = if tiles.mma {
+    let (launch, cube_dim) = if tiles.outer {
+        (
+            chunk_state_outer_kernel::launch_unchecked::<R> as StateLaunch<R>,
+            CubeDim::new_2d(32, crate::chunk_state_outer::PLANES),
+        )
+    } else if tiles.mma {
         (
             chunk_state_mma_kernel::launch_unchecked::<R> as StateLaunch<R>,
             CubeDim::new_2d(32, 8),

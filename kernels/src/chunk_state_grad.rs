@@ -10,6 +10,7 @@
 use cubecl::prelude::*;
 
 use crate::chunk_state_mma::query_state_grad_mma_kernel;
+use crate::chunk_state_outer::query_state_grad_outer_kernel;
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_pair, pair_block};
 use crate::tile_load::{load_gates, load_token_rows};
@@ -267,7 +268,8 @@ pub struct StateGradMmaArgs<R: Runtime> {
     pub sums: ArrayArg<R>,
 }
 
-/// Launches the tensor-core variant (f16 operands, f32 accumulation; see
+/// Launches the tensor-core variant (f16 operands, f32 accumulation; `tiles.outer` picks the one on
+/// CUDA's manually managed `mma`; see
 /// [`StateGradMmaArgs`] for what the caller prepares).
 ///
 /// # Safety
@@ -289,8 +291,13 @@ pub unsafe fn launch_chunk_state_grad_mma<R: Runtime>(
         dims.batch as u32,
     );
     let f16 = half::f16::as_type_native_unchecked().storage_type();
+    let launch = if tiles.outer {
+        query_state_grad_outer_kernel::launch_unchecked::<R>
+    } else {
+        query_state_grad_mma_kernel::launch_unchecked::<R>
+    };
     unsafe {
-        query_state_grad_mma_kernel::launch_unchecked::<R>(
+        launch(
             client,
             count,
             CubeDim::new_2d(32, 8),

@@ -213,6 +213,24 @@ impl QueryStateTiles {
     }
 }
 
+/// How the state path of the backward row passes runs its products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateGradProducts {
+    /// `cmma` tiles staged through shared memory, the feature gradients contracted with the
+    /// coordinates on the FMA units ([`chunk_grad_state_mma`](crate::chunk_grad_state_mma)):
+    /// every runtime with `cmma`.
+    Staged,
+    /// CUDA's manually managed `mma` on the feature tiles, the feature gradients contracted
+    /// with the coordinates in the registers where the accumulators sit
+    /// ([`chunk_grad_state_manual`](crate::chunk_grad_state_manual)).
+    Registers,
+    /// CUDA's manually managed `mma` on the outer products `x ⊗ w` against the state written
+    /// out as a `d × d × e` tensor
+    /// ([`chunk_grad_state_outer`](crate::chunk_grad_state_outer)): nothing per feature on the
+    /// FMA units.
+    Outer,
+}
+
 /// Tiles of the tensor-core state path of the backward row passes
 /// ([`chunk_grad_state_mma`](crate::chunk_grad_state_mma)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,20 +239,21 @@ pub struct StateGradTiles {
     pub head_dim: u32,
     /// `e` (a multiple of 32, at most 128).
     pub value_dim: u32,
-    /// Planes per cube (16 rows each).
+    /// Row tiles of 16 per cube (one plane each for [`StateGradProducts::Staged`]).
     pub planes: u32,
+    /// [`StateGradProducts::Outer`]: the planes of a row tile split each product's columns
+    /// into this many parts.
+    pub parts: u32,
     /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
     /// Keys (`∂k`, `∂v`, key-side gate terms) or queries; set at launch.
     pub keys: bool,
-    /// The products contracted in registers
-    /// ([`chunk_grad_state_manual`](crate::chunk_grad_state_manual), CUDA's manually managed
-    /// `mma`) instead of staged through shared memory.
-    pub manual: bool,
+    /// How the products run.
+    pub products: StateGradProducts,
 }
 
 /// Whether `client` runs CUDA's manually managed `m16n8k16` MMA with f16 operands and an f32
-/// accumulator, whose register layout [`chunk_grad_state_manual`](crate::chunk_grad_state_manual)
+/// accumulator, whose register layout [`chunk_grad_state_outer`](crate::chunk_grad_state_outer)
 /// relies on.
 fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
     let f16 = half::f16::as_type_native_unchecked().storage_type();
@@ -251,7 +270,8 @@ fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
 
 impl StateGradTiles {
     /// Tiles on `client`: `None` unless the tensor cores take f16 operands, `d % 16 == 0`,
-    /// `e % 32 == 0`, `e ≤ 128` and a cube of at least 4 planes fits in shared memory.
+    /// `e % 32 == 0`, `e ≤ 128` and a cube fits in shared memory. CUDA runs the outer
+    /// products (`d, e ≤ 128`), other runtimes the staged ones.
     pub fn plan<R: Runtime>(
         client: &ComputeClient<R>,
         strategy: Strategy,
@@ -262,38 +282,93 @@ impl StateGradTiles {
         if !use_mma(client, strategy, f16, &[], head_dim, value_dim) || value_dim > 128 {
             return None;
         }
-        let manual = manual_mma_supported(client);
-        // two cubes per multiprocessor where 8 planes allow it, else 4-plane cubes
         let max = shared_memory_max(client);
-        [(8u32, max / 2), (4, max)]
-            .into_iter()
-            .find(|&(planes, cap)| {
-                Self::shared_bytes(planes as usize, head_dim, value_dim, manual) <= cap
-            })
-            .map(|(planes, _)| Self {
+        let manual = manual_mma_supported(client);
+        // the outer products multiply d·d·e per row where the feature tiles multiply D·e
+        // (D = d(d + 16)/2) and stream the whole d × d × e state through each cube: they win
+        // at d = 64 (the state path 2.1 ms faster at 8 heads, t = 16k, H200) and lose at
+        // d = 128 (65 ms slower at Brumby's heads, its 40 query heads' cubes bound by L2)
+        if manual && head_dim <= 64 && value_dim <= 64 {
+            let tiles = Self {
                 head_dim: head_dim as u32,
                 value_dim: value_dim as u32,
-                planes,
+                planes: 8,
+                parts: 1,
                 gated: false,
-                keys: false,
-                manual,
+                keys: true,
+                products: StateGradProducts::Outer,
+            };
+            if tiles.shared_bytes() <= max {
+                return Some(Self { keys: false, ..tiles });
+            }
+        }
+        let products = if manual {
+            StateGradProducts::Registers
+        } else {
+            StateGradProducts::Staged
+        };
+        // two cubes per multiprocessor where 8 planes allow it, else 4-plane cubes
+        [(8u32, max / 2), (4, max)]
+            .into_iter()
+            .map(|(planes, cap)| {
+                let tiles = Self {
+                    head_dim: head_dim as u32,
+                    value_dim: value_dim as u32,
+                    planes,
+                    parts: 1,
+                    gated: false,
+                    keys: false,
+                    products,
+                };
+                (tiles, cap)
             })
+            .find(|(tiles, cap)| tiles.shared_bytes() <= *cap)
+            .map(|(tiles, _)| tiles)
     }
 
-    /// Shared memory of one cube, in bytes (`manual`: no staged products).
-    pub fn shared_bytes(planes: usize, head_dim: usize, value_dim: usize, manual: bool) -> usize {
+    /// Planes per cube: one per row tile (staged); for the outer products one per row tile,
+    /// column part and product (`∂x`, and `∂v` for keys).
+    pub fn cube_planes(&self) -> u32 {
+        match self.products {
+            StateGradProducts::Staged | StateGradProducts::Registers => self.planes,
+            StateGradProducts::Outer => {
+                self.planes * self.parts * if self.keys { 2 } else { 1 }
+            }
+        }
+    }
+
+    /// Shared memory of one cube, in bytes.
+    pub fn shared_bytes(&self) -> usize {
         use crate::block_mma::A_STRIDE;
-        let rows = 16 * planes;
-        let staged = 4 * rows * 32 + 2 * rows * A_STRIDE;
-        4 * rows
-            + 2 * rows * (head_dim + 2)
-            + 2 * rows * (value_dim + 8)
-            + 4 * 3 * rows
-            + 4 * 32 * planes
-            + 4 * rows * (head_dim + 1)
-            + 2 * 2 * 32 * (value_dim + 8)
-            + 4 * 2 * 32
-            + if manual { 0 } else { staged }
+        let (d, e) = (self.head_dim as usize, self.value_dim as usize);
+        let rows = 16 * self.planes as usize;
+        let units = 32 * self.cube_planes() as usize;
+        match self.products {
+            StateGradProducts::Staged | StateGradProducts::Registers => {
+                let staged = if self.products == StateGradProducts::Staged {
+                    4 * rows * 32 + 2 * rows * A_STRIDE
+                } else {
+                    0
+                };
+                4 * rows
+                    + 2 * rows * (d + 2)
+                    + 2 * rows * (e + 8)
+                    + 4 * 3 * rows
+                    + 4 * units
+                    + 4 * rows * (d + 1)
+                    + 2 * 2 * 32 * (e + 8)
+                    + 4 * 2 * 32
+                    + staged
+            }
+            StateGradProducts::Outer => {
+                4 * rows
+                    + 2 * rows * (d + 8)
+                    + 4 * 3 * rows
+                    + 4 * units
+                    + 4 * rows * self.parts as usize
+                    + 2 * 2 * d * (d.max(e) + 8)
+            }
+        }
     }
 }
 
@@ -422,6 +497,9 @@ pub struct StateTiles {
     pub gated: bool,
     /// Whether the tensor-core variant runs.
     pub mma: bool,
+    /// Whether the tensor-core variant runs on CUDA's manually managed `mma`
+    /// ([`chunk_state_outer`](crate::chunk_state_outer)) rather than `cmma`.
+    pub outer: bool,
 }
 
 impl StateTiles {
@@ -445,14 +523,25 @@ impl StateTiles {
             value_dim: value_dim as u32,
             gated: false,
             mma,
+            outer: false,
         };
         let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim);
         let f16 = half::f16::as_type_native_unchecked().storage_type();
-        if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
-            && value_dim <= 128
-            && mma_bytes <= shared_memory_max(client)
-        {
-            return Some(tiles(crate::block_mma::DEPTH, true));
+        if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim) && value_dim <= 128 {
+            if manual_mma_supported(client)
+                && head_dim <= 128
+                && crate::chunk_state_outer::shared_bytes(head_dim, value_dim)
+                    <= shared_memory_max(client)
+            {
+                return Some(Self {
+                    block_f: crate::chunk_state_outer::features_per_cube(value_dim) as u32,
+                    outer: true,
+                    ..tiles(64, true)
+                });
+            }
+            if mma_bytes <= shared_memory_max(client) {
+                return Some(tiles(crate::block_mma::DEPTH, true));
+            }
         }
         let budget = shared_memory_budget(shared_memory_max(client));
         [64usize, 32, 16, 8]

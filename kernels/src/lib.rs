@@ -34,12 +34,14 @@ pub mod chunk_grad_intra_mma;
 mod chunk_grad_keys;
 mod chunk_grad_queries;
 mod chunk_grad_state_manual;
+mod chunk_grad_state_outer;
 pub mod chunk_grad_state_mma;
 pub mod chunk_output;
 mod chunk_output_mma;
 pub mod chunk_state;
 pub mod chunk_state_grad;
 mod chunk_state_mma;
+mod chunk_state_outer;
 pub mod config;
 pub mod decode;
 pub mod discumsum;
@@ -53,7 +55,7 @@ pub mod tile_load;
 
 pub use config::{
     ChunkedTiles, DecodeMode, DecodeTiles, GradTiles, IntraGradTiles, OutputTiles, QueryStateTiles,
-    StateGradTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,
+    StateGradProducts, StateGradTiles, StateTiles, Strategy, mma_supported, shared_memory_budget,
 };
 pub use cubecl;
 

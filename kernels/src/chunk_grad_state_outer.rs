@@ -1,0 +1,510 @@
+//! The state path of the backward row passes as products of outer products (CUDA's manually
+//! managed `mma.sync.m16n8k16`, f16 operands, f32 accumulation): every multiply-add runs on
+//! the tensor cores, none per feature on the FMA units.
+//!
+//! With `U` the state block written out as a symmetric `d × d × e` tensor
+//! (`U[a][b] = M_f` for the feature `f` of the pair `{a, b}`), the row gradients are
+//!
+//! - `∂x_a = c·δ·Σ_b x_b (Σ_c w_c U[a][b][c] + ω Z[a][b])`: one product of the row's outer
+//!   product `x ⊗ w` (`d·e` wide, built in the A operand's registers by one half-precision
+//!   multiply per register) with `U` laid out `[(b, c), a]`, and one of `x` with the key-sum
+//!   part `Z`; `c = 2` for keys, and for queries `c = 1` with the pairs inside a diagonal
+//!   block doubled when the block is staged (a query's feature weighs 1 where a key's weighs 2);
+//! - for keys, `∂v_c = δ·Σ_{(x, y) ∈ F} w_f x_x x_y M_f[c]`: per `y`, the row's `x` (scaled by
+//!   `x_y` and the key weight) times the rows `x < 16(m_y + 1)` of the same staged slice;
+//! - the gate term `Σ_f g_f φ_f = ½ Σ_a x_a ∂x_a` (φ is homogeneous of degree 2).
+//!
+//! `δ` is the row's decay and `w` is `dN` (queries) or `v` (keys). A cube stages the slices
+//! `U[·][b][·]` one `b` at a time (double-buffered, gathered from the f16 `D`-layout blocks);
+//! its planes own 16 rows each and one product: `∂x` over a part of the `a` columns, or `∂v`
+//! over a part of the value columns. B fragments come from `ldmatrix` (transposed for `∂v`).
+//! `∂x` multiplies `d·d·e` per row against the `D·e` of the feature form, and in exchange
+//! leaves the contraction of each feature gradient with the coordinates to the tensor cores.
+
+use cubecl::cmma::MmaDefinition;
+use cubecl::ir::MatrixIdent;
+use cubecl::prelude::*;
+use half::f16;
+
+use crate::block_mma::SKIP_ROW;
+use crate::config::StateGradTiles;
+
+/// The feature of the coordinate pair `{a, b}` in the degree-2 layout with 16-coordinate
+/// blocks (`x` the coordinate of the lower block, `a` where both share one).
+#[cube]
+fn pair_feature(a: u32, b: u32) -> u32 {
+    let ma = a / 16;
+    let mb = b / 16;
+    let mut f = 128 * ma * (ma + 1) + 16 * b + (a - 16 * ma);
+    if ma <= mb {
+        f = 128 * mb * (mb + 1) + 16 * a + (b - 16 * mb);
+    }
+    f
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_grad_state_outer_kernel(
+    x: &Array<f32>,
+    w: &Array<f32>,
+    omega: &Array<f32>,
+    gates: &Array<f32>,
+    states: &Array<Vector<f16, Const<8>>>,
+    sums: &Array<f32>,
+    dx: &mut Array<f32>,
+    dg: &mut Array<f32>,
+    dv: &mut Array<f32>,
+    seq: u32,
+    heads: u32,
+    kv_heads: u32,
+    chunk: u32,
+    n_chunks: u32,
+    big_d: u32,
+    x_scale: f32,
+    out_scale: f32,
+    #[comptime] cfg: StateGradTiles,
+) {
+    let d = comptime!(cfg.head_dim as usize);
+    let e = comptime!(cfg.value_dim as usize);
+    let tiles = comptime!(cfg.planes as usize);
+    let parts = comptime!(cfg.parts as usize);
+    let roles = comptime!(if cfg.keys { 2usize } else { 1usize });
+    let rows = comptime!(16 * cfg.planes as usize);
+    let units = comptime!(32 * cfg.planes as usize * cfg.parts as usize * roles);
+    let per_row = comptime!(units / (16 * cfg.planes as usize));
+    let xs = comptime!(cfg.head_dim as usize + 8);
+    // slice rows in 16-byte vectors: `max(d, e) + 8` halves (Z is staged `d × d` in a buffer)
+    let sv = comptime!((usize::max(cfg.head_dim as usize, cfg.value_dim as usize) + 8) / 8);
+    let slice_vecs = comptime!(cfg.head_dim as usize * sv);
+    let ev = comptime!(cfg.value_dim as usize / 8);
+    let dx_factor = comptime!(if cfg.keys { 2.0f32 } else { 1.0f32 });
+    let x_cols = comptime!(cfg.head_dim as usize / cfg.parts as usize);
+    let v_cols = comptime!(cfg.value_dim as usize / cfg.parts as usize);
+
+    let ratio = heads / kv_heads;
+    let row0 = CUBE_POS_X * rows as u32;
+    let u = CUBE_POS_Y % n_chunks;
+    let kvh = CUBE_POS_Y / n_chunks;
+    let bi = CUBE_POS_Z;
+    let chunk_start = u * chunk;
+    let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
+    let state_base = (((bi * kv_heads + kvh) * n_chunks + u) * big_d) as usize;
+    let gamma = f32::sqrt(f32::cast_from(big_d));
+
+    let mut row_index = SharedMemory::<u32>::new(rows);
+    let mut sx = SharedMemory::<f16>::new(rows * xs);
+    let mut alpha = SharedMemory::<f32>::new(rows);
+    let mut decay_of = SharedMemory::<f32>::new(rows);
+    let mut omega_of = SharedMemory::<f32>::new(rows);
+    let mut part = SharedMemory::<f32>::new(units);
+    let mut gsum = SharedMemory::<f32>::new(rows * parts);
+    let mut slices = SharedMemory::<Vector<f16, Const<8>>>::new(2 * slice_vecs);
+
+    // row ρ of the tile is position ρ / r of head kvh·r + ρ mod r
+    if UNIT_POS < rows as u32 {
+        let rho = row0 + UNIT_POS;
+        let pos = rho / ratio;
+        let at = (bi * seq + chunk_start + pos) * heads + kvh * ratio + rho % ratio;
+        row_index[UNIT_POS as usize] = select(pos < chunk && chunk_start + pos < seq, at, SKIP_ROW);
+    }
+    sync_cube();
+
+    // x (scaled) as f16; each row's largest |w| from `per_row` units; decays and ω
+    let mut idx = UNIT_POS as usize;
+    while idx < rows * d {
+        let r = idx / d;
+        let c = idx % d;
+        let at = row_index[r];
+        let mut val = 0.0f32;
+        if at != SKIP_ROW {
+            val = x[at as usize * d + c] * x_scale;
+        }
+        sx[r * xs + c] = f16::cast_from(val);
+        idx += units;
+    }
+    let lrow = UNIT_POS as usize / per_row;
+    let sub = UNIT_POS as usize % per_row;
+    let at_l = row_index[lrow];
+    let mut wmax = 0.0f32;
+    if at_l != SKIP_ROW {
+        for c in 0..e / per_row {
+            let col = sub * (e / per_row) + c;
+            wmax = f32::max(wmax, f32::abs(w[at_l as usize * e + col]));
+        }
+    }
+    part[UNIT_POS as usize] = wmax;
+    if sub == 0 {
+        let pos = (row0 + lrow as u32) / ratio;
+        let mut decay = 1.0f32;
+        let mut om = 0.0f32;
+        if at_l != SKIP_ROW {
+            if comptime!(cfg.gated) {
+                let g = gates[gate_base + (chunk_start + pos) as usize];
+                if comptime!(cfg.keys) {
+                    decay = f32::exp(gates[gate_base + (chunk_start + chunk - 1) as usize] - g);
+                } else {
+                    decay = f32::exp(g);
+                }
+            }
+            if comptime!(cfg.keys) {
+                om = 1.0;
+            } else {
+                om = omega[at_l as usize];
+            }
+        }
+        decay_of[lrow] = decay;
+        omega_of[lrow] = om;
+    }
+    // the key-sum part `Z[a][b]/γ` in slice buffer 1 (the walk first writes it at step 1)
+    let zbase = slice_vecs;
+    let mut zi = UNIT_POS as usize;
+    while zi < d * (d / 8) {
+        let a = (zi / (d / 8)) as u32;
+        let vb = zi % (d / 8);
+        let mut vec = Vector::<f16, Const<8>>::empty();
+        #[unroll]
+        for k in 0..8usize {
+            let b = (vb * 8 + k) as u32;
+            let mut z = sums[state_base + pair_feature(a, b) as usize] / gamma;
+            if comptime!(!cfg.keys) {
+                if a / 16 == b / 16 {
+                    z *= 2.0;
+                }
+            }
+            vec[k] = f16::cast_from(z);
+        }
+        slices[zbase + a as usize * sv + vb] = vec;
+        zi += units;
+    }
+    sync_cube();
+    if sub == 0 {
+        let mut m = 0.0f32;
+        #[unroll]
+        for s in 0..per_row {
+            m = f32::max(m, part[lrow * per_row + s]);
+        }
+        alpha[lrow] = select(m > 0.0, m, 1.0f32);
+    }
+    sync_cube();
+
+    let plane = UNIT_POS_Y as usize;
+    let lane = UNIT_POS_X;
+    let role = plane / (tiles * parts);
+    let rem = plane % (tiles * parts);
+    let r0 = (rem / parts) * 16;
+    let my_part = rem % parts;
+    let grads_x = role == 0;
+
+    let def = MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
+    let size!(NA) = def.vector_size(MatrixIdent::A);
+    let size!(NB) = def.vector_size(MatrixIdent::B);
+    let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+    let a_len_raw = def.elems_per_lane(MatrixIdent::A);
+    let c_len_raw = def.elems_per_lane(MatrixIdent::Accumulator);
+    let a_vec_raw = def.vector_size(MatrixIdent::A);
+    let c_vec_raw = def.vector_size(MatrixIdent::Accumulator);
+    let a_vec = comptime!(a_vec_raw);
+    let c_vec = comptime!(c_vec_raw);
+    let c_len = comptime!(c_len_raw);
+    let a_regs = comptime!(a_len_raw / a_vec_raw);
+    let c_regs = comptime!(c_len_raw / c_vec_raw);
+    // the accumulator tiles of this plane's product: `x_cols/8` (∂x) or `v_cols/8` (∂v)
+    let n_tiles = comptime!(usize::max(x_cols, v_cols) / 8);
+
+    // the rows (of the plane) of this lane's A registers and accumulator elements
+    let mut a_row = Array::<u32>::new(a_regs);
+    #[unroll]
+    for i in 0..a_regs {
+        let (r, _c) = def.position_of_nth(lane, comptime!((i * a_vec) as u32), MatrixIdent::A);
+        a_row[i] = r;
+    }
+    let mut acc_row = Array::<u32>::new(c_len);
+    let mut acc_col = Array::<u32>::new(c_len);
+    #[unroll]
+    for j in 0..c_len {
+        let (r, c) = def.position_of_nth(lane, j as u32, MatrixIdent::Accumulator);
+        acc_row[j] = r;
+        acc_col[j] = c;
+    }
+
+    // this plane's rows of x as A fragments over the coordinate blocks (k = a coordinate)
+    let mut x_frags = Sequence::<Array<Vector<f16, NA>>>::new();
+    #[unroll]
+    for kb in 0..d / 16 {
+        let mut frag = Array::<Vector<f16, NA>>::new(a_regs);
+        #[unroll]
+        for i in 0..a_regs {
+            let mut v = Vector::empty();
+            #[unroll]
+            for k in 0..a_vec {
+                let (r, c) =
+                    def.position_of_nth(lane, comptime!((i * a_vec + k) as u32), MatrixIdent::A);
+                v[k] = sx[(r0 + r as usize) * xs + kb * 16 + c as usize];
+            }
+            frag[i] = v;
+        }
+        x_frags.push(frag);
+    }
+    // and of w/α over the value blocks (∂x planes; k = a value column)
+    let mut w_frags = Sequence::<Array<Vector<f16, NA>>>::new();
+    #[unroll]
+    for cb in 0..e / 16 {
+        let mut frag = Array::<Vector<f16, NA>>::new(a_regs);
+        #[unroll]
+        for i in 0..a_regs {
+            let mut v = Vector::empty();
+            #[unroll]
+            for k in 0..a_vec {
+                let (r, c) =
+                    def.position_of_nth(lane, comptime!((i * a_vec + k) as u32), MatrixIdent::A);
+                let rr = r0 + r as usize;
+                let at = row_index[rr];
+                let mut val = 0.0f32;
+                if grads_x && at != SKIP_ROW {
+                    val = w[at as usize * e + cb * 16 + c as usize] / alpha[rr];
+                }
+                v[k] = f16::cast_from(val);
+            }
+            frag[i] = v;
+        }
+        w_frags.push(frag);
+    }
+
+    let mut acc = Sequence::<Array<Vector<f32, NC>>>::new();
+    #[unroll]
+    for _ in 0..n_tiles {
+        let mut t = Array::<Vector<f32, NC>>::new(c_regs);
+        #[unroll]
+        for i in 0..c_regs {
+            t[i] = Vector::new(0.0f32);
+        }
+        acc.push(t);
+    }
+
+    // ∂x planes: `Σ_b x_b Z[a][b]/γ`, then scaled by ω/α so the walk adds to it in w/α units
+    if grads_x {
+        let a0 = my_part * x_cols;
+        #[unroll]
+        for kb in 0..d / 16 {
+            #[unroll]
+            for np in 0..x_cols / 16 {
+                let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
+                let cv = 2 * kb + (lane as usize / 8) % 2;
+                let at = zbase + a * sv + cv;
+                let regs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
+                    &slices.slice(at, at + 1),
+                    MatrixIdent::B,
+                    4usize,
+                    false,
+                );
+                let (lo, hi) = split_b::<NB>(&regs);
+                def.execute_inplace(x_frags.index(kb), &lo, acc.index_mut(comptime!(2 * np)));
+                def.execute_inplace(x_frags.index(kb), &hi, acc.index_mut(comptime!(2 * np + 1)));
+            }
+        }
+        #[unroll]
+        for nt in 0..x_cols / 8 {
+            let t = acc.index_mut(nt);
+            #[unroll]
+            for vi in 0..c_regs {
+                let mut vv = t[vi];
+                #[unroll]
+                for vk in 0..c_vec {
+                    let rr = r0 + acc_row[comptime!(vi * c_vec + vk)] as usize;
+                    vv[vk] = vv[vk] * (omega_of[rr] / alpha[rr]);
+                }
+                t[vi] = vv;
+            }
+        }
+    }
+
+    // the walk over b: slice b (rows a, value columns) staged while slice b - 1 is multiplied
+    let loads = comptime!((cfg.head_dim as usize * cfg.value_dim as usize / 8).div_ceil(units));
+    let mut regs = Array::<Vector<f16, Const<8>>>::new(loads);
+    for step in 0..d as u32 + 1 {
+        let producing = step < d as u32;
+        if producing {
+            #[unroll]
+            for i in 0..loads {
+                let li = UNIT_POS as usize + i * units;
+                let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
+                if li < d * ev {
+                    let a = (li / ev) as u32;
+                    let f = pair_feature(a, step);
+                    val = states[(state_base + f as usize) * ev + li % ev];
+                }
+                regs[i] = val;
+            }
+        }
+        if step > 0 {
+            let b = step - 1;
+            let base = ((b % 2) as usize) * slice_vecs;
+            // x_b of the rows of this lane's A registers
+            let mut xb = Array::<f16>::new(a_regs);
+            #[unroll]
+            for i in 0..a_regs {
+                xb[i] = sx[(r0 + a_row[i] as usize) * xs + b as usize];
+            }
+            if grads_x {
+                let a0 = my_part * x_cols;
+                #[unroll]
+                for cb in 0..e / 16 {
+                    let wf = w_frags.index(cb);
+                    let mut af = Array::<Vector<f16, NA>>::new(a_regs);
+                    #[unroll]
+                    for i in 0..a_regs {
+                        af[i] = wf[i] * Vector::new(xb[i]);
+                    }
+                    #[unroll]
+                    for np in 0..x_cols / 16 {
+                        let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
+                        let cv = 2 * cb + (lane as usize / 8) % 2;
+                        let at = base + a * sv + cv;
+                        let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
+                            &slices.slice(at, at + 1),
+                            MatrixIdent::B,
+                            4usize,
+                            false,
+                        );
+                        let (lo, hi) = split_b::<NB>(&bregs);
+                        def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
+                        def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
+                    }
+                }
+            } else {
+                // ∂v: the rows x < 16(m_b + 1) of the slice, weighted 2 below b's block
+                let c0 = my_part * v_cols;
+                let mb = b / 16;
+                #[unroll]
+                for kb in 0..d / 16 {
+                    if kb as u32 <= mb {
+                        let mut wgt = f16::cast_from(1.0f32);
+                        if (kb as u32) < mb {
+                            wgt = f16::cast_from(2.0f32);
+                        }
+                        let xf = x_frags.index(kb);
+                        let mut af = Array::<Vector<f16, NA>>::new(a_regs);
+                        #[unroll]
+                        for i in 0..a_regs {
+                            af[i] = xf[i] * Vector::new(xb[i] * wgt);
+                        }
+                        #[unroll]
+                        for np in 0..v_cols / 16 {
+                            let a = kb * 16 + (lane as usize % 8) + 8 * ((lane as usize / 8) % 2);
+                            let cv = (c0 + np * 16) / 8 + lane as usize / 16;
+                            let at = base + a * sv + cv;
+                            let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
+                                &slices.slice(at, at + 1),
+                                MatrixIdent::B,
+                                4usize,
+                                true,
+                            );
+                            let (lo, hi) = split_b::<NB>(&bregs);
+                            def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
+                            def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
+                        }
+                    }
+                }
+            }
+        }
+        if producing {
+            let base = ((step % 2) as usize) * slice_vecs;
+            #[unroll]
+            for i in 0..loads {
+                let li = UNIT_POS as usize + i * units;
+                if li < d * ev {
+                    let a = li / ev;
+                    let mut val = regs[i];
+                    if comptime!(!cfg.keys) {
+                        if a as u32 / 16 == step / 16 {
+                            val = val * Vector::new(f16::cast_from(2.0f32));
+                        }
+                    }
+                    slices[base + a * sv + li % ev] = val;
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    if grads_x {
+        // ∂x̃ = c·δ·α·γ·acc; dx += out_scale·∂x̃; the gate term ½ Σ x̃_a ∂x̃_a per row
+        let a0 = my_part * x_cols;
+        let lo_row = acc_row[0];
+        let mut g_lo = 0.0f32;
+        let mut g_hi = 0.0f32;
+        #[unroll]
+        for nt in 0..x_cols / 8 {
+            let t = acc.index(nt);
+            #[unroll]
+            for j in 0..c_len {
+                let rr = r0 + acc_row[j] as usize;
+                let a = a0 + nt * 8 + acc_col[j] as usize;
+                let grad = dx_factor * decay_of[rr] * alpha[rr] * gamma
+                    * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
+                let at = row_index[rr];
+                if at != SKIP_ROW {
+                    dx[at as usize * d + a] += out_scale * grad;
+                }
+                let term = grad * f32::cast_from(sx[rr * xs + a]);
+                if acc_row[j] == lo_row {
+                    g_lo += term;
+                } else {
+                    g_hi += term;
+                }
+            }
+        }
+        // the four lanes of a row (CUDA's accumulator layout), then one lane writes
+        g_lo += plane_shuffle_xor(g_lo, 1u32);
+        g_lo += plane_shuffle_xor(g_lo, 2u32);
+        g_hi += plane_shuffle_xor(g_hi, 1u32);
+        g_hi += plane_shuffle_xor(g_hi, 2u32);
+        if lane % 4 == 0 {
+            gsum[my_part * rows + r0 + lo_row as usize] = g_lo;
+            gsum[my_part * rows + r0 + lo_row as usize + 8] = g_hi;
+        }
+    } else {
+        // ∂v = δ·γ·acc
+        let c0 = my_part * v_cols;
+        #[unroll]
+        for nt in 0..v_cols / 8 {
+            let t = acc.index(nt);
+            #[unroll]
+            for j in 0..c_len {
+                let rr = r0 + acc_row[j] as usize;
+                let at = row_index[rr];
+                if at != SKIP_ROW {
+                    dv[at as usize * e + c0 + nt * 8 + acc_col[j] as usize] += decay_of[rr]
+                        * gamma
+                        * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
+                }
+            }
+        }
+    }
+    sync_cube();
+    if UNIT_POS < rows as u32 {
+        let at = row_index[UNIT_POS as usize];
+        if at != SKIP_ROW {
+            let mut s = 0.0f32;
+            #[unroll]
+            for p in 0..parts {
+                s += gsum[p * rows + UNIT_POS as usize];
+            }
+            dg[at as usize] += 0.5 * s;
+        }
+    }
+}
+
+/// The four registers of an `ldmatrix.x4` as two B fragments (two 8-column tiles).
+#[cube]
+fn split_b<N: Size>(
+    regs: &Array<Vector<f16, N>>,
+) -> (Array<Vector<f16, N>>, Array<Vector<f16, N>>) {
+    let mut lo = Array::<Vector<f16, N>>::new(2usize);
+    let mut hi = Array::<Vector<f16, N>>::new(2usize);
+    lo[0] = regs[0];
+    lo[1] = regs[1];
+    hi[0] = regs[2];
+    hi[1] = regs[3];
+    (lo, hi)
+}
