@@ -29,6 +29,10 @@ use half::f16;
 use crate::block_mma::SKIP_ROW;
 use crate::config::StateGradTiles;
 
+/// Slices of the state (values of `b`) staged per step: the loads of the next step's slices
+/// have two slices' products to hide behind.
+pub(crate) const SLICES: usize = 2;
+
 /// The feature of the coordinate pair `{a, b}` in the degree-2 layout with 16-coordinate
 /// blocks (`x` the coordinate of the lower block, `a` where both share one).
 #[cube]
@@ -76,6 +80,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     // slice rows in 16-byte vectors: `max(d, e) + 8` halves (Z is staged `d × d` in a buffer)
     let sv = comptime!((usize::max(cfg.head_dim as usize, cfg.value_dim as usize) + 8) / 8);
     let slice_vecs = comptime!(cfg.head_dim as usize * sv);
+    let buf_vecs = comptime!(SLICES * cfg.head_dim as usize * sv);
     let ev = comptime!(cfg.value_dim as usize / 8);
     let dx_factor = comptime!(if cfg.keys { 2.0f32 } else { 1.0f32 });
     let x_cols = comptime!(cfg.head_dim as usize / cfg.parts as usize);
@@ -98,7 +103,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     let mut omega_of = SharedMemory::<f32>::new(rows);
     let mut part = SharedMemory::<f32>::new(units);
     let mut gsum = SharedMemory::<f32>::new(rows * parts);
-    let mut slices = SharedMemory::<Vector<f16, Const<8>>>::new(2 * slice_vecs);
+    let mut slices = SharedMemory::<Vector<f16, Const<8>>>::new(2 * buf_vecs);
 
     // row ρ of the tile is position ρ / r of head kvh·r + ρ mod r
     if UNIT_POS < rows as u32 {
@@ -156,7 +161,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         omega_of[lrow] = om;
     }
     // the key-sum part `Z[a][b]/γ` in slice buffer 1 (the walk first writes it at step 1)
-    let zbase = slice_vecs;
+    let zbase = buf_vecs;
     let mut zi = UNIT_POS as usize;
     while zi < d * (d / 8) {
         let a = (zi / (d / 8)) as u32;
@@ -318,109 +323,122 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         }
     }
 
-    // the walk over b: slice b (rows a, value columns) staged while slice b - 1 is multiplied
+    // the walk over b: the slices of step s (rows a, value columns, `SLICES` values of b)
+    // staged while those of step s − 1 are multiplied
     let loads = comptime!((cfg.head_dim as usize * cfg.value_dim as usize / 8).div_ceil(units));
-    let mut regs = Array::<Vector<f16, Const<8>>>::new(loads);
-    for step in 0..d as u32 + 1 {
-        let producing = step < d as u32;
+    let mut regs = Array::<Vector<f16, Const<8>>>::new(comptime!(SLICES * loads));
+    let steps = comptime!(cfg.head_dim / SLICES as u32);
+    for step in 0..steps + 1 {
+        let producing = step < steps;
         if producing {
             #[unroll]
-            for i in 0..loads {
-                let li = UNIT_POS as usize + i * units;
-                let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
-                if li < d * ev {
-                    let a = (li / ev) as u32;
-                    let f = pair_feature(a, step);
-                    val = states[(state_base + f as usize) * ev + li % ev];
+            for sl in 0..SLICES {
+                #[unroll]
+                for i in 0..loads {
+                    let li = UNIT_POS as usize + i * units;
+                    let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
+                    if li < d * ev {
+                        let a = (li / ev) as u32;
+                        let f = pair_feature(a, step * SLICES as u32 + sl as u32);
+                        val = states[(state_base + f as usize) * ev + li % ev];
+                    }
+                    regs[comptime!(sl * loads + i)] = val;
                 }
-                regs[i] = val;
             }
         }
-        if step > 0 {
-            let b = step - 1;
-            let base = ((b % 2) as usize) * slice_vecs;
-            // x_b of the rows of this lane's A registers
-            let mut xb = Array::<f16>::new(a_regs);
-            #[unroll]
-            for i in 0..a_regs {
-                xb[i] = sx[(r0 + a_row[i] as usize) * xs + b as usize];
-            }
-            if grads_x {
-                let a0 = my_part * x_cols;
+        #[unroll]
+        for sl in 0..SLICES {
+            if step > 0 {
+                let b = (step - 1) * SLICES as u32 + sl as u32;
+                let base = (((step - 1) % 2) as usize) * buf_vecs + sl * slice_vecs;
+                // x_b of the rows of this lane's A registers
+                let mut xb = Array::<f16>::new(a_regs);
                 #[unroll]
-                for cb in 0..e / 16 {
-                    let wf = w_frags.index(cb);
-                    let mut af = Array::<Vector<f16, NA>>::new(a_regs);
-                    #[unroll]
-                    for i in 0..a_regs {
-                        af[i] = wf[i] * Vector::new(xb[i]);
-                    }
-                    #[unroll]
-                    for np in 0..x_cols / 16 {
-                        let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
-                        let cv = 2 * cb + (lane as usize / 8) % 2;
-                        let at = base + a * sv + cv;
-                        let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                            &slices.slice(at, at + 1),
-                            MatrixIdent::B,
-                            4usize,
-                            false,
-                        );
-                        let (lo, hi) = split_b::<NB>(&bregs);
-                        def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
-                        def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
-                    }
+                for i in 0..a_regs {
+                    xb[i] = sx[(r0 + a_row[i] as usize) * xs + b as usize];
                 }
-            } else {
-                // ∂v: the rows x < 16(m_b + 1) of the slice, weighted 2 below b's block
-                let c0 = my_part * v_cols;
-                let mb = b / 16;
-                #[unroll]
-                for kb in 0..d / 16 {
-                    if kb as u32 <= mb {
-                        let mut wgt = f16::cast_from(1.0f32);
-                        if (kb as u32) < mb {
-                            wgt = f16::cast_from(2.0f32);
-                        }
-                        let xf = x_frags.index(kb);
+                if grads_x {
+                    let a0 = my_part * x_cols;
+                    #[unroll]
+                    for cb in 0..e / 16 {
+                        let wf = w_frags.index(cb);
                         let mut af = Array::<Vector<f16, NA>>::new(a_regs);
                         #[unroll]
                         for i in 0..a_regs {
-                            af[i] = xf[i] * Vector::new(xb[i] * wgt);
+                            af[i] = wf[i] * Vector::new(xb[i]);
                         }
                         #[unroll]
-                        for np in 0..v_cols / 16 {
-                            let a = kb * 16 + (lane as usize % 8) + 8 * ((lane as usize / 8) % 2);
-                            let cv = (c0 + np * 16) / 8 + lane as usize / 16;
+                        for np in 0..x_cols / 16 {
+                            let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
+                            let cv = 2 * cb + (lane as usize / 8) % 2;
                             let at = base + a * sv + cv;
                             let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
                                 &slices.slice(at, at + 1),
                                 MatrixIdent::B,
                                 4usize,
-                                true,
+                                false,
                             );
                             let (lo, hi) = split_b::<NB>(&bregs);
                             def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
                             def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
                         }
                     }
+                } else {
+                    // ∂v: the rows x < 16(m_b + 1) of the slice, weighted 2 below b's block
+                    let c0 = my_part * v_cols;
+                    let mb = b / 16;
+                    #[unroll]
+                    for kb in 0..d / 16 {
+                        if kb as u32 <= mb {
+                            let mut wgt = f16::cast_from(1.0f32);
+                            if (kb as u32) < mb {
+                                wgt = f16::cast_from(2.0f32);
+                            }
+                            let xf = x_frags.index(kb);
+                            let mut af = Array::<Vector<f16, NA>>::new(a_regs);
+                            #[unroll]
+                            for i in 0..a_regs {
+                                af[i] = xf[i] * Vector::new(xb[i] * wgt);
+                            }
+                            #[unroll]
+                            for np in 0..v_cols / 16 {
+                                let a =
+                                    kb * 16 + (lane as usize % 8) + 8 * ((lane as usize / 8) % 2);
+                                let cv = (c0 + np * 16) / 8 + lane as usize / 16;
+                                let at = base + a * sv + cv;
+                                let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
+                                    &slices.slice(at, at + 1),
+                                    MatrixIdent::B,
+                                    4usize,
+                                    true,
+                                );
+                                let (lo, hi) = split_b::<NB>(&bregs);
+                                def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
+                                def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
+                            }
+                        }
+                    }
                 }
             }
         }
         if producing {
-            let base = ((step % 2) as usize) * slice_vecs;
             #[unroll]
-            for i in 0..loads {
-                let li = UNIT_POS as usize + i * units;
-                if li < d * ev {
-                    let a = li / ev;
-                    let mut val = regs[i];
-                    if comptime!(!cfg.keys) {
-                        if a as u32 / 16 == step / 16 {
-                            val = val * Vector::new(f16::cast_from(2.0f32));
+            for sl in 0..SLICES {
+                let base = ((step % 2) as usize) * buf_vecs + sl * slice_vecs;
+                let b = step * SLICES as u32 + sl as u32;
+                #[unroll]
+                for i in 0..loads {
+                    let li = UNIT_POS as usize + i * units;
+                    if li < d * ev {
+                        let a = li / ev;
+                        let mut val = regs[comptime!(sl * loads + i)];
+                        if comptime!(!cfg.keys) {
+                            if a as u32 / 16 == b / 16 {
+                                val = val * Vector::new(f16::cast_from(2.0f32));
+                            }
                         }
+                        slices[base + a * sv + li % ev] = val;
                     }
-                    slices[base + a * sv + li % ev] = val;
                 }
             }
         }
@@ -440,7 +458,10 @@ pub(crate) fn chunk_grad_state_outer_kernel(
             for j in 0..c_len {
                 let rr = r0 + acc_row[j] as usize;
                 let a = a0 + nt * 8 + acc_col[j] as usize;
-                let grad = dx_factor * decay_of[rr] * alpha[rr] * gamma
+                let grad = dx_factor
+                    * decay_of[rr]
+                    * alpha[rr]
+                    * gamma
                     * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
                 let at = row_index[rr];
                 if at != SKIP_ROW {
@@ -474,9 +495,8 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                 let rr = r0 + acc_row[j] as usize;
                 let at = row_index[rr];
                 if at != SKIP_ROW {
-                    dv[at as usize * e + c0 + nt * 8 + acc_col[j] as usize] += decay_of[rr]
-                        * gamma
-                        * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
+                    dv[at as usize * e + c0 + nt * 8 + acc_col[j] as usize] +=
+                        decay_of[rr] * gamma * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
                 }
             }
         }

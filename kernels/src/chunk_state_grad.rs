@@ -291,16 +291,22 @@ pub unsafe fn launch_chunk_state_grad_mma<R: Runtime>(
         dims.batch as u32,
     );
     let f16 = half::f16::as_type_native_unchecked().storage_type();
-    let launch = if tiles.outer {
-        query_state_grad_outer_kernel::launch_unchecked::<R>
+    let (launch, planes) = if tiles.outer {
+        (
+            query_state_grad_outer_kernel::launch_unchecked::<R> as StateGradMmaLaunch<R>,
+            crate::chunk_state_outer::PLANES,
+        )
     } else {
-        query_state_grad_mma_kernel::launch_unchecked::<R>
+        (
+            query_state_grad_mma_kernel::launch_unchecked::<R> as StateGradMmaLaunch<R>,
+            8,
+        )
     };
     unsafe {
         launch(
             client,
             count,
-            CubeDim::new_2d(32, 8),
+            CubeDim::new_2d(32, planes),
             args.q,
             args.d_num,
             gates,
@@ -319,3 +325,25 @@ pub unsafe fn launch_chunk_state_grad_mma<R: Runtime>(
         )
     }
 }
+
+/// The signature both tensor-core kernels' launch functions share.
+type StateGradMmaLaunch<R> = unsafe fn(
+    &ComputeClient<R>,
+    CubeCount,
+    CubeDim,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    StateTiles,
+    StorageType,
+);

@@ -9,8 +9,9 @@
 //! decay (and a ninth 8-column tile holding the decay, or `e^G·dL/β` for queries, whose
 //! product is `Δz`), are the B operand, also through `ldmatrix.trans`.
 //!
-//! A cube of 8 planes owns `128·g` features of one chunk (each plane `g` groups, `g = 2` where
-//! `e ≤ 64`) and walks the chunk's tokens 64 at a time (for queries, those of every query head
+//! A cube of 16 planes owns `256·g` features of one chunk (each plane `g` groups, `g = 2` where
+//! `e ≤ 64`; 512 units keep the registers at 128 per unit, two cubes' worth of warps per
+//! multiprocessor) and walks the chunk's tokens 64 at a time (for queries, those of every query head
 //! of the group in turn), the next block staged while the current one is multiplied.
 
 use cubecl::cmma::MmaDefinition;
@@ -25,7 +26,7 @@ use crate::tile_load::{fetch_rows, row_registers, rows_present};
 /// Tokens per step.
 const TOK: usize = 64;
 /// Planes per cube.
-pub(crate) const PLANES: u32 = 8;
+pub(crate) const PLANES: u32 = 16;
 
 /// Features per cube for `e` value columns: 16 per group, `groups(e)` groups per plane.
 pub(crate) fn features_per_cube(value_dim: usize) -> usize {
@@ -145,7 +146,7 @@ fn state_outer_body<F: Float>(
     let chunk_start = u * chunk;
     let gate_base = ((bi * kv_heads + kvh) * n_chunks * chunk) as usize;
     let block = ((bi * kv_heads + kvh) * n_chunks + u) as usize * big_d as usize;
-    let g0 = CUBE_POS_X * comptime!(8 * gpp as u32);
+    let g0 = CUBE_POS_X * comptime!(PLANES * gpp as u32);
     let mut tokens = rows_present(chunk_start, seq);
     if tokens > chunk {
         tokens = chunk;
@@ -335,7 +336,8 @@ fn state_outer_body<F: Float>(
             let wb = (step % 2) as usize * w_buf;
             let dvecs = comptime!(cfg.head_dim as usize / 8);
             #[unroll]
-            for i in 0..comptime!((TOK * cfg.head_dim as usize / 8).div_ceil(32 * PLANES as usize)) {
+            for i in 0..comptime!((TOK * cfg.head_dim as usize / 8).div_ceil(32 * PLANES as usize))
+            {
                 let idx = UNIT_POS as usize + i * units;
                 if idx < TOK * dvecs {
                     let at = kb + (idx / dvecs) * ks + (idx % dvecs) * 8;
@@ -348,7 +350,8 @@ fn state_outer_body<F: Float>(
             }
             let evecs = comptime!(cfg.value_dim as usize / 8);
             #[unroll]
-            for i in 0..comptime!((TOK * cfg.value_dim as usize / 8).div_ceil(32 * PLANES as usize)) {
+            for i in 0..comptime!((TOK * cfg.value_dim as usize / 8).div_ceil(32 * PLANES as usize))
+            {
                 let idx = UNIT_POS as usize + i * units;
                 if idx < TOK * evecs {
                     let r = idx / evecs;
