@@ -417,7 +417,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                     let mut val = regs[i];
                     if comptime!(!cfg.keys) {
                         if a as u32 / 16 == step / 16 {
-                            val = val * Vector::new(f16::cast_from(2.0f32));
+                            val *= Vector::new(f16::cast_from(2.0f32));
                         }
                     }
                     slices[base + a * sv + li % ev] = val;
@@ -440,7 +440,10 @@ pub(crate) fn chunk_grad_state_outer_kernel(
             for j in 0..c_len {
                 let rr = r0 + acc_row[j] as usize;
                 let a = a0 + nt * 8 + acc_col[j] as usize;
-                let grad = dx_factor * decay_of[rr] * alpha[rr] * gamma
+                let grad = dx_factor
+                    * decay_of[rr]
+                    * alpha[rr]
+                    * gamma
                     * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
                 let at = row_index[rr];
                 if at != SKIP_ROW {
@@ -474,9 +477,8 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                 let rr = r0 + acc_row[j] as usize;
                 let at = row_index[rr];
                 if at != SKIP_ROW {
-                    dv[at as usize * e + c0 + nt * 8 + acc_col[j] as usize] += decay_of[rr]
-                        * gamma
-                        * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
+                    dv[at as usize * e + c0 + nt * 8 + acc_col[j] as usize] +=
+                        decay_of[rr] * gamma * t[comptime!(j / c_vec)][comptime!(j % c_vec)];
                 }
             }
         }
@@ -497,6 +499,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
 
 /// The four registers of an `ldmatrix.x4` as two B fragments (two 8-column tiles).
 #[cube]
+#[allow(clippy::type_complexity)]
 fn split_b<N: Size>(
     regs: &Array<Vector<f16, N>>,
 ) -> (Array<Vector<f16, N>>, Array<Vector<f16, N>>) {

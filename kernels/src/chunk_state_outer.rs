@@ -335,7 +335,8 @@ fn state_outer_body<F: Float>(
             let wb = (step % 2) as usize * w_buf;
             let dvecs = comptime!(cfg.head_dim as usize / 8);
             #[unroll]
-            for i in 0..comptime!((TOK * cfg.head_dim as usize / 8).div_ceil(32 * PLANES as usize)) {
+            for i in 0..comptime!((TOK * cfg.head_dim as usize / 8).div_ceil(32 * PLANES as usize))
+            {
                 let idx = UNIT_POS as usize + i * units;
                 if idx < TOK * dvecs {
                     let at = kb + (idx / dvecs) * ks + (idx % dvecs) * 8;
@@ -348,7 +349,8 @@ fn state_outer_body<F: Float>(
             }
             let evecs = comptime!(cfg.value_dim as usize / 8);
             #[unroll]
-            for i in 0..comptime!((TOK * cfg.value_dim as usize / 8).div_ceil(32 * PLANES as usize)) {
+            for i in 0..comptime!((TOK * cfg.value_dim as usize / 8).div_ceil(32 * PLANES as usize))
+            {
                 let idx = UNIT_POS as usize + i * units;
                 if idx < TOK * evecs {
                     let r = idx / evecs;

@@ -299,7 +299,10 @@ impl StateGradTiles {
                 products: StateGradProducts::Outer,
             };
             if tiles.shared_bytes() <= max {
-                return Some(Self { keys: false, ..tiles });
+                return Some(Self {
+                    keys: false,
+                    ..tiles
+                });
             }
         }
         let products = if manual {
@@ -331,9 +334,7 @@ impl StateGradTiles {
     pub fn cube_planes(&self) -> u32 {
         match self.products {
             StateGradProducts::Staged | StateGradProducts::Registers => self.planes,
-            StateGradProducts::Outer => {
-                self.planes * self.parts * if self.keys { 2 } else { 1 }
-            }
+            StateGradProducts::Outer => self.planes * self.parts * if self.keys { 2 } else { 1 },
         }
     }
 
