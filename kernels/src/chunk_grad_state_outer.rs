@@ -434,7 +434,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                         let mut val = regs[comptime!(sl * loads + i)];
                         if comptime!(!cfg.keys) {
                             if a as u32 / 16 == b / 16 {
-                                val = val * Vector::new(f16::cast_from(2.0f32));
+                                val *= Vector::new(f16::cast_from(2.0f32));
                             }
                         }
                         slices[base + a * sv + li % ev] = val;
@@ -517,6 +517,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
 
 /// The four registers of an `ldmatrix.x4` as two B fragments (two 8-column tiles).
 #[cube]
+#[allow(clippy::type_complexity)]
 fn split_b<N: Size>(
     regs: &Array<Vector<f16, N>>,
 ) -> (Array<Vector<f16, N>>, Array<Vector<f16, N>>) {
