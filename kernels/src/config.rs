@@ -180,6 +180,9 @@ pub struct QueryStateTiles {
     pub head_dim: u32,
     /// `e` (a multiple of 32, at most 128).
     pub value_dim: u32,
+    /// Whether the product runs on CUDA's manually managed `mma`
+    /// ([`query_state_outer`](crate::query_state_outer)) rather than `cmma`.
+    pub outer: bool,
 }
 
 impl QueryStateTiles {
@@ -194,12 +197,17 @@ impl QueryStateTiles {
         value_dim: usize,
     ) -> Option<Self> {
         let f16 = half::f16::as_type_native_unchecked().storage_type();
-        (use_mma(client, strategy, dtype, &[f16], head_dim, value_dim)
-            && value_dim <= 128
-            && Self::shared_bytes(head_dim, value_dim) <= shared_memory_max(client))
-        .then_some(Self {
+        if !use_mma(client, strategy, dtype, &[f16], head_dim, value_dim) || value_dim > 128 {
+            return None;
+        }
+        let max = shared_memory_max(client);
+        let outer = manual_mma_supported(client)
+            && head_dim <= 128
+            && crate::query_state_outer::shared_bytes(head_dim, value_dim) <= max;
+        (outer || Self::shared_bytes(head_dim, value_dim) <= max).then_some(Self {
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
+            outer,
         })
     }
 

@@ -49,6 +49,7 @@ pub mod discumsum;
 pub mod feature_pairs;
 pub mod gate_grads;
 pub mod query_state;
+mod query_state_outer;
 pub mod row_grads;
 #[allow(missing_docs)]
 pub mod tile_load;

@@ -24,6 +24,7 @@ use crate::block_mma::{
 use crate::chunk_output::OutputDims;
 use crate::config::QueryStateTiles;
 use crate::feature_pairs::feature_pair;
+use crate::query_state_outer::query_state_outer_kernel;
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
 /// The factor `1/γ = 1/√D` of the half-precision states this kernel reads.
@@ -277,11 +278,22 @@ pub unsafe fn launch_query_state<R: Runtime>(
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
+    let (launch, dim) = if tiles.outer {
+        (
+            query_state_outer_kernel::launch_unchecked::<R> as QueryStateLaunch<R>,
+            CubeDim::new_2d(32, crate::query_state_outer::PLANES),
+        )
+    } else {
+        (
+            query_state_kernel::launch_unchecked::<R> as QueryStateLaunch<R>,
+            cube_dim(),
+        )
+    };
     unsafe {
-        query_state_kernel::launch_unchecked::<R>(
+        launch(
             client,
             count,
-            cube_dim(),
+            dim,
             args.q,
             args.states,
             args.sums,
@@ -298,3 +310,23 @@ pub unsafe fn launch_query_state<R: Runtime>(
         )
     }
 }
+
+/// The signature both query-state kernels' launch functions share.
+type QueryStateLaunch<R> = unsafe fn(
+    &ComputeClient<R>,
+    CubeCount,
+    CubeDim,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    ArrayArg<R>,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    QueryStateTiles,
+    StorageType,
+);
