@@ -1,7 +1,7 @@
 //! Cumulative log-gates inside chunks: `log_g [b, t, h]` (the input dtype) → `f32 [b, h, n·c]`,
 //! entry `u·c + p` = `Σ_{p' ≤ p} log_g[b, u·c + p', h]`, constant past `t` (padding neither adds
 //! nor decays). One cube per (sequence and head, chunk) walks the chunk in segments of
-//! [`SEGMENT`]: the units stage a segment in shared memory, one unit adds it up in order, the
+//! `SEGMENT` tokens: the units stage a segment in shared memory, one unit adds it up in order, the
 //! units write it out. The sum is sequential on purpose: the kernels take differences
 //! `G_i − G_j` of these values, and a sequential sum keeps the error of a difference
 //! proportional to the tokens between `j` and `i`, where a tree-shaped scan makes it

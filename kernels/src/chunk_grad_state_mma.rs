@@ -459,7 +459,9 @@ pub struct StateGradRowArgs {
 
 /// Adds the state path's gradients of a chunked backward pass to `dx`, `dg` (and `dv` for
 /// keys): `keys` picks the side; `x_scale` multiplies `x` (`σ` for queries) and `out_scale` the
-/// coordinate gradients (`σ` for queries).
+/// coordinate gradients (`σ` for queries). `tiles.products` picks the kernel: this module's
+/// staged products, the register-contracted ones (`chunk_grad_state_manual`) or the outer
+/// products (`chunk_grad_state_outer`): same arguments, same results.
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`StateGradRowArgs`] for `dims`, and `tiles`

@@ -230,11 +230,11 @@ pub enum StateGradProducts {
     Staged,
     /// CUDA's manually managed `mma` on the feature tiles, the feature gradients contracted
     /// with the coordinates in the registers where the accumulators sit
-    /// ([`chunk_grad_state_manual`](crate::chunk_grad_state_manual)).
+    /// (`chunk_grad_state_manual`).
     Registers,
     /// CUDA's manually managed `mma` on the outer products `x ⊗ w` against the state written
     /// out as a `d × d × e` tensor
-    /// ([`chunk_grad_state_outer`](crate::chunk_grad_state_outer)): nothing per feature on the
+    /// (`chunk_grad_state_outer`): nothing per feature on the
     /// FMA units.
     Outer,
 }
@@ -507,7 +507,7 @@ pub struct StateTiles {
     /// Whether the tensor-core variant runs.
     pub mma: bool,
     /// Whether the tensor-core variant runs on CUDA's manually managed `mma`
-    /// ([`chunk_state_outer`](crate::chunk_state_outer)) rather than `cmma`.
+    /// (`chunk_state_outer`) rather than `cmma`.
     pub outer: bool,
 }
 

@@ -22,6 +22,9 @@
 //!
 //! f16/bf16 inputs use tensor cores (`cmma`) where the runtime has them (CUDA; HIP untested);
 //! everything else (f32, wgpu/lavapipe) runs FMA register tiles. A [`Strategy`] forces either.
+//! On CUDA the chunk-state products and the backward's state path run on manually managed
+//! `mma` with feature tiles built in registers (the chunk-state kernels, and for `d ≤ 64`
+//! the state path as products of outer products, see [`StateGradProducts`]).
 #![warn(missing_docs)]
 // In `#[cube]` bodies a comptime `if` must stay apart from the runtime condition inside it
 // (merging them makes the whole condition runtime), and runtime integers have no `div_ceil`.

@@ -12,7 +12,7 @@
 //! the units build the f16 feature tile from the query tile in shared memory and stage the
 //! f16 state block (`S/γ`, [`state_scale`], written by the scan) with 16-byte loads,
 //! double-buffered so one barrier per step separates producing the next block from
-//! multiplying the previous one ([`block_mma`](crate::block_mma)).
+//! multiplying the previous one (the block product of `block_mma`).
 
 use cubecl::prelude::*;
 use half::f16;

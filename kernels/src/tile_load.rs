@@ -75,7 +75,7 @@ pub fn load_feature_pairs(
 }
 
 /// Copies the key and value rows `first..first + rows` of key/value head `head` into `sk`
-/// (row stride `k_stride`) and `sv` (row stride `value_dim`), as [`load_token_rows`].
+/// (row stride `k_stride`) and `sv` (row stride `value_dim`), as [`load_token_rows()`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn load_key_value_rows<F: Float, S: Float>(
@@ -164,7 +164,7 @@ pub fn rows_present(first: u32, limit: u32) -> u32 {
 }
 
 /// Fetches `rows` rows of `width` elements into registers with 16-byte loads: row `i` starts
-/// at vector `first + i·stride` of `src`; rows `present..` are zeros. Pair with [`store_rows`]
+/// at vector `first + i·stride` of `src`; rows `present..` are zeros. Pair with [`store_rows()`]
 /// (issue the loads, do other work, then store).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -191,7 +191,7 @@ pub fn fetch_rows<F: Float>(
     }
 }
 
-/// Stores rows fetched by [`fetch_rows`] into `dst[offset..]` (row stride `dst_stride`),
+/// Stores rows fetched by [`fetch_rows()`] into `dst[offset..]` (row stride `dst_stride`),
 /// converted to `S`.
 #[cube]
 pub fn store_rows<F: Float, S: Float>(
@@ -218,7 +218,7 @@ pub fn store_rows<F: Float, S: Float>(
     }
 }
 
-/// Registers for [`fetch_rows`] of `rows × width` elements.
+/// Registers for [`fetch_rows()`] of `rows × width` elements.
 #[cube]
 pub fn row_registers<F: Float>(
     #[comptime] rows: usize,

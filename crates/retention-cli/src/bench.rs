@@ -103,7 +103,7 @@ pub struct BenchArgs {
     /// (`python3 SCRIPT --shape .. --tokens .. --chunk .. --ts .. --modes ..`); its CSV rows
     /// are printed and appended to `out`. `None`: ours only.
     pub compare: Option<std::path::PathBuf>,
-    /// Directory for the charts of this run's rows ([`plot_rows`](crate::bench_plot::plot_rows));
+    /// Directory for the charts of this run's rows ([`plot_rows`]);
     /// `None`: no charts.
     pub plot: Option<std::path::PathBuf>,
 }
@@ -114,7 +114,7 @@ pub struct BenchRow {
     /// `burn_retention` or `burn_reference`.
     pub implementation: &'static str,
     /// `fwd`, `decode` (one-token step) or `decode_window` (steps on a
-    /// [`DecodeState`](retention::DecodeState), its rewrite amortised).
+    /// [`DecodeState`], its rewrite amortised).
     pub mode: &'static str,
     /// Shape name.
     pub shape: &'static str,

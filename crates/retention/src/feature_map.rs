@@ -49,8 +49,8 @@ pub fn expanded_dim(head_dim: usize, degree: usize) -> usize {
     checked_expanded_dim(head_dim, degree).unwrap_or(usize::MAX)
 }
 
-/// [`expanded_dim`], or `None` where `D` does not fit in a `usize` ([`check_shapes`]
-/// (crate::check_shapes) refuses such problems).
+/// [`expanded_dim`], or `None` where `D` does not fit in a `usize`
+/// ([`check_shapes`](crate::check_shapes) refuses such problems).
 ///
 /// ```
 /// assert_eq!(retention::checked_expanded_dim(64, 4), Some(766_480));
