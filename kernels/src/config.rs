@@ -181,7 +181,7 @@ pub struct QueryStateTiles {
     /// `e` (a multiple of 32, at most 128).
     pub value_dim: u32,
     /// Whether the product runs on CUDA's manually managed `mma`
-    /// ([`query_state_outer`](crate::query_state_outer)) rather than `cmma`.
+    /// (`query_state_outer`) rather than `cmma`.
     pub outer: bool,
 }
 
