@@ -28,23 +28,11 @@ use half::f16;
 
 use crate::block_mma::SKIP_ROW;
 use crate::config::StateGradTiles;
+use crate::feature_pairs::pair_feature;
 
 /// Slices of the state (values of `b`) staged per step: the loads of the next step's slices
 /// have two slices' products to hide behind.
 pub(crate) const SLICES: usize = 2;
-
-/// The feature of the coordinate pair `{a, b}` in the degree-2 layout with 16-coordinate
-/// blocks (`x` the coordinate of the lower block, `a` where both share one).
-#[cube]
-fn pair_feature(a: u32, b: u32) -> u32 {
-    let ma = a / 16;
-    let mb = b / 16;
-    let mut f = 128 * ma * (ma + 1) + 16 * b + (a - 16 * ma);
-    if ma <= mb {
-        f = 128 * mb * (mb + 1) + 16 * a + (b - 16 * mb);
-    }
-    f
-}
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -170,7 +158,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         #[unroll]
         for k in 0..8usize {
             let b = (vb * 8 + k) as u32;
-            let mut z = sums[state_base + pair_feature(a, b) as usize] / gamma;
+            let mut z = sums[state_base + pair_feature(a, b, 16u32) as usize] / gamma;
             if comptime!(!cfg.keys) {
                 if a / 16 == b / 16 {
                     z *= 2.0;
@@ -339,7 +327,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                     let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
                     if li < d * ev {
                         let a = (li / ev) as u32;
-                        let f = pair_feature(a, step * SLICES as u32 + sl as u32);
+                        let f = pair_feature(a, step * SLICES as u32 + sl as u32, 16u32);
                         val = states[(state_base + f as usize) * ev + li % ev];
                     }
                     regs[comptime!(sl * loads + i)] = val;

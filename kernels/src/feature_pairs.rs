@@ -55,3 +55,16 @@ pub fn pair_weight(x: u32, inner: u32, #[comptime] beta: u32) -> f32 {
     }
     w
 }
+
+/// The feature of the coordinate pair `{a, b}` (the inverse of [`feature_pair`] up to the
+/// pair's order): `x` is the coordinate of the lower block, `a` where both share one.
+#[cube]
+pub fn pair_feature(a: u32, b: u32, #[comptime] beta: u32) -> u32 {
+    let ma = a / beta;
+    let mb = b / beta;
+    let mut f = beta * beta * ma * (ma + 1) / 2 + beta * b + (a - beta * ma);
+    if ma <= mb {
+        f = beta * beta * mb * (mb + 1) / 2 + beta * a + (b - beta * mb);
+    }
+    f
+}
