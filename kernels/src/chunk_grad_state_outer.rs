@@ -29,6 +29,7 @@ use half::f16;
 use crate::block_mma::SKIP_ROW;
 use crate::config::StateGradTiles;
 use crate::feature_pairs::pair_feature;
+use crate::mma_fragments::b_fragment_pair;
 
 /// Slices of the state (values of `b`) staged per step: the loads of the next step's slices
 /// have two slices' products to hide behind.
@@ -284,13 +285,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                 let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
                 let cv = 2 * kb + (lane as usize / 8) % 2;
                 let at = zbase + a * sv + cv;
-                let regs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                    &slices.slice(at, at + 1),
-                    MatrixIdent::B,
-                    4usize,
-                    false,
-                );
-                let (lo, hi) = split_b::<NB>(&regs);
+                let (lo, hi) = b_fragment_pair::<NB>(def, &slices, at, false);
                 def.execute_inplace(x_frags.index(kb), &lo, acc.index_mut(comptime!(2 * np)));
                 def.execute_inplace(x_frags.index(kb), &hi, acc.index_mut(comptime!(2 * np + 1)));
             }
@@ -360,13 +355,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                             let a = a0 + np * 16 + (lane as usize % 8) + 8 * (lane as usize / 16);
                             let cv = 2 * cb + (lane as usize / 8) % 2;
                             let at = base + a * sv + cv;
-                            let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                                &slices.slice(at, at + 1),
-                                MatrixIdent::B,
-                                4usize,
-                                false,
-                            );
-                            let (lo, hi) = split_b::<NB>(&bregs);
+                            let (lo, hi) = b_fragment_pair::<NB>(def, &slices, at, false);
                             def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
                             def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
                         }
@@ -394,13 +383,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                                     kb * 16 + (lane as usize % 8) + 8 * ((lane as usize / 8) % 2);
                                 let cv = (c0 + np * 16) / 8 + lane as usize / 16;
                                 let at = base + a * sv + cv;
-                                let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                                    &slices.slice(at, at + 1),
-                                    MatrixIdent::B,
-                                    4usize,
-                                    true,
-                                );
-                                let (lo, hi) = split_b::<NB>(&bregs);
+                                let (lo, hi) = b_fragment_pair::<NB>(def, &slices, at, true);
                                 def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
                                 def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
                             }
@@ -501,19 +484,4 @@ pub(crate) fn chunk_grad_state_outer_kernel(
             dg[at as usize] += 0.5 * s;
         }
     }
-}
-
-/// The four registers of an `ldmatrix.x4` as two B fragments (two 8-column tiles).
-#[cube]
-#[allow(clippy::type_complexity)]
-fn split_b<N: Size>(
-    regs: &Array<Vector<f16, N>>,
-) -> (Array<Vector<f16, N>>, Array<Vector<f16, N>>) {
-    let mut lo = Array::<Vector<f16, N>>::new(2usize);
-    let mut hi = Array::<Vector<f16, N>>::new(2usize);
-    lo[0] = regs[0];
-    lo[1] = regs[1];
-    hi[0] = regs[2];
-    hi[1] = regs[3];
-    (lo, hi)
 }

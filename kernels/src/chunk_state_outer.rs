@@ -21,10 +21,11 @@ use half::f16;
 
 use crate::config::StateTiles;
 use crate::feature_pairs::{feature_pair, pair_weight};
+use crate::mma_fragments::b_fragment_pair;
 use crate::tile_load::{fetch_rows, row_registers, rows_present};
 
-/// Tokens per step.
-const TOK: usize = 64;
+/// Tokens per step ([`StateTiles::block_k`] of these tiles).
+pub(crate) const TOK: usize = 64;
 /// Planes per cube.
 pub(crate) const PLANES: u32 = 16;
 
@@ -286,18 +287,7 @@ fn state_outer_body<F: Float>(
                 for np in 0..e / 16 {
                     let t = t0 + lane % 8 + 8 * ((lane / 8) % 2);
                     let at = wb + t * wv + 2 * np + lane / 16;
-                    let regs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                        &sw.slice(at, at + 1),
-                        MatrixIdent::B,
-                        4usize,
-                        true,
-                    );
-                    let mut lo = Array::<Vector<f16, NB>>::new(2usize);
-                    let mut hi = Array::<Vector<f16, NB>>::new(2usize);
-                    lo[0] = regs[0];
-                    lo[1] = regs[1];
-                    hi[0] = regs[2];
-                    hi[1] = regs[3];
+                    let (lo, hi) = b_fragment_pair::<NB>(def, &sw, at, true);
                     #[unroll]
                     for gi in 0..gpp {
                         def.execute_inplace(

@@ -233,9 +233,8 @@ pub enum StateGradProducts {
     /// (`chunk_grad_state_manual`).
     Registers,
     /// CUDA's manually managed `mma` on the outer products `x ⊗ w` against the state written
-    /// out as a `d × d × e` tensor
-    /// (`chunk_grad_state_outer`): nothing per feature on the
-    /// FMA units.
+    /// out as a `d × d × e` tensor (`chunk_grad_state_outer`): nothing per feature on the FMA
+    /// units.
     Outer,
 }
 
@@ -261,8 +260,8 @@ pub struct StateGradTiles {
 }
 
 /// Whether `client` runs CUDA's manually managed `m16n8k16` MMA with f16 operands and an f32
-/// accumulator, whose register layout [`chunk_grad_state_outer`](crate::chunk_grad_state_outer)
-/// relies on.
+/// accumulator, whose register layout the kernels on it rely on (the chunk-state products and
+/// the state path's [`StateGradProducts::Registers`] and [`StateGradProducts::Outer`]).
 fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
     let f16 = half::f16::as_type_native_unchecked().storage_type();
     R::name(client) == "cuda"
@@ -279,7 +278,8 @@ fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
 impl StateGradTiles {
     /// Tiles on `client`: `None` unless the tensor cores take f16 operands, `d % 16 == 0`,
     /// `e % 32 == 0`, `e ≤ 128` and a cube fits in shared memory. CUDA runs the outer
-    /// products (`d, e ≤ 128`), other runtimes the staged ones.
+    /// products where `d, e ≤ 64` and the register-contracted ones above; other runtimes the
+    /// staged ones.
     pub fn plan<R: Runtime>(
         client: &ComputeClient<R>,
         strategy: Strategy,
@@ -297,6 +297,7 @@ impl StateGradTiles {
         // at d = 64 (the state path 2.1 ms faster at 8 heads, t = 16k, H200) and lose at
         // d = 128 (65 ms slower at Brumby's heads, its 40 query heads' cubes bound by L2)
         if manual && head_dim <= 64 && value_dim <= 64 {
+            // sized for the key side, whose cubes are the larger (a `∂v` plane per row tile)
             let tiles = Self {
                 head_dim: head_dim as u32,
                 value_dim: value_dim as u32,
@@ -545,7 +546,7 @@ impl StateTiles {
                 return Some(Self {
                     block_f: crate::chunk_state_outer::features_per_cube(value_dim) as u32,
                     outer: true,
-                    ..tiles(64, true)
+                    ..tiles(crate::chunk_state_outer::TOK, true)
                 });
             }
             if mma_bytes <= shared_memory_max(client) {

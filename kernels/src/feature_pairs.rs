@@ -56,7 +56,7 @@ pub fn pair_weight(x: u32, inner: u32, #[comptime] beta: u32) -> f32 {
     w
 }
 
-/// The feature of the coordinate pair `{a, b}` (the inverse of [`feature_pair`] up to the
+/// The feature of the coordinate pair `{a, b}` (the inverse of [`feature_pair()`] up to the
 /// pair's order): `x` is the coordinate of the lower block, `a` where both share one.
 #[cube]
 pub fn pair_feature(a: u32, b: u32, #[comptime] beta: u32) -> u32 {

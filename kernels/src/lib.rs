@@ -51,6 +51,7 @@ pub mod discumsum;
 #[allow(missing_docs)] // `#[cube]` adds undocumented expansion items
 pub mod feature_pairs;
 pub mod gate_grads;
+mod mma_fragments;
 pub mod query_state;
 mod query_state_outer;
 pub mod row_grads;

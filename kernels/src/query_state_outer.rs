@@ -22,6 +22,7 @@ use half::f16;
 use crate::block_mma::SKIP_ROW;
 use crate::config::QueryStateTiles;
 use crate::feature_pairs::feature_pair;
+use crate::mma_fragments::b_fragment_pair;
 use crate::tile_load::rows_present;
 
 /// Features per step (four 16-feature groups).
@@ -207,18 +208,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
                     for np in 0..v_tiles / 2 {
                         let f = gi * 16 + lane % 8 + 8 * ((lane / 8) % 2);
                         let at = base + f * sv + c0 / 8 + 2 * np + lane / 16;
-                        let bregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
-                            &sst.slice(at, at + 1),
-                            MatrixIdent::B,
-                            4usize,
-                            true,
-                        );
-                        let mut lo = Array::<Vector<f16, NB>>::new(2usize);
-                        let mut hi = Array::<Vector<f16, NB>>::new(2usize);
-                        lo[0] = bregs[0];
-                        lo[1] = bregs[1];
-                        hi[0] = bregs[2];
-                        hi[1] = bregs[3];
+                        let (lo, hi) = b_fragment_pair::<NB>(def, &sst, at, true);
                         #[unroll]
                         for mt in 0..2usize {
                             def.execute_inplace(
