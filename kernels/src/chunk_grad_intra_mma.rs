@@ -29,6 +29,9 @@ use half::bf16;
 
 use crate::Buffer;
 use crate::chunk_grad::{GradDims, power_and_slope};
+use crate::chunk_grad_intra_manual::{
+    intra_key_grads_manual_kernel, intra_query_grads_manual_kernel,
+};
 use crate::config::IntraGradTiles;
 use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
 
@@ -864,7 +867,12 @@ pub unsafe fn launch_intra_query_grads<R: Runtime>(
     );
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
-        intra_query_grads_kernel::launch_unchecked::<R>(
+        let launch = if tiles.manual {
+            intra_query_grads_manual_kernel::launch_unchecked::<R>
+        } else {
+            intra_query_grads_kernel::launch_unchecked::<R>
+        };
+        launch(
             client,
             count,
             CubeDim::new_2d(PLANE, PLANES),
@@ -916,7 +924,12 @@ pub unsafe fn launch_intra_key_grads<R: Runtime>(
     );
     // SAFETY: the buffers hold what the caller promised.
     unsafe {
-        intra_key_grads_kernel::launch_unchecked::<R>(
+        let launch = if tiles.manual {
+            intra_key_grads_manual_kernel::launch_unchecked::<R>
+        } else {
+            intra_key_grads_kernel::launch_unchecked::<R>
+        };
+        launch(
             client,
             count,
             CubeDim::new_2d(PLANE, PLANES),

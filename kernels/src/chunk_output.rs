@@ -9,6 +9,7 @@
 
 use cubecl::prelude::*;
 
+use crate::chunk_output_manual::chunk_output_manual_kernel;
 use crate::chunk_output_mma::chunk_output_mma_kernel;
 use crate::config::OutputTiles;
 use crate::feature_pairs::pair_block;
@@ -89,7 +90,12 @@ pub unsafe fn launch_output<R: Runtime>(
         (dims.n_chunks * dims.kv_heads) as u32,
         dims.batch as u32,
     );
-    let (launch, cube_dim) = if tiles.mma {
+    let (launch, cube_dim) = if tiles.manual {
+        (
+            chunk_output_manual_kernel::launch_unchecked::<R> as OutputLaunch<R>,
+            CubeDim::new_2d(32, 8),
+        )
+    } else if tiles.mma {
         (
             chunk_output_mma_kernel::launch_unchecked::<R> as OutputLaunch<R>,
             CubeDim::new_2d(32, 8),

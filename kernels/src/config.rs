@@ -85,6 +85,9 @@ pub struct OutputTiles {
     pub with_stats: bool,
     /// Whether the tensor-core variant runs.
     pub mma: bool,
+    /// Whether the tensor-core variant runs on CUDA's manually managed `mma`
+    /// (`chunk_output_manual`: scores and weights in registers) rather than `cmma`.
+    pub manual: bool,
 }
 
 impl OutputTiles {
@@ -99,7 +102,7 @@ impl OutputTiles {
         value_dim: usize,
         degree: usize,
     ) -> Option<Self> {
-        let tiles = |block_q: usize, block_k: usize, mma: bool| Self {
+        let tiles = |block_q: usize, block_k: usize, mma: bool, manual: bool| Self {
             block_q: block_q as u32,
             block_k: block_k as u32,
             threads: 256,
@@ -110,6 +113,7 @@ impl OutputTiles {
             with_state: false,
             with_stats: false,
             mma,
+            manual,
         };
         let bf16 = half::bf16::as_type_native_unchecked().storage_type();
         if use_mma(client, strategy, dtype, &[bf16], head_dim, value_dim)
@@ -117,13 +121,16 @@ impl OutputTiles {
             && crate::chunk_output_mma::shared_bytes(head_dim, value_dim, dtype.size())
                 <= shared_memory_max(client)
         {
-            return Some(tiles(crate::chunk_output_mma::BQ, 64, true));
+            let manual = manual_mma_supported(client)
+                && crate::chunk_output_manual::shared_bytes(head_dim, value_dim, dtype.size())
+                    <= shared_memory_max(client);
+            return Some(tiles(crate::chunk_output_mma::BQ, 64, true, manual));
         }
         let budget = shared_memory_budget(shared_memory_max(client));
         [(64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8)]
             .into_iter()
             .find(|&(bq, bk)| Self::fma_shared_bytes(bq, bk, head_dim, value_dim) <= budget)
-            .map(|(bq, bk)| tiles(bq, bk, false))
+            .map(|(bq, bk)| tiles(bq, bk, false, false))
     }
 
     fn fma_shared_bytes(bq: usize, bk: usize, d: usize, e: usize) -> usize {
@@ -395,6 +402,9 @@ pub struct IntraGradTiles {
     pub degree: u32,
     /// Whether log-gates are given (set at launch from the arguments).
     pub gated: bool,
+    /// Whether the kernels run on CUDA's manually managed `mma` (`chunk_grad_intra_manual`:
+    /// pairs in registers) rather than `cmma`.
+    pub manual: bool,
 }
 
 impl IntraGradTiles {
@@ -410,17 +420,24 @@ impl IntraGradTiles {
         degree: usize,
     ) -> Option<Self> {
         let bf16 = half::bf16::as_type_native_unchecked().storage_type();
-        (use_mma(client, strategy, dtype, &[bf16], head_dim, value_dim)
-            && head_dim <= 128
-            && value_dim <= 128
-            && crate::chunk_grad_intra_mma::shared_bytes(head_dim, value_dim)
-                <= shared_memory_max(client))
-        .then_some(Self {
-            head_dim: head_dim as u32,
-            value_dim: value_dim as u32,
-            degree: degree as u32,
-            gated: false,
-        })
+        if !use_mma(client, strategy, dtype, &[bf16], head_dim, value_dim)
+            || head_dim > 128
+            || value_dim > 128
+        {
+            return None;
+        }
+        let max = shared_memory_max(client);
+        let manual = manual_mma_supported(client)
+            && crate::chunk_grad_intra_manual::shared_bytes(head_dim, value_dim) <= max;
+        (manual || crate::chunk_grad_intra_mma::shared_bytes(head_dim, value_dim) <= max).then_some(
+            Self {
+                head_dim: head_dim as u32,
+                value_dim: value_dim as u32,
+                degree: degree as u32,
+                gated: false,
+                manual,
+            },
+        )
     }
 }
 

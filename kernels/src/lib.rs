@@ -33,6 +33,7 @@
 mod block_mma;
 pub mod chunk_gates;
 pub mod chunk_grad;
+mod chunk_grad_intra_manual;
 pub mod chunk_grad_intra_mma;
 mod chunk_grad_keys;
 mod chunk_grad_queries;
@@ -40,6 +41,7 @@ mod chunk_grad_state_manual;
 pub mod chunk_grad_state_mma;
 mod chunk_grad_state_outer;
 pub mod chunk_output;
+mod chunk_output_manual;
 mod chunk_output_mma;
 pub mod chunk_state;
 pub mod chunk_state_grad;
