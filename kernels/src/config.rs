@@ -6,14 +6,19 @@ use cubecl::prelude::*;
 /// How a kernel computes its matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Strategy {
-    /// Tensor cores (`cmma`) where the runtime has them for the input dtype and the shapes fit,
-    /// else register tiles on the FMA units.
+    /// Tensor cores where the runtime has them for the input dtype and the shapes fit (on
+    /// CUDA through manually managed `mma.sync`, elsewhere through `cmma`), else register
+    /// tiles on the FMA units.
     #[default]
     Auto,
     /// Register tiles on the FMA units (every runtime; the only path for f32 inputs).
     Fma,
     /// Tensor cores; falls back to [`Strategy::Fma`] where unsupported.
     Mma,
+    /// Tensor cores through `cmma` only: the kernels HIP and Vulkan run, also on CUDA (where
+    /// [`Strategy::Auto`] takes the manually managed `mma` kernels); falls back to
+    /// [`Strategy::Fma`] where unsupported.
+    Cmma,
 }
 
 /// Whether `client` runs 16×16×16 `cmma` with `dtype` operands and an `f32` accumulator.
@@ -121,7 +126,7 @@ impl OutputTiles {
             && crate::chunk_output_mma::shared_bytes(head_dim, value_dim, dtype.size())
                 <= shared_memory_max(client)
         {
-            let manual = manual_mma_supported(client)
+            let manual = manual_mma_supported(client, strategy)
                 && crate::chunk_output_manual::shared_bytes(head_dim, value_dim, dtype.size())
                     <= shared_memory_max(client);
             return Some(tiles(crate::chunk_output_mma::BQ, 64, true, manual));
@@ -208,7 +213,7 @@ impl QueryStateTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let outer = manual_mma_supported(client)
+        let outer = manual_mma_supported(client, strategy)
             && head_dim <= 128
             && crate::query_state_outer::shared_bytes(head_dim, value_dim) <= max;
         (outer || Self::shared_bytes(head_dim, value_dim) <= max).then_some(Self {
@@ -266,20 +271,28 @@ pub struct StateGradTiles {
     pub products: StateGradProducts,
 }
 
-/// Whether `client` runs CUDA's manually managed `m16n8k16` MMA with f16 operands and an f32
-/// accumulator, whose register layout the kernels on it rely on (the chunk-state products and
-/// the state path's [`StateGradProducts::Registers`] and [`StateGradProducts::Outer`]).
-fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    let f16 = half::f16::as_type_native_unchecked().storage_type();
-    R::name(client) == "cuda"
-        && client.features().matmul.mma.contains(&MmaConfig {
-            a_type: f16,
-            b_type: f16,
-            cd_type: f32::as_type_native_unchecked().storage_type(),
-            m: 16,
-            n: 8,
-            k: 16,
-        })
+/// Whether the kernels on CUDA's manually managed `m16n8k16` MMA (f16 and bf16 operands, f32
+/// accumulators, whose register layout they rely on) run: `strategy` is not
+/// [`Strategy::Cmma`] and `client` is CUDA with those shapes (the chunk-state and query-state
+/// products, the state path's [`StateGradProducts::Registers`] and
+/// [`StateGradProducts::Outer`], the output kernel and the backward's intra-chunk pairs).
+fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>, strategy: Strategy) -> bool {
+    let f32_type = f32::as_type_native_unchecked().storage_type();
+    let shape = |operand: StorageType| MmaConfig {
+        a_type: operand,
+        b_type: operand,
+        cd_type: f32_type,
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    let mma = &client.features().matmul.mma;
+    strategy != Strategy::Cmma
+        && R::name(client) == "cuda"
+        && mma.contains(&shape(half::f16::as_type_native_unchecked().storage_type()))
+        && mma.contains(&shape(
+            half::bf16::as_type_native_unchecked().storage_type(),
+        ))
 }
 
 impl StateGradTiles {
@@ -298,7 +311,7 @@ impl StateGradTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let manual = manual_mma_supported(client);
+        let manual = manual_mma_supported(client, strategy);
         // the outer products multiply d·d·e per row where the feature tiles multiply D·e
         // (D = d(d + 16)/2) and stream the whole d × d × e state through each cube: they win
         // at d = 64 (the state path 2.1 ms faster at 8 heads, t = 16k, H200) and lose at
@@ -427,7 +440,7 @@ impl IntraGradTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let manual = manual_mma_supported(client)
+        let manual = manual_mma_supported(client, strategy)
             && crate::chunk_grad_intra_manual::shared_bytes(head_dim, value_dim) <= max;
         (manual || crate::chunk_grad_intra_mma::shared_bytes(head_dim, value_dim) <= max).then_some(
             Self {
@@ -555,7 +568,7 @@ impl StateTiles {
         let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim);
         let f16 = half::f16::as_type_native_unchecked().storage_type();
         if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim) && value_dim <= 128 {
-            if manual_mma_supported(client)
+            if manual_mma_supported(client, strategy)
                 && head_dim <= 128
                 && crate::chunk_state_outer::shared_bytes(head_dim, value_dim)
                     <= shared_memory_max(client)

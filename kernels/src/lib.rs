@@ -20,11 +20,15 @@
 //! - [`decode`]: recurrent steps for a batch of sequences (one token, or a window of recent
 //!   tokens kept beside the state, read and absorbed separately).
 //!
-//! f16/bf16 inputs use tensor cores (`cmma`) where the runtime has them (CUDA; HIP untested);
-//! everything else (f32, wgpu/lavapipe) runs FMA register tiles. A [`Strategy`] forces either.
-//! On CUDA the chunk-state products and the backward's state path run on manually managed
-//! `mma` with feature tiles built in registers (the chunk-state kernels, and for `d ≤ 64`
-//! the state path as products of outer products, see [`StateGradProducts`]).
+//! f16/bf16 inputs use tensor cores where the runtime has them; everything else (f32,
+//! wgpu/lavapipe) runs FMA register tiles. On CUDA every tensor-core kernel runs on manually
+//! managed `mma.sync` (`m16n8k16`, `ldmatrix`): the chunk-state and query-state products with
+//! feature tiles built in registers, the backward's state path (for `d ≤ 64` as products of
+//! outer products, see [`StateGradProducts`]), and the output kernel and the backward's
+//! intra-chunk pairs flash-attention style, scores and pair weights in the accumulator
+//! registers. HIP and Vulkan run the `cmma` (16×16×16) variants of the same kernels (HIP
+//! untested). A [`Strategy`] forces a family: [`Strategy::Cmma`] runs the `cmma` variants on
+//! CUDA too (how the CUDA selftest covers them), [`Strategy::Fma`] the register tiles.
 #![warn(missing_docs)]
 // In `#[cube]` bodies a comptime `if` must stay apart from the runtime condition inside it
 // (merging them makes the whole condition runtime), and runtime integers have no `div_ceil`.

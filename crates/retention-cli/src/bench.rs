@@ -12,7 +12,7 @@ use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use retention::{
-    DecodeState, RetentionBackend, RetentionOptions, RetentionState, power_retention,
+    DecodeState, KernelChoice, RetentionBackend, RetentionOptions, RetentionState, power_retention,
     power_retention_decode, power_retention_step, power_retention_with_state, reference,
 };
 
@@ -106,6 +106,8 @@ pub struct BenchArgs {
     /// Directory for the charts of this run's rows ([`plot_rows`]);
     /// `None`: no charts.
     pub plot: Option<std::path::PathBuf>,
+    /// Kernel family of the CubeCL backends.
+    pub kernels: KernelChoice,
 }
 
 /// One measured row.
@@ -341,7 +343,9 @@ pub fn bench<B: RetentionBackend>(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut rows = Vec::new();
-    let opts = RetentionOptions::new().with_chunk_size(Some(args.chunk));
+    let opts = RetentionOptions::new()
+        .with_chunk_size(Some(args.chunk))
+        .with_kernels(args.kernels);
     let scale = 1.0 / (d as f64).sqrt();
     for &t in &args.seqs {
         let b = (args.tokens / t).max(1);

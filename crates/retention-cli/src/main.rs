@@ -14,7 +14,7 @@ use retention_cli::numerics::{NumericsArgs, numerics};
 use retention_cli::retrain::{RetrainArgs, retrain};
 use retention_cli::selftest::selftest;
 use retention_cli::train::{TrainArgs, train};
-use retention_cli::{BackendChoice, CliError, DtypeChoice, with_backend};
+use retention_cli::{BackendChoice, CliError, DtypeChoice, KernelsChoice, with_backend};
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +83,9 @@ enum Command {
         /// Also check gradients (the backward pass) against the f64 reference.
         #[arg(long)]
         grad: bool,
+        /// Kernel family of the CubeCL backends (`cmma`: the HIP/Vulkan kernels, on CUDA too).
+        #[arg(long, value_enum, default_value = "auto")]
+        kernels: KernelsChoice,
     },
     /// Long-sequence numerics: one sequence of a million tokens under extreme gates in f32,
     /// f16 and bf16 (non-finite values, half against f32 kernels, f32 kernels against the f64
@@ -238,6 +241,9 @@ enum Command {
         /// Also draw this run's rows as SVG charts into this directory (as `retention plot`).
         #[arg(long, value_name = "DIR")]
         plot: Option<std::path::PathBuf>,
+        /// Kernel family of the CubeCL backends (`cmma`: the HIP/Vulkan kernels, on CUDA too).
+        #[arg(long, value_enum, default_value = "auto")]
+        kernels: KernelsChoice,
     },
 }
 
@@ -314,6 +320,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             dtype,
             cases,
             grad,
+            kernels,
         } => {
             let choices = if dtype.is_empty() {
                 default_dtypes(backend)
@@ -328,6 +335,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 &dev,
                 backend.name(),
                 &dtypes,
+                kernels.choice(),
                 cases,
                 grad
             )
@@ -408,6 +416,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             compare,
             anchor_script,
             plot,
+            kernels,
         } => {
             check_dtype(backend, dtype)?;
             let args = BenchArgs {
@@ -428,6 +437,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 matmul,
                 compare: compare.then_some(anchor_script),
                 plot,
+                kernels: kernels.choice(),
             };
             with_backend!(backend, |Bk, dev| bench::<Bk>(&dev, &args).map(drop))
         }

@@ -3,12 +3,13 @@
 
 use burn::tensor::DType;
 use indicatif::{ProgressBar, ProgressStyle};
-use retention::RetentionBackend;
 use retention::validation::{SuiteReport, run_grad_suite, run_suite};
+use retention::{KernelChoice, RetentionBackend};
 
 use crate::CliError;
 
-/// Runs `cases` randomized cases per dtype on `B` and prints one table per dtype; with `grad`,
+/// Runs `cases` randomized cases per dtype on `B` with the `kernels` family and prints one table
+/// per dtype; with `grad`,
 /// also the gradient suite (the backward pass of `Autodiff<B>` against `Autodiff` of the
 /// reference in f64).
 ///
@@ -18,6 +19,7 @@ pub fn selftest<B: RetentionBackend>(
     dev: &B::Device,
     backend: &str,
     dtypes: &[DType],
+    kernels: KernelChoice,
     cases: u64,
     grad: bool,
 ) -> Result<Vec<SuiteReport>, CliError> {
@@ -28,14 +30,14 @@ pub fn selftest<B: RetentionBackend>(
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(format!("{backend} {dtype:?}"));
-        let report = run_suite::<B>(dev, dtype, cases, |_| bar.inc(1))?;
+        let report = run_suite::<B>(dev, dtype, kernels, cases, |_| bar.inc(1))?;
         bar.finish_and_clear();
         println!("{}", report.table());
         reports.push(report);
         if grad {
             let bar = ProgressBar::new(cases).with_style(bar.style());
             bar.set_message(format!("{backend} {dtype:?} gradients"));
-            let report = run_grad_suite::<B>(dev, dtype, cases, |_| bar.inc(1))?;
+            let report = run_grad_suite::<B>(dev, dtype, kernels, cases, |_| bar.inc(1))?;
             bar.finish_and_clear();
             println!("{}", report.table());
             reports.push(report);

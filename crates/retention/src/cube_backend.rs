@@ -19,7 +19,6 @@ use retention_kernels::{
     query_state::{QueryStateArgs, launch_query_state},
 };
 
-use crate::RetentionOptions;
 use crate::backend::{
     RetentionBackend, float, input_dtypes, prim, reference_absorb, reference_attention,
     reference_chunked, reference_step, reference_window,
@@ -33,8 +32,18 @@ use crate::cube_backward::{
 };
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
+use crate::{KernelChoice, RetentionOptions};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// The kernels' [`Strategy`] for `options.kernels`.
+pub(crate) fn strategy(options: &RetentionOptions) -> Strategy {
+    match options.kernels {
+        KernelChoice::Auto => Strategy::Auto,
+        KernelChoice::Cmma => Strategy::Cmma,
+        KernelChoice::Fma => Strategy::Fma,
+    }
+}
 
 /// Whether the kernels take inputs of this dtype.
 pub(crate) fn kernel_dtype(dtype: DType) -> bool {
@@ -136,7 +145,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         let dtype = q.dtype;
         let client = q.client.clone();
         let tiles = kernel_dtype(dtype)
-            .then(|| OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree))
+            .then(|| {
+                OutputTiles::plan(
+                    &client,
+                    dtype.into(),
+                    strategy(options),
+                    d,
+                    e,
+                    options.degree,
+                )
+            })
             .flatten();
         let Some(tiles) = tiles else {
             return reference_attention::<Self>(q, k, v, log_g, options);
@@ -505,7 +523,7 @@ where
     let dtype = q.dtype;
     let client = q.client.clone();
     let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
-        .then(|| ChunkedTiles::plan(&client, dtype.into(), Strategy::Auto, d, e))
+        .then(|| ChunkedTiles::plan(&client, dtype.into(), strategy(options), d, e))
         .flatten();
     let Some(ChunkedTiles {
         state: state_tiles,

@@ -46,7 +46,7 @@ use crate::RetentionOptions;
 use crate::backend::{float, prim};
 use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 use crate::cube_backend::{
-    arg, buffer, chunk_contributions, chunk_gates, dims4, empty, empty_f32, kernel_dtype,
+    arg, buffer, chunk_contributions, chunk_gates, dims4, empty, empty_f32, kernel_dtype, strategy,
     to_f32_contiguous as to_f32,
 };
 use crate::feature_map::expanded_dim;
@@ -95,7 +95,7 @@ where
     let tensor_cores = OutputTiles::plan(
         &client,
         types.q.into(),
-        Strategy::Auto,
+        strategy(options),
         d,
         e,
         options.degree,
@@ -104,7 +104,7 @@ where
     .zip(IntraGradTiles::plan(
         &client,
         types.q.into(),
-        Strategy::Auto,
+        strategy(options),
         d,
         e,
         options.degree,
@@ -112,7 +112,14 @@ where
     let fma = match tensor_cores {
         Some(_) => None,
         None => Some((
-            OutputTiles::plan(&client, dtype.into(), Strategy::Auto, d, e, options.degree)?,
+            OutputTiles::plan(
+                &client,
+                dtype.into(),
+                strategy(options),
+                d,
+                e,
+                options.degree,
+            )?,
             GradTiles::plan(&client, d, e, options.degree)?,
         )),
     };
@@ -232,12 +239,12 @@ where
     // half-precision inputs take the state path on tensor cores (f16 state operands: their
     // rounding is below the half inputs' own, not below f32's)
     let state_mma = matches!(types.q, DType::F16 | DType::BF16)
-        .then(|| StateGradTiles::plan(&client, Strategy::Auto, d, e))
+        .then(|| StateGradTiles::plan(&client, strategy(options), d, e))
         .flatten();
     // with it, the forward is recomputed as the forward computed it (tensor cores, from the
     // half-precision inputs), only the rows written in f32
-    let half_tiles =
-        state_mma.and_then(|_| half_forward_tiles(&client, [types.q, types.k, types.v], d, e));
+    let half_tiles = state_mma
+        .and_then(|_| half_forward_tiles(&client, [types.q, types.k, types.v], d, e, options));
     // rows the forward kept (the same kernels at the same chunk) are taken as they are
     let kept = inputs.rows.take().filter(|_| half_tiles.is_some());
     let chunk = match kept {
@@ -333,7 +340,7 @@ where
     };
     let (rq, rk, rv, row_dtype) = row_inputs;
     // the intra-chunk pairs on tensor cores where the forward ran there
-    let intra = IntraGradTiles::plan(&client, row_dtype.into(), Strategy::Auto, d, e, 2)
+    let intra = IntraGradTiles::plan(&client, row_dtype.into(), strategy(options), d, e, 2)
         .filter(|_| row_dtype != dtype)
         .map(|tiles| (tiles, (rq.clone(), rk.clone(), rv.clone())));
     let (out, stats) = match (kept, state_part) {
@@ -357,7 +364,7 @@ where
         }
     };
     let f16_state_tiles = state_mma
-        .and_then(|_| StateTiles::plan(&client, DType::F16.into(), Strategy::Auto, d, e))
+        .and_then(|_| StateTiles::plan(&client, DType::F16.into(), strategy(options), d, e))
         .filter(|tiles| tiles.mma);
     let rows = row_grads::<R, F, I, BT>(
         upstream.output,
@@ -518,11 +525,12 @@ fn half_forward_tiles<R: CubeRuntime>(
     [q, k, v]: [DType; 3],
     d: usize,
     e: usize,
+    options: &RetentionOptions,
 ) -> Option<(ChunkedTiles, QueryStateTiles)> {
     if !matches!(q, DType::F16 | DType::BF16) || k != q || v != q {
         return None;
     }
-    let tiles = ChunkedTiles::plan(client, q.into(), Strategy::Auto, d, e)
+    let tiles = ChunkedTiles::plan(client, q.into(), strategy(options), d, e)
         .filter(|t| t.state.mma && t.output.mma)?;
     tiles.query.map(|query| (tiles, query))
 }
@@ -542,8 +550,8 @@ pub(crate) fn keeps_rows<R: CubeRuntime>(
     };
     options.degree == 2
         && dtypes.iter().all(|&t| kernel_dtype(t))
-        && StateGradTiles::plan(client, Strategy::Auto, d, e).is_some()
-        && half_forward_tiles(client, [*q, *k, *v], d, e).is_some()
+        && StateGradTiles::plan(client, strategy(options), d, e).is_some()
+        && half_forward_tiles(client, [*q, *k, *v], d, e, options).is_some()
 }
 
 /// The half-precision inputs and tiles of a forward pass recomputed on tensor cores.

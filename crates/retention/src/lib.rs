@@ -31,6 +31,7 @@ mod error;
 mod feature_map;
 #[cfg(feature = "cube")]
 mod fusion_backend;
+mod kernel_choice;
 mod mixer;
 mod mixer_cache;
 mod module;
@@ -49,6 +50,7 @@ pub use compute_dtype::ComputeDtype;
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, checked_expanded_dim, expanded_dim, pair_block};
+pub use kernel_choice::KernelChoice;
 pub use mixer::{SequenceMixer, SequenceMixerConfig};
 pub use mixer_cache::MixerCache;
 pub use module::{PowerRetention, PowerRetentionConfig};

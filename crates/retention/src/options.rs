@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 
-use crate::RetentionError;
+use crate::{KernelChoice, RetentionError};
 
 /// Options of [`power_retention`](crate::power_retention), mirroring the keyword arguments of
 /// Manifest's `power_retention(Q, K, V, log_G, deg=.., scale=.., chunk_size=..)`.
@@ -30,6 +30,10 @@ pub struct RetentionOptions {
     /// the memory of the chunk states bounded and every kernel index within 32 bits.
     #[config(default = "DEFAULT_SEGMENT_ELEMENTS")]
     pub segment_elements: usize,
+    /// Which kernels a CubeCL backend runs (the same result whichever; for comparing and
+    /// testing the kernel families on one device).
+    #[config(default = "KernelChoice::Auto")]
+    pub kernels: KernelChoice,
 }
 
 /// Default of [`RetentionOptions::segment_elements`]: `2³¹` elements (8 GiB of f32 chunk
@@ -68,5 +72,22 @@ impl RetentionOptions {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::config::Config;
+
+    use super::RetentionOptions;
+    use crate::KernelChoice;
+
+    #[test]
+    fn the_kernel_choice_round_trips() {
+        let opts = RetentionOptions::new().with_kernels(KernelChoice::Cmma);
+        let back =
+            RetentionOptions::load_binary(opts.to_string().as_bytes()).expect("its own JSON loads");
+        assert_eq!(back, opts);
+        assert_eq!(back.kernels, KernelChoice::Cmma);
     }
 }

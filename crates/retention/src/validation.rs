@@ -13,8 +13,9 @@ use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
-    DecodeState, RetentionBackend, RetentionError, RetentionOptions, RetentionState, SympowLayout,
-    power_retention, power_retention_decode, power_retention_step, power_retention_with_state,
+    DecodeState, KernelChoice, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
+    SympowLayout, power_retention, power_retention_decode, power_retention_step,
+    power_retention_with_state,
 };
 
 /// Host-side inputs of one problem, `[b, t, heads, dim]` row-major.
@@ -544,6 +545,7 @@ pub fn check_case<B: RetentionBackend>(
     case: &SuiteCase,
     dev: &B::Device,
     dtype: DType,
+    kernels: KernelChoice,
 ) -> Result<Vec<(Check, f64)>, RetentionError> {
     let p = case.problem.rounded(dtype);
     let scale = 1.0 / (p.d as f64).sqrt();
@@ -553,12 +555,15 @@ pub fn check_case<B: RetentionBackend>(
         let (q, k, v, g) = p.tensors::<B>(dev, dtype);
         let opts = RetentionOptions::new()
             .with_degree(case.degree)
-            .with_chunk_size(None);
+            .with_chunk_size(None)
+            .with_kernels(kernels);
         let y = to_vec(power_retention(q, k, v, g, &opts)?);
         out.push((Check::AttentionP4, max_rel(&y, &oracle)));
         return Ok(out);
     }
-    let opts = RetentionOptions::new().with_chunk_size(Some(case.chunk));
+    let opts = RetentionOptions::new()
+        .with_chunk_size(Some(case.chunk))
+        .with_kernels(kernels);
     let (q, k, v, g) = p.tensors::<B>(dev, dtype);
     let y = to_vec(power_retention(q, k, v, g, &opts)?);
     let form = if p.t > case.chunk {
@@ -712,24 +717,26 @@ impl SuiteReport {
     }
 }
 
-/// Runs cases `0..cases` on `B` in `dtype`, calling `progress` after each.
+/// Runs cases `0..cases` on `B` in `dtype` with the `kernels` family, calling `progress` after
+/// each.
 ///
 /// # Errors
 /// The first [`RetentionError`] a case raises.
 pub fn run_suite<B: RetentionBackend>(
     dev: &B::Device,
     dtype: DType,
+    kernels: KernelChoice,
     cases: u64,
     progress: impl FnMut(u64),
 ) -> Result<SuiteReport, RetentionError> {
     collect(dtype, tolerance(dtype), cases, progress, |case| {
-        check_case::<B>(case, dev, dtype)
+        check_case::<B>(case, dev, dtype, kernels)
     })
 }
 
-/// Runs the gradient checks of cases `0..cases` on `Autodiff<B>` in `dtype` (the backward pass
-/// of `B`) against `Autodiff` of the reference in `f64` on ndarray, calling `progress` after
-/// each case.
+/// Runs the gradient checks of cases `0..cases` on `Autodiff<B>` in `dtype` with the `kernels`
+/// family (the backward pass of `B`) against `Autodiff` of the reference in `f64` on ndarray,
+/// calling `progress` after each case.
 ///
 /// # Errors
 /// The first [`RetentionError`] a case raises.
@@ -737,11 +744,12 @@ pub fn run_suite<B: RetentionBackend>(
 pub fn run_grad_suite<B: RetentionBackend>(
     dev: &B::Device,
     dtype: DType,
+    kernels: KernelChoice,
     cases: u64,
     progress: impl FnMut(u64),
 ) -> Result<SuiteReport, RetentionError> {
     collect(dtype, grad_tolerance(dtype), cases, progress, |case| {
-        grad_oracle::check_grad_case::<B>(case, dev, dtype)
+        grad_oracle::check_grad_case::<B>(case, dev, dtype, kernels)
     })
 }
 
@@ -787,7 +795,10 @@ mod grad_oracle {
     use rand::{SeedableRng, rngs::StdRng};
 
     use super::{Check, SuiteCase, randn, tensor, to_vec};
-    use crate::{RetentionBackend, RetentionError, RetentionOptions, power_retention, reference};
+    use crate::{
+        KernelChoice, RetentionBackend, RetentionError, RetentionOptions, power_retention,
+        reference,
+    };
 
     type Oracle = Autodiff<NdArray<f64>>;
 
@@ -830,12 +841,14 @@ mod grad_oracle {
         case: &SuiteCase,
         dev: &B::Device,
         dtype: DType,
+        kernels: KernelChoice,
     ) -> Result<Vec<(Check, f64)>, RetentionError> {
         let p = case.problem.rounded(dtype);
         let chunk = (case.degree == 2).then_some(case.chunk);
         let opts = RetentionOptions::new()
             .with_degree(case.degree)
-            .with_chunk_size(chunk);
+            .with_chunk_size(chunk)
+            .with_kernels(kernels);
         let shape = [p.b, p.t, p.hq, p.e];
         let w = randn(
             &mut StdRng::seed_from_u64(0x9AD0_0000 + case.index),

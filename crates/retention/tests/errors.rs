@@ -40,6 +40,7 @@ const OK: RetentionOptions = RetentionOptions {
     scale: None,
     chunk_size: None,
     segment_elements: retention::DEFAULT_SEGMENT_ELEMENTS,
+    kernels: retention::KernelChoice::Auto,
 };
 
 #[test]

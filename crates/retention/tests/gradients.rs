@@ -272,9 +272,14 @@ fn backward_matches_finite_differences() {
 #[test]
 fn grad_suite_on_ndarray() {
     let dev = Default::default();
-    let report =
-        retention::validation::run_grad_suite::<NdArray<f32>>(&dev, DType::F32, 100, |_| {})
-            .expect("every case is valid");
+    let report = retention::validation::run_grad_suite::<NdArray<f32>>(
+        &dev,
+        DType::F32,
+        retention::KernelChoice::Auto,
+        100,
+        |_| {},
+    )
+    .expect("every case is valid");
     eprintln!("{}", report.table());
     assert!(report.passed(), "{}", report.failures());
 }

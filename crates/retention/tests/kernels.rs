@@ -10,8 +10,8 @@ mod common;
 
 use burn::tensor::{DType, Tensor, backend::Backend};
 use common::adapter;
-use retention::RetentionBackend;
 use retention::validation::{run_grad_suite, run_suite};
+use retention::{KernelChoice, RetentionBackend};
 
 /// Cases per dtype on the backend users get (`Fusion<CubeBackend>`).
 const CASES: u64 = 200;
@@ -24,7 +24,8 @@ fn grad_suite<B: RetentionBackend>(name: &str, cases: u64) {
     let Some(dev) = adapter::<B>(name) else {
         return;
     };
-    let report = run_grad_suite::<B>(&dev, DType::F32, cases, |_| {}).expect("every case is valid");
+    let report = run_grad_suite::<B>(&dev, DType::F32, KernelChoice::Auto, cases, |_| {})
+        .expect("every case is valid");
     eprintln!("{name} gradients\n{}", report.table());
     assert!(
         report.passed(),
@@ -149,7 +150,8 @@ fn suite<B: RetentionBackend>(name: &str, dtypes: &[DType], cases: u64) {
         return;
     };
     for &dtype in dtypes {
-        let report = run_suite::<B>(&dev, dtype, cases, |_| {}).expect("every case is valid");
+        let report = run_suite::<B>(&dev, dtype, KernelChoice::Auto, cases, |_| {})
+            .expect("every case is valid");
         eprintln!("{name}\n{}", report.table());
         assert!(
             report.passed(),
