@@ -76,6 +76,12 @@ pub struct RetrainArgs {
     /// cross-entropy.
     #[arg(long, default_value_t = 0.0)]
     pub distill: f64,
+    /// The converted model's first steps train its mixers alone to reproduce, block by block,
+    /// the pretrained attention's outputs on the pretrained model's own mixer inputs (mixer
+    /// transfer) before it trains on tokens; their training loss is the mean relative squared
+    /// error of the mixers' outputs, not a cross-entropy. The attention control skips them.
+    #[arg(long, default_value_t = 0)]
+    pub transfer_steps: usize,
     /// Steps between validation passes.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
@@ -167,6 +173,10 @@ where
     let tokens_per_step = (training.batch_size * training.seq_len) as f64;
     let mut summaries = Vec::new();
     for kind in args.mixer.kinds() {
+        let training = match kind {
+            MixerKind::Attention => training.clone().with_transfer_steps(0),
+            _ => training.clone().with_transfer_steps(args.transfer_steps),
+        };
         let mut progress = StepProgress::new(kind.name(), training.steps, tokens_per_step)?;
         let retrained = retrain_in_directory::<Autodiff<B>>(
             original.clone(),

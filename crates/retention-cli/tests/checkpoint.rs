@@ -95,6 +95,7 @@ fn smollm2_generates_converts_and_retrains() {
             retention_dtype: Some(DtypeChoice::F64),
             mixers_only: true,
             distill: 0.5,
+            transfer_steps: 0,
             eval_every: 1,
             eval_batches: 1,
             checkpoint_every: 0,

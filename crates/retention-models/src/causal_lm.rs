@@ -4,9 +4,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Int, Tensor, backend::Backend};
-use retention::RetentionBackend;
+use retention::{RetentionBackend, SequenceMixer};
 
-use crate::{LanguageModel, LlamaModel, ModelError};
+use crate::{LanguageModel, LlamaModel, MixerTrace, ModelError};
 
 /// Which parameters a training run updates.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -51,6 +51,19 @@ pub trait CausalLm<B: Backend>: Module<B> {
 
     /// The model with every parameter outside its sequence mixers frozen (no gradient).
     fn frozen_but_mixers(self) -> Self;
+
+    /// Every block's mixer input and output over `inputs`, in block order (a teacher's side
+    /// of [mixer transfer](crate::mixer_transfer_loss)).
+    ///
+    /// # Shapes
+    /// - `inputs`: `[batch, seq]` → per block `[batch, seq, d_model]` twice
+    ///
+    /// # Errors
+    /// The model's errors.
+    fn mixer_traces(&self, inputs: Tensor<B, 2, Int>) -> Result<Vec<MixerTrace<B>>, ModelError>;
+
+    /// The blocks' sequence mixers, in block order.
+    fn mixers(&self) -> Vec<&SequenceMixer<B>>;
 }
 
 impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
@@ -72,6 +85,14 @@ impl<B: RetentionBackend> CausalLm<B> for LanguageModel<B> {
 
     fn frozen_but_mixers(self) -> Self {
         LanguageModel::frozen_but_mixers(self)
+    }
+
+    fn mixer_traces(&self, inputs: Tensor<B, 2, Int>) -> Result<Vec<MixerTrace<B>>, ModelError> {
+        LanguageModel::mixer_traces(self, inputs)
+    }
+
+    fn mixers(&self) -> Vec<&SequenceMixer<B>> {
+        LanguageModel::mixers(self)
     }
 }
 
@@ -98,5 +119,13 @@ impl<B: RetentionBackend> CausalLm<B> for LlamaModel<B> {
 
     fn frozen_but_mixers(self) -> Self {
         LlamaModel::frozen_but_mixers(self)
+    }
+
+    fn mixer_traces(&self, inputs: Tensor<B, 2, Int>) -> Result<Vec<MixerTrace<B>>, ModelError> {
+        Ok(LlamaModel::mixer_traces(self, inputs)?)
+    }
+
+    fn mixers(&self) -> Vec<&SequenceMixer<B>> {
+        LlamaModel::mixers(self)
     }
 }

@@ -6,6 +6,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use retention::{RetentionBackend, RetentionError, SequenceMixer, SequenceMixerConfig};
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
+use crate::mixer_transfer::MixerTrace;
 
 /// A pre-norm block whose sequence mixer is attention or power retention.
 #[derive(Module, Debug)]
@@ -60,5 +61,28 @@ impl<B: RetentionBackend> DecoderBlock<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
         let x = x.clone() + self.mixer.forward(self.mixer_norm.forward(x))?;
         Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
+    }
+
+    /// [`forward`](Self::forward), also returning what the mixer read and wrote.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]` (and the trace's two tensors)
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward_traced(
+        &self,
+        x: Tensor<B, 3>,
+    ) -> Result<(Tensor<B, 3>, MixerTrace<B>), RetentionError> {
+        let input = self.mixer_norm.forward(x.clone());
+        let output = self.mixer.forward(input.clone())?;
+        let x = x + output.clone();
+        let x = x.clone() + self.ffn.forward(self.ffn_norm.forward(x));
+        Ok((x, MixerTrace { input, output }))
+    }
+
+    /// The block's sequence mixer.
+    pub fn mixer(&self) -> &SequenceMixer<B> {
+        &self.mixer
     }
 }

@@ -6,11 +6,12 @@ use burn::nn::attention::MultiHeadAttentionConfig;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{ElementConversion, Int, Tensor, backend::Backend};
-use retention::{PowerRetentionConfig, RetentionBackend, SequenceMixerConfig};
+use retention::{PowerRetentionConfig, RetentionBackend, SequenceMixer, SequenceMixerConfig};
 
 use crate::ModelError;
 use crate::decoder_block::DecoderBlock;
 use crate::feed_forward::FeedForwardConfig;
+use crate::mixer_transfer::MixerTrace;
 
 /// Which sequence mixer every block uses.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -225,6 +226,33 @@ impl<B: RetentionBackend> LanguageModel<B> {
         let logits = self.logits(inputs)?.reshape([b * t, self.vocab_size]);
         let ce = CrossEntropyLossConfig::new().init(&logits.device());
         Ok(ce.forward(logits, targets.reshape([b * t])))
+    }
+
+    /// Every block's mixer input and output over `tokens`, in block order (the teacher's
+    /// side of [mixer transfer](crate::mixer_transfer_loss)).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` → per block `[batch, seq, d_model]` twice
+    ///
+    /// # Errors
+    /// The mixers' errors.
+    pub fn mixer_traces(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+    ) -> Result<Vec<MixerTrace<B>>, ModelError> {
+        let mut x = self.embed.forward(tokens);
+        let mut traces = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (next, trace) = block.forward_traced(x)?;
+            traces.push(trace);
+            x = next;
+        }
+        Ok(traces)
+    }
+
+    /// The blocks' sequence mixers, in block order.
+    pub fn mixers(&self) -> Vec<&SequenceMixer<B>> {
+        self.blocks.iter().map(DecoderBlock::mixer).collect()
     }
 
     pub(crate) fn logits(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, ModelError> {

@@ -21,6 +21,7 @@ mod llama_cache;
 mod llama_checkpoint;
 mod llama_model;
 mod loss_plot;
+mod mixer_transfer;
 mod pretrained;
 mod retraining;
 mod text_tokenizer;
@@ -45,6 +46,7 @@ pub use llama_checkpoint::{
 };
 pub use llama_model::{LlamaBlock, LlamaConfig, LlamaModel, PREFILL_PIECE};
 pub use loss_plot::plot_losses;
+pub use mixer_transfer::{MixerTrace, mixer_transfer_loss};
 pub use pretrained::Pretrained;
 pub use retraining::{RecoveryStart, Retrained, retrain_in_directory};
 pub use text_tokenizer::TextTokenizer;

@@ -14,6 +14,7 @@ use retention::{
 };
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
+use crate::mixer_transfer::MixerTrace;
 use crate::{GgufFile, GgufValue, LlamaCache, MixerKind, ModelError, TokenSampler};
 
 /// Configuration of a [`LlamaModel`].
@@ -206,6 +207,29 @@ impl<B: RetentionBackend> LlamaBlock<B> {
         Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
     }
 
+    /// [`forward`](Self::forward), also returning what the mixer read and wrote.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]` (and the trace's two tensors)
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward_traced(
+        &self,
+        x: Tensor<B, 3>,
+    ) -> Result<(Tensor<B, 3>, MixerTrace<B>), RetentionError> {
+        let input = self.mixer_norm.forward(x.clone());
+        let output = self.mixer.forward(input.clone())?;
+        let x = x + output.clone();
+        let x = x.clone() + self.ffn.forward(self.ffn_norm.forward(x));
+        Ok((x, MixerTrace { input, output }))
+    }
+
+    /// The block's sequence mixer.
+    pub fn mixer(&self) -> &SequenceMixer<B> {
+        &self.mixer
+    }
+
     /// [`forward`](Self::forward) for the next tokens after those `cache` holds
     /// ([`SequenceMixer::forward_cached`]).
     ///
@@ -251,6 +275,33 @@ impl<B: RetentionBackend> LlamaModel<B> {
             x = block.forward(x)?;
         }
         Ok(self.logits(x))
+    }
+
+    /// Every block's mixer input and output over `tokens`, in block order (the teacher's
+    /// side of [mixer transfer](crate::mixer_transfer_loss)).
+    ///
+    /// # Shapes
+    /// - `tokens`: `[batch, seq]` → per block `[batch, seq, d_model]` twice
+    ///
+    /// # Errors
+    /// The mixers' errors.
+    pub fn mixer_traces(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+    ) -> Result<Vec<MixerTrace<B>>, RetentionError> {
+        let mut x = self.embedding.forward(tokens);
+        let mut traces = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (next, trace) = block.forward_traced(x)?;
+            traces.push(trace);
+            x = next;
+        }
+        Ok(traces)
+    }
+
+    /// The blocks' sequence mixers, in block order.
+    pub fn mixers(&self) -> Vec<&SequenceMixer<B>> {
+        self.blocks.iter().map(LlamaBlock::mixer).collect()
     }
 
     /// The final norm and the output head: hidden states to next-token logits.

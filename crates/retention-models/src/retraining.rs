@@ -61,7 +61,8 @@ where
 /// checkpoints every `checkpoint_every` steps (0: only at the end) and at
 /// the end, writes `losses.csv`, and calls `on_step` after every step. The original's
 /// held-out loss is measured once, on the validation batches the run uses; then `original`
-/// is dropped, or kept as the teacher where `training.distill` is positive.
+/// is dropped, or kept as the teacher where `training.distill` or `training.transfer_steps`
+/// is positive.
 ///
 /// # Errors
 /// [`ModelError::Config`] when resuming with settings other than the saved ones; the model's,
@@ -128,8 +129,9 @@ where
             .map_err(|e| ModelError::io(&start_path, e))?;
         start
     };
-    // the original teaches the run what it would predict (training.distill), else it goes
-    if training.distill > 0.0 {
+    // the original teaches the run what it would predict (training.distill) or what its
+    // mixers compute (training.transfer_steps), else it goes
+    if training.distill > 0.0 || training.transfer_steps > 0 {
         trainer = trainer.with_teacher(original);
     } else {
         drop(original);
@@ -311,6 +313,77 @@ mod tests {
         let windows = TokenWindows::new(data.train.clone(), 16).expect("windows");
         let mut orphan =
             Trainer::new(training, original, windows.clone(), &windows, &dev).expect("builds");
+        assert!(matches!(orphan.step(), Err(ModelError::Config(_))));
+    }
+
+    /// Mixer transfer: the pretrained model's own mixers reproduce its traces exactly, the
+    /// conversion's do not (and the traces are matched block by block: the blocks' mixers
+    /// differ, so a shifted pairing would not score zero); transfer steps bring the
+    /// conversion's mixers closer to the attention they replace, and then the run trains on
+    /// tokens; without a teacher the trainer refuses to step.
+    #[test]
+    fn transfers_the_mixers_then_trains_on_tokens() {
+        let dev = Default::default();
+        let data = data();
+        let (config, training) = tiny_run();
+        let original = config.init::<B>(&dev).expect("builds");
+        let windows = TokenWindows::new(data.train.clone(), 16).expect("windows");
+        let batch = windows.random_batch::<NdArray>(7, 0, 2, &dev);
+        let teacher = original.valid();
+        let traces = || teacher.mixer_traces(batch.inputs.clone()).expect("traces");
+        let own = crate::mixer_transfer_loss(&teacher.mixers(), traces())
+            .expect("scores")
+            .into_scalar();
+        assert_eq!(own, 0.0);
+        let converted = teacher
+            .clone()
+            .into_retention(8, false, &dev)
+            .expect("converts");
+        let mut shifted = traces();
+        shifted.reverse();
+        let reversed = crate::mixer_transfer_loss(&teacher.mixers(), shifted)
+            .expect("scores")
+            .into_scalar();
+        assert!(reversed > 0.1, "blocks paired in reverse score {reversed}");
+        let before = crate::mixer_transfer_loss(&converted.mixers(), traces())
+            .expect("scores")
+            .into_scalar();
+        assert!(before > 0.01, "the conversion's mixers differ: {before}");
+
+        let training = training.with_transfer_steps(8).with_learning_rate(1e-2);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let run = retrain_tiny(
+            &original,
+            &config,
+            &training,
+            &data,
+            &tmp.path().join("transfer"),
+            false,
+        )
+        .expect("retrains");
+        let log = &run.trainer.log().train;
+        assert_eq!(log.len(), 12);
+        // the first eight losses are the transfer's relative error (a random batch each),
+        // the last four the text's cross-entropy (several nats at a vocabulary of 300)
+        assert!(log[..8].iter().all(|&l| l < 2.0), "{log:?}");
+        assert!(log[8..].iter().all(|&l| l > 2.0), "{log:?}");
+        let student = run.trainer.model().valid();
+        let after = crate::mixer_transfer_loss(&student.mixers(), traces())
+            .expect("scores")
+            .into_scalar();
+        assert!(
+            after < 0.8 * before,
+            "transfer error on a fixed batch: {before} → {after}"
+        );
+
+        let mut orphan = Trainer::new(
+            training,
+            original.into_retention(8, false, &dev).expect("converts"),
+            windows.clone(),
+            &windows,
+            &dev,
+        )
+        .expect("builds");
         assert!(matches!(orphan.step(), Err(ModelError::Config(_))));
     }
 }

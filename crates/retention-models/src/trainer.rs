@@ -16,7 +16,8 @@ use retention::RetentionBackend;
 
 use crate::token_windows::{TokenBatch, TokenWindows};
 use crate::{
-    CausalLm, LanguageModel, ModelError, Trainable, distillation_loss, teacher_distribution,
+    CausalLm, LanguageModel, MixerTrace, ModelError, Trainable, distillation_loss,
+    mixer_transfer_loss, teacher_distribution,
 };
 
 /// Hyper-parameters of a training run.
@@ -60,6 +61,12 @@ pub struct TrainingConfig {
     /// teacher ([`Trainer::with_teacher`]).
     #[config(default = 0.0)]
     pub distill: f64,
+    /// Steps at the start of the run that train the sequence mixers to reproduce the
+    /// teacher's mixer outputs block by block ([`mixer_transfer_loss`], on the teacher's mixer
+    /// inputs) instead of predicting tokens; needs a teacher ([`Trainer::with_teacher`]) with
+    /// as many blocks. Only the mixers receive gradients in those steps.
+    #[config(default = 0)]
+    pub transfer_steps: usize,
 }
 
 impl TrainingConfig {
@@ -238,7 +245,20 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let loss = if self.config.distill > 0.0 {
+        let loss = if self.step < self.config.transfer_steps {
+            let teacher = self.teacher.as_ref().ok_or_else(|| {
+                ModelError::Config(format!(
+                    "transfer_steps = {} needs a teacher (Trainer::with_teacher)",
+                    self.config.transfer_steps
+                ))
+            })?;
+            let traces = teacher
+                .mixer_traces(batch.inputs.inner())?
+                .into_iter()
+                .map(MixerTrace::from_inner)
+                .collect();
+            mixer_transfer_loss(&self.model.mixers(), traces)?
+        } else if self.config.distill > 0.0 {
             let teacher = self.teacher.as_ref().ok_or_else(|| {
                 ModelError::Config(format!(
                     "distill = {} needs a teacher (Trainer::with_teacher)",
