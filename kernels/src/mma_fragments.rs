@@ -25,13 +25,7 @@ pub(crate) fn b_fragment_pair<N: Size>(
         4usize,
         transpose,
     );
-    let mut lo = Array::<Vector<f16, N>>::new(2usize);
-    let mut hi = Array::<Vector<f16, N>>::new(2usize);
-    lo[0] = regs[0];
-    lo[1] = regs[1];
-    hi[0] = regs[2];
-    hi[1] = regs[3];
-    (lo, hi)
+    split_pair(regs)
 }
 
 /// The A fragment (`16 × 16`, `mma.m16n8k16`) of the rows `row0..row0 + 16`, columns

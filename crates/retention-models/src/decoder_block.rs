@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::{Tensor, backend::Backend};
-use retention::{RetentionBackend, RetentionError, SequenceMixer, SequenceMixerConfig};
+use retention::{MixerCache, RetentionBackend, RetentionError, SequenceMixer, SequenceMixerConfig};
 
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
 use crate::mixer_transfer::MixerTrace;
@@ -11,10 +11,10 @@ use crate::mixer_transfer::MixerTrace;
 /// A pre-norm block whose sequence mixer is attention or power retention.
 #[derive(Module, Debug)]
 pub struct DecoderBlock<B: Backend> {
-    mixer_norm: RmsNorm<B>,
-    mixer: SequenceMixer<B>,
-    ffn_norm: RmsNorm<B>,
-    ffn: FeedForward<B>,
+    pub(crate) mixer_norm: RmsNorm<B>,
+    pub(crate) mixer: SequenceMixer<B>,
+    pub(crate) ffn_norm: RmsNorm<B>,
+    pub(crate) ffn: FeedForward<B>,
 }
 
 impl<B: Backend> DecoderBlock<B> {
@@ -84,5 +84,25 @@ impl<B: RetentionBackend> DecoderBlock<B> {
     /// The block's sequence mixer.
     pub fn mixer(&self) -> &SequenceMixer<B> {
         &self.mixer
+    }
+
+    /// [`forward`](Self::forward) for the next tokens after those `cache` holds
+    /// ([`SequenceMixer::forward_cached`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    ///
+    /// # Errors
+    /// The mixer's errors.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut MixerCache<B>,
+    ) -> Result<Tensor<B, 3>, RetentionError> {
+        let mixed = self
+            .mixer
+            .forward_cached(self.mixer_norm.forward(x.clone()), cache)?;
+        let x = x + mixed;
+        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
     }
 }

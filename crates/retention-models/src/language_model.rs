@@ -11,7 +11,7 @@ use retention::{PowerRetentionConfig, RetentionBackend, SequenceMixer, SequenceM
 use crate::ModelError;
 use crate::decoder_block::DecoderBlock;
 use crate::feed_forward::FeedForwardConfig;
-use crate::mixer_transfer::MixerTrace;
+use crate::mixer_transfer::{MixerTrace, traces_through};
 
 /// Which sequence mixer every block uses.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -240,14 +240,7 @@ impl<B: RetentionBackend> LanguageModel<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
     ) -> Result<Vec<MixerTrace<B>>, ModelError> {
-        let mut x = self.embed.forward(tokens);
-        let mut traces = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            let (next, trace) = block.forward_traced(x)?;
-            traces.push(trace);
-            x = next;
-        }
-        Ok(traces)
+        Ok(traces_through(self.embed.forward(tokens), &self.blocks)?)
     }
 
     /// The blocks' sequence mixers, in block order.

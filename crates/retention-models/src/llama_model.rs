@@ -9,12 +9,13 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use retention::{
-    ComputeDtype, MixerCache, PowerRetentionConfig, RetentionBackend, RetentionError,
-    RotaryAttentionConfig, SequenceMixer, SequenceMixerConfig,
+    ComputeDtype, PowerRetentionConfig, RetentionBackend, RetentionError, RotaryAttentionConfig,
+    SequenceMixer, SequenceMixerConfig,
 };
 
-use crate::feed_forward::{FeedForward, FeedForwardConfig};
-use crate::mixer_transfer::MixerTrace;
+use crate::decoder_block::DecoderBlock;
+use crate::feed_forward::FeedForwardConfig;
+use crate::mixer_transfer::{MixerTrace, traces_through};
 use crate::{GgufFile, GgufValue, LlamaCache, MixerKind, ModelError, TokenSampler};
 
 /// Configuration of a [`LlamaModel`].
@@ -154,12 +155,12 @@ impl LlamaConfig {
         let mixer = self.mixer_config()?;
         let blocks = (0..self.n_layers)
             .map(|_| {
-                Ok(LlamaBlock {
-                    mixer_norm: norm(),
-                    mixer: mixer.init(device)?,
-                    ffn_norm: norm(),
-                    ffn: FeedForwardConfig::new(self.d_model, self.d_ff).init(device),
-                })
+                Ok(DecoderBlock::new(
+                    &mixer,
+                    &FeedForwardConfig::new(self.d_model, self.d_ff),
+                    self.norm_eps,
+                    device,
+                )?)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(LlamaModel {
@@ -175,81 +176,8 @@ impl LlamaConfig {
     }
 }
 
-/// One pre-norm block: `x + mixer(norm(x))`, then `x + ffn(norm(x))`.
-#[derive(Module, Debug)]
-pub struct LlamaBlock<B: Backend> {
-    mixer_norm: RmsNorm<B>,
-    mixer: SequenceMixer<B>,
-    ffn_norm: RmsNorm<B>,
-    ffn: FeedForward<B>,
-}
-
-impl<B: Backend> LlamaBlock<B> {
-    /// The block with its norms and feed-forward frozen, its mixer as it is.
-    fn frozen_but_mixer(self) -> Self {
-        Self {
-            mixer_norm: self.mixer_norm.no_grad(),
-            mixer: self.mixer,
-            ffn_norm: self.ffn_norm.no_grad(),
-            ffn: self.ffn.no_grad(),
-        }
-    }
-}
-
-impl<B: RetentionBackend> LlamaBlock<B> {
-    /// # Shapes
-    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
-    ///
-    /// # Errors
-    /// The mixer's errors.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, RetentionError> {
-        let x = x.clone() + self.mixer.forward(self.mixer_norm.forward(x))?;
-        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
-    }
-
-    /// [`forward`](Self::forward), also returning what the mixer read and wrote.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]` (and the trace's two tensors)
-    ///
-    /// # Errors
-    /// The mixer's errors.
-    pub fn forward_traced(
-        &self,
-        x: Tensor<B, 3>,
-    ) -> Result<(Tensor<B, 3>, MixerTrace<B>), RetentionError> {
-        let input = self.mixer_norm.forward(x.clone());
-        let output = self.mixer.forward(input.clone())?;
-        let x = x + output.clone();
-        let x = x.clone() + self.ffn.forward(self.ffn_norm.forward(x));
-        Ok((x, MixerTrace { input, output }))
-    }
-
-    /// The block's sequence mixer.
-    pub fn mixer(&self) -> &SequenceMixer<B> {
-        &self.mixer
-    }
-
-    /// [`forward`](Self::forward) for the next tokens after those `cache` holds
-    /// ([`SequenceMixer::forward_cached`]).
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, seq, d_model]` → `[batch, seq, d_model]`
-    ///
-    /// # Errors
-    /// The mixer's errors.
-    pub fn forward_cached(
-        &self,
-        x: Tensor<B, 3>,
-        cache: &mut MixerCache<B>,
-    ) -> Result<Tensor<B, 3>, RetentionError> {
-        let mixed = self
-            .mixer
-            .forward_cached(self.mixer_norm.forward(x.clone()), cache)?;
-        let x = x + mixed;
-        Ok(x.clone() + self.ffn.forward(self.ffn_norm.forward(x)))
-    }
-}
+/// One pre-norm block of a Llama model: `x + mixer(norm(x))`, then `x + ffn(norm(x))`.
+pub type LlamaBlock<B> = DecoderBlock<B>;
 
 /// A Llama-family decoder.
 #[derive(Module, Debug)]
@@ -289,14 +217,7 @@ impl<B: RetentionBackend> LlamaModel<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
     ) -> Result<Vec<MixerTrace<B>>, RetentionError> {
-        let mut x = self.embedding.forward(tokens);
-        let mut traces = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            let (next, trace) = block.forward_traced(x)?;
-            traces.push(trace);
-            x = next;
-        }
-        Ok(traces)
+        traces_through(self.embedding.forward(tokens), &self.blocks)
     }
 
     /// The blocks' sequence mixers, in block order.

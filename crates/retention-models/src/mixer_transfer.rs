@@ -10,9 +10,10 @@
 //! is retrained on tokens.
 
 use burn::tensor::{Tensor, backend::AutodiffBackend, backend::Backend};
-use retention::{RetentionBackend, SequenceMixer};
+use retention::{RetentionBackend, RetentionError, SequenceMixer};
 
 use crate::ModelError;
+use crate::decoder_block::DecoderBlock;
 
 /// One mixer's input (the normalised block input) and output in a forward pass.
 #[derive(Debug, Clone)]
@@ -32,6 +33,23 @@ impl<B: AutodiffBackend> MixerTrace<B> {
             output: Tensor::from_inner(trace.output),
         }
     }
+}
+
+/// Every block's mixer input and output as `x` (the embedded tokens) passes through `blocks`.
+///
+/// # Errors
+/// The mixers' errors.
+pub(crate) fn traces_through<B: RetentionBackend>(
+    mut x: Tensor<B, 3>,
+    blocks: &[DecoderBlock<B>],
+) -> Result<Vec<MixerTrace<B>>, RetentionError> {
+    let mut traces = Vec::with_capacity(blocks.len());
+    for block in blocks {
+        let (next, trace) = block.forward_traced(x)?;
+        traces.push(trace);
+        x = next;
+    }
+    Ok(traces)
 }
 
 /// The mean over mixers of `‖mixer(input) − output‖² / ‖output‖²`: zero where every mixer
