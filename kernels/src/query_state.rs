@@ -273,22 +273,24 @@ pub unsafe fn launch_query_state<R: Runtime>(
     args: QueryStateArgs<R>,
 ) {
     let ratio = dims.q_heads / dims.kv_heads;
-    let count = CubeCount::Static(
-        (ratio * dims.chunk).div_ceil(ROWS) as u32,
-        (dims.n_chunks * dims.kv_heads) as u32,
-        dims.batch as u32,
-    );
-    let (launch, dim) = if tiles.outer {
+    let (launch, dim, rows) = if tiles.outer {
         (
             query_state_outer_kernel::launch_unchecked::<R> as QueryStateLaunch<R>,
             CubeDim::new_2d(32, crate::query_state_outer::PLANES),
+            crate::query_state_outer::ROWS,
         )
     } else {
         (
             query_state_kernel::launch_unchecked::<R> as QueryStateLaunch<R>,
             cube_dim(),
+            ROWS,
         )
     };
+    let count = CubeCount::Static(
+        (ratio * dims.chunk).div_ceil(rows) as u32,
+        (dims.n_chunks * dims.kv_heads) as u32,
+        dims.batch as u32,
+    );
     unsafe {
         launch(
             client,
