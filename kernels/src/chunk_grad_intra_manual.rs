@@ -22,7 +22,7 @@ use half::bf16;
 use crate::chunk_grad::power_and_slope;
 use crate::config::IntraGradTiles;
 use crate::mma_fragments::{a_fragment, b_fragments_of_columns, b_fragments_of_rows, zero_tiles};
-use crate::tile_load::{fetch_rows, row_registers, rows_present, store_rows};
+use crate::tile_load::{fetch_key_value_rows, fetch_rows, row_registers, rows_present, store_rows};
 
 /// Rows a cube owns.
 const ROWS: usize = 128;
@@ -200,25 +200,8 @@ pub(crate) fn intra_query_grads_manual_kernel<F: Float>(
     if k_blocks > 0 {
         let present = rows_present(0, chunk_len);
         let at = kv_token0 + kvh as usize;
-        fetch_rows::<F>(
-            k,
-            &mut kregs,
-            at * (d / 8),
-            key_stride * (d / 8),
-            present,
-            STEP,
-            d,
-            UNITS,
-        );
-        fetch_rows::<F>(
-            v,
-            &mut vregs,
-            at * (e / 8),
-            key_stride * (e / 8),
-            present,
-            STEP,
-            e,
-            UNITS,
+        fetch_key_value_rows::<F>(
+            k, v, &mut kregs, &mut vregs, at, key_stride, present, STEP, d, e, UNITS,
         );
         store_rows::<F, F>(&kregs, &mut sk, 0, STEP, d, ds, UNITS);
         store_rows::<F, bf16>(&kregs, &mut skb, 0, STEP, d, ds, UNITS);
@@ -257,25 +240,8 @@ pub(crate) fn intra_query_grads_manual_kernel<F: Float>(
             let first = k0 + STEP as u32;
             let present = rows_present(first, chunk_len);
             let at = kv_token0 + first as usize * key_stride + kvh as usize;
-            fetch_rows::<F>(
-                k,
-                &mut kregs,
-                at * (d / 8),
-                key_stride * (d / 8),
-                present,
-                STEP,
-                d,
-                UNITS,
-            );
-            fetch_rows::<F>(
-                v,
-                &mut vregs,
-                at * (e / 8),
-                key_stride * (e / 8),
-                present,
-                STEP,
-                e,
-                UNITS,
+            fetch_key_value_rows::<F>(
+                k, v, &mut kregs, &mut vregs, at, key_stride, present, STEP, d, e, UNITS,
             );
             if comptime!(cfg.gated) {
                 if UNIT_POS < STEP as u32 {

@@ -29,7 +29,9 @@ use half::bf16;
 use crate::chunk_output_mma::BQ;
 use crate::config::OutputTiles;
 use crate::mma_fragments::{a_fragment, b_fragments_of_columns, b_fragments_of_rows, zero_tiles};
-use crate::tile_load::{fetch_rows, row_registers, rows_present, scaled_norm2, store_rows};
+use crate::tile_load::{
+    fetch_key_value_rows, fetch_rows, row_registers, rows_present, scaled_norm2, store_rows,
+};
 
 /// Keys per step.
 const BK: usize = 64;
@@ -124,23 +126,16 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
     let key_stride = kv_heads as usize;
     if k_blocks > 0 {
         let present = rows_present(0, chunk_len);
-        fetch_rows::<F>(
+        fetch_key_value_rows::<F>(
             k,
+            v,
             &mut kregs,
-            (kv_token0 + kvh as usize) * (d / 8),
-            key_stride * (d / 8),
+            &mut vregs,
+            kv_token0 + kvh as usize,
+            key_stride,
             present,
             BK,
             d,
-            UNITS,
-        );
-        fetch_rows::<F>(
-            v,
-            &mut vregs,
-            (kv_token0 + kvh as usize) * (e / 8),
-            key_stride * (e / 8),
-            present,
-            BK,
             e,
             UNITS,
         );
@@ -201,25 +196,8 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
             let first = k0 + BK as u32;
             let present = rows_present(first, chunk_len);
             let at = kv_token0 + first as usize * key_stride + kvh as usize;
-            fetch_rows::<F>(
-                k,
-                &mut kregs,
-                at * (d / 8),
-                key_stride * (d / 8),
-                present,
-                BK,
-                d,
-                UNITS,
-            );
-            fetch_rows::<F>(
-                v,
-                &mut vregs,
-                at * (e / 8),
-                key_stride * (e / 8),
-                present,
-                BK,
-                e,
-                UNITS,
+            fetch_key_value_rows::<F>(
+                k, v, &mut kregs, &mut vregs, at, key_stride, present, BK, d, e, UNITS,
             );
             if comptime!(cfg.gated) {
                 if UNIT_POS < BK as u32 {

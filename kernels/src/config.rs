@@ -126,7 +126,7 @@ impl OutputTiles {
             && crate::chunk_output_mma::shared_bytes(head_dim, value_dim, dtype.size())
                 <= shared_memory_max(client)
         {
-            let manual = manual_mma_supported(client, strategy)
+            let manual = manual_mma_allowed(client, strategy)
                 && crate::chunk_output_manual::shared_bytes(head_dim, value_dim, dtype.size())
                     <= shared_memory_max(client);
             return Some(tiles(crate::chunk_output_mma::BQ, 64, true, manual));
@@ -213,7 +213,7 @@ impl QueryStateTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let outer = manual_mma_supported(client, strategy)
+        let outer = manual_mma_allowed(client, strategy)
             && head_dim <= 128
             && crate::query_state_outer::shared_bytes(head_dim, value_dim) <= max;
         (outer || Self::shared_bytes(head_dim, value_dim) <= max).then_some(Self {
@@ -276,7 +276,7 @@ pub struct StateGradTiles {
 /// [`Strategy::Cmma`] and `client` is CUDA with those shapes (the chunk-state and query-state
 /// products, the state path's [`StateGradProducts::Registers`] and
 /// [`StateGradProducts::Outer`], the output kernel and the backward's intra-chunk pairs).
-fn manual_mma_supported<R: Runtime>(client: &ComputeClient<R>, strategy: Strategy) -> bool {
+fn manual_mma_allowed<R: Runtime>(client: &ComputeClient<R>, strategy: Strategy) -> bool {
     let f32_type = f32::as_type_native_unchecked().storage_type();
     let shape = |operand: StorageType| MmaConfig {
         a_type: operand,
@@ -311,7 +311,7 @@ impl StateGradTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let manual = manual_mma_supported(client, strategy);
+        let manual = manual_mma_allowed(client, strategy);
         // the outer products multiply d·d·e per row where the feature tiles multiply D·e
         // (D = d(d + 16)/2) and stream the whole d × d × e state through each cube: they win
         // at d = 64 (the state path 2.1 ms faster at 8 heads, t = 16k, H200) and lose at
@@ -440,7 +440,7 @@ impl IntraGradTiles {
             return None;
         }
         let max = shared_memory_max(client);
-        let manual = manual_mma_supported(client, strategy)
+        let manual = manual_mma_allowed(client, strategy)
             && crate::chunk_grad_intra_manual::shared_bytes(head_dim, value_dim) <= max;
         (manual || crate::chunk_grad_intra_mma::shared_bytes(head_dim, value_dim) <= max).then_some(
             Self {
@@ -568,7 +568,7 @@ impl StateTiles {
         let mma_bytes = crate::chunk_state_mma::shared_bytes(head_dim, value_dim);
         let f16 = half::f16::as_type_native_unchecked().storage_type();
         if use_mma(client, strategy, dtype, &[f16], head_dim, value_dim) && value_dim <= 128 {
-            if manual_mma_supported(client, strategy)
+            if manual_mma_allowed(client, strategy)
                 && head_dim <= 128
                 && crate::chunk_state_outer::shared_bytes(head_dim, value_dim)
                     <= shared_memory_max(client)

@@ -163,6 +163,46 @@ pub fn rows_present(first: u32, limit: u32) -> u32 {
     n
 }
 
+/// Fetches `rows` key rows (`d` wide) and value rows (`e` wide) into registers, as
+/// [`fetch_rows()`] twice: row `i` of each is row `row + i·stride` of the `[.., d]` and `[.., e]`
+/// tensors `k` and `v`, the first `present` of them (zeros past it).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_key_value_rows<F: Float>(
+    k: &Array<Vector<F, Const<8>>>,
+    v: &Array<Vector<F, Const<8>>>,
+    kregs: &mut Array<Vector<F, Const<8>>>,
+    vregs: &mut Array<Vector<F, Const<8>>>,
+    row: usize,
+    stride: usize,
+    present: u32,
+    #[comptime] rows: usize,
+    #[comptime] d: usize,
+    #[comptime] e: usize,
+    #[comptime] threads: usize,
+) {
+    fetch_rows::<F>(
+        k,
+        kregs,
+        row * (d / 8),
+        stride * (d / 8),
+        present,
+        rows,
+        d,
+        threads,
+    );
+    fetch_rows::<F>(
+        v,
+        vregs,
+        row * (e / 8),
+        stride * (e / 8),
+        present,
+        rows,
+        e,
+        threads,
+    );
+}
+
 /// Fetches `rows` rows of `width` elements into registers with 16-byte loads: row `i` starts
 /// at vector `first + i·stride` of `src`; rows `present..` are zeros. Pair with [`store_rows()`]
 /// (issue the loads, do other work, then store).
