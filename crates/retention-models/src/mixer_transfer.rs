@@ -59,8 +59,8 @@ pub(crate) fn traces_through<B: RetentionBackend>(
 /// - every trace: `[batch, seq, d_model]`; result `[1]`
 ///
 /// # Errors
-/// [`ModelError::Config`] when the counts of mixers and traces differ or there are none; the
-/// mixers' errors.
+/// [`ModelError::Config`] when the counts of mixers and traces differ or there are none, or a
+/// trace's input and output differ in shape; the mixers' errors.
 pub fn mixer_transfer_loss<B: RetentionBackend>(
     mixers: &[&SequenceMixer<B>],
     traces: Vec<MixerTrace<B>>,
@@ -72,18 +72,18 @@ pub fn mixer_transfer_loss<B: RetentionBackend>(
             traces.len()
         )));
     }
-    let count = traces.len() as f64;
-    let mut total: Option<Tensor<B, 1>> = None;
-    for (mixer, trace) in mixers.iter().zip(traces) {
+    let mut errors = Vec::with_capacity(traces.len());
+    for (block, (mixer, trace)) in mixers.iter().zip(traces).enumerate() {
+        if trace.input.dims() != trace.output.dims() {
+            return Err(ModelError::Config(format!(
+                "trace {block}: input {:?} and output {:?} differ in shape",
+                trace.input.dims(),
+                trace.output.dims()
+            )));
+        }
         let predicted = mixer.forward(trace.input)?;
         let scale = trace.output.clone().powi_scalar(2).mean().add_scalar(1e-12);
-        let error = (predicted - trace.output).powi_scalar(2).mean() / scale;
-        total = Some(match total {
-            Some(t) => t + error,
-            None => error,
-        });
+        errors.push((predicted - trace.output).powi_scalar(2).mean() / scale);
     }
-    Ok(total
-        .ok_or_else(|| ModelError::Config("no mixers".into()))?
-        .div_scalar(count))
+    Ok(Tensor::cat(errors, 0).mean())
 }

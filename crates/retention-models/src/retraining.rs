@@ -349,6 +349,16 @@ mod tests {
             .expect("scores")
             .into_scalar();
         assert!(before > 0.01, "the conversion's mixers differ: {before}");
+        let mut bad = traces();
+        bad[0].output = bad[0].output.clone().narrow(1, 0, 4);
+        assert!(matches!(
+            crate::mixer_transfer_loss(&teacher.mixers(), bad),
+            Err(ModelError::Config(_))
+        ));
+        assert!(matches!(
+            crate::mixer_transfer_loss(&teacher.mixers(), traces()[1..].to_vec()),
+            Err(ModelError::Config(_))
+        ));
 
         let training = training.with_transfer_steps(8).with_learning_rate(1e-2);
         let tmp = tempfile::tempdir().expect("tmp");
