@@ -195,6 +195,9 @@ pub struct QueryStateTiles {
     /// Whether the product runs on CUDA's manually managed `mma`
     /// (`query_state_outer`) rather than `cmma`.
     pub outer: bool,
+    /// `query_state_outer`'s planes per cube (16 rows each): every cube streams the chunk's
+    /// whole `S/γ` through L2, so large states want more rows per cube.
+    pub planes: u32,
 }
 
 impl QueryStateTiles {
@@ -213,13 +216,18 @@ impl QueryStateTiles {
             return None;
         }
         let max = shared_memory_max(client);
+        // 256 rows per cube where the state is large (d = 128: 2.4 MB per chunk and head
+        // streamed by each cube; Brumby's heads 55.6 → 51.4 ms forward on an H200), 128 where
+        // it is not (d = 64: 3.59 → 3.93 ms with 256, fewer cubes to spread)
+        let planes = if head_dim > 64 { 16 } else { 8 };
         let outer = manual_mma_allowed(client, strategy)
             && head_dim <= 128
-            && crate::query_state_outer::shared_bytes(head_dim, value_dim) <= max;
+            && crate::query_state_outer::shared_bytes(planes, head_dim, value_dim) <= max;
         (outer || Self::shared_bytes(head_dim, value_dim) <= max).then_some(Self {
             head_dim: head_dim as u32,
             value_dim: value_dim as u32,
             outer,
+            planes,
         })
     }
 

@@ -276,8 +276,8 @@ pub unsafe fn launch_query_state<R: Runtime>(
     let (launch, dim, rows) = if tiles.outer {
         (
             query_state_outer_kernel::launch_unchecked::<R> as QueryStateLaunch<R>,
-            CubeDim::new_2d(32, crate::query_state_outer::PLANES),
-            crate::query_state_outer::ROWS,
+            CubeDim::new_2d(32, tiles.planes),
+            16 * tiles.planes as usize,
         )
     } else {
         (

@@ -8,11 +8,13 @@
 //! register. The B operand is the group's 16 state rows (`S/γ`), with the key-sum entries
 //! `z/γ` as an extra 8-column tile whose product is the denominator.
 //!
-//! A cube of 8 planes owns 128 rows of a chunk (the query heads of a GQA group folded into the
-//! row dimension, as in [`query_state`](crate::query_state)); plane `p` owns 32 rows (two row
-//! tiles, so every B fragment serves two products) and half of the value columns (the first
-//! half also the denominator). The walk takes the features 64 at a time, the next block
-//! staged while the current one is multiplied.
+//! A cube of `P` planes ([`QueryStateTiles::planes`]) owns `16·P` rows of a chunk (the query
+//! heads of a GQA group folded into the row dimension, as in [`query_state`](crate::query_state));
+//! plane `p` owns 32 rows (two row tiles, so every B fragment serves two products) and half of
+//! the value columns (the first half also the denominator). The walk takes the features 64 at
+//! a time, the next block staged while the current one is multiplied; each group's coordinate
+//! pair comes from a table the cube fills once (inverting the layout costs a square root and
+//! some thirty instructions, as much as the group's A operand).
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
@@ -27,14 +29,20 @@ use crate::tile_load::rows_present;
 
 /// Features per step (four 16-feature groups).
 const FEATS: usize = 64;
-/// Planes per cube.
-pub(crate) const PLANES: u32 = 8;
-/// Rows per cube.
-pub(crate) const ROWS: usize = 128;
 
-/// Shared memory of one cube, in bytes.
-pub(crate) fn shared_bytes(head_dim: usize, value_dim: usize) -> usize {
-    4 * ROWS + 4 * 2 * ROWS + 2 * ROWS * (head_dim + 8) + 2 * 2 * FEATS * (value_dim + 24)
+/// The 16-feature groups of head dim `d` (`D/16`, `D = d(d + 16)/2`).
+fn groups(head_dim: usize) -> usize {
+    head_dim * (head_dim + 16) / 32
+}
+
+/// Shared memory of one cube of `planes` planes, in bytes.
+pub(crate) fn shared_bytes(planes: u32, head_dim: usize, value_dim: usize) -> usize {
+    let rows = 16 * planes as usize;
+    4 * rows
+        + 4 * 2 * rows
+        + 2 * rows * (head_dim + 8)
+        + 2 * 2 * FEATS * (value_dim + 24)
+        + 4 * groups(head_dim)
 }
 
 #[cube(launch_unchecked)]
@@ -56,7 +64,10 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
 ) {
     let e = comptime!(cfg.value_dim as usize);
     let ds = comptime!(cfg.head_dim as usize + 8);
-    let units = comptime!(32 * PLANES as usize);
+    let planes = comptime!(cfg.planes as usize);
+    let rows = comptime!(16 * cfg.planes as usize);
+    let units = comptime!(32 * cfg.planes as usize);
+    let n_groups = comptime!(groups(cfg.head_dim as usize));
     let ev = comptime!(cfg.value_dim as usize / 8);
     let sv = comptime!(cfg.value_dim as usize / 8 + 3);
     let s_buf = comptime!(FEATS * (cfg.value_dim as usize / 8 + 3));
@@ -67,7 +78,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
     let dvecs = comptime!(cfg.head_dim as usize / 8);
 
     let ratio = q_heads / kv_heads;
-    let row0 = CUBE_POS_X * ROWS as u32;
+    let row0 = CUBE_POS_X * rows as u32;
     let u = CUBE_POS_Y % n_chunks;
     let kvh = CUBE_POS_Y / n_chunks;
     let bi = CUBE_POS_Z;
@@ -76,12 +87,19 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
     let gamma = f32::sqrt(f32::cast_from(big_d));
     let inv_gamma = 1.0 / gamma;
 
-    let mut row_index = SharedMemory::<u32>::new(ROWS);
-    let mut npart = SharedMemory::<f32>::new(2 * ROWS);
-    let mut sq = SharedMemory::<f16>::new(ROWS * ds);
+    let mut row_index = SharedMemory::<u32>::new(rows);
+    let mut npart = SharedMemory::<f32>::new(2 * rows);
+    let mut sq = SharedMemory::<f16>::new(rows * ds);
+    let mut pairs = SharedMemory::<u32>::new(n_groups);
     let mut sst = SharedMemory::<Vector<f16, Const<8>>>::new(2 * s_buf);
 
-    if UNIT_POS < ROWS as u32 {
+    // group g's coordinate pair (`x << 16 | 16m`), read by every plane at every group
+    let mut pi = UNIT_POS as usize;
+    while pi < n_groups {
+        pairs[pi] = feature_pair(pi as u32 * 16, 16u32);
+        pi += units;
+    }
+    if UNIT_POS < rows as u32 {
         let rho = row0 + UNIT_POS;
         let pos = rho / ratio;
         let at = (bi * seq + chunk_start + pos) * q_heads + kvh * ratio + rho % ratio;
@@ -126,9 +144,10 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
 
     let plane = UNIT_POS_Y as usize;
     let lane = UNIT_POS_X as usize;
-    // plane p: rows 32·(p mod 4).., value columns (p / 4)·e/2..
-    let r0 = (plane % 4) * 32;
-    let col_half = plane / 4;
+    // plane p: rows 32·(p mod P/2).., value columns (p / (P/2))·e/2..
+    let row_planes = comptime!(planes / 2);
+    let r0 = (plane % row_planes) * 32;
+    let col_half = plane / row_planes;
     let c0 = col_half * half_cols;
     let with_den = col_half == 0;
     let def = MmaDefinition::<f16, f16, f32>::new(16usize, 8usize, 16usize);
@@ -154,7 +173,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
 
     let groups = big_d / 16;
     let steps = (big_d + FEATS as u32 - 1) / FEATS as u32;
-    let loads = comptime!((FEATS * cfg.value_dim as usize / 8).div_ceil(32 * PLANES as usize));
+    let loads = comptime!((FEATS * cfg.value_dim as usize / 8).div_ceil(units));
     let mut regs = Array::<Vector<f16, Const<8>>>::new(loads);
     for step in 0..steps + 1 {
         let producing = step < steps;
@@ -178,7 +197,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
             for gi in 0..FEATS / 16 {
                 let g = prev * comptime!(FEATS as u32 / 16) + gi as u32;
                 if g < groups {
-                    let pair = feature_pair(g * 16, 16u32);
+                    let pair = pairs[g as usize];
                     let x = (pair >> 16) as usize;
                     let m = ((pair & 0xffff) / 16) as usize;
                     // A per row tile: block m of the rows' q′ times each row's q′_x
