@@ -15,7 +15,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 
 use crate::RetentionOptions;
-use crate::backend::{RetentionBackend, reference_absorb, reference_step, reference_window};
+use crate::backend::{
+    RetentionBackend, reference_absorb, reference_chunked_state, reference_step, reference_window,
+};
 use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
 
 type Ad<B, C> = Autodiff<B, C>;
@@ -83,6 +85,35 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
             options,
         );
         (wrap::<B, C>(y), wrap::<B, C>(s), wrap::<B, C>(z))
+    }
+
+    fn retention_chunked_state(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let tracked = !untracked::<B, C>(&[
+            Some(&k),
+            Some(&v),
+            log_g.as_ref(),
+            initial.as_ref().map(|(s, _)| s),
+            initial.as_ref().map(|(_, z)| z),
+        ]);
+        if tracked {
+            return reference_chunked_state::<Self>(k, v, log_g, initial, chunk_size, options);
+        }
+        let (s, z) = B::retention_chunked_state(
+            k.primitive,
+            v.primitive,
+            log_g.map(|g| g.primitive),
+            initial.map(|(s, z)| (s.primitive, z.primitive)),
+            chunk_size,
+            options,
+        );
+        (wrap::<B, C>(s), wrap::<B, C>(z))
     }
 
     fn retention_step(

@@ -47,6 +47,21 @@ pub trait RetentionBackend: Backend {
         reference_chunked::<Self>(q, k, v, log_g, initial, chunk_size, options)
     }
 
+    /// The `(state, key_sum)` after the tokens of `k`, `v` (chunk length `chunk_size`) from
+    /// `initial` (zeros when `None`): [`Self::retention_chunked`]'s last two results without
+    /// the outputs. Context parallelism runs it on every slice of a sequence but the last to
+    /// find the states the slices start from.
+    fn retention_chunked_state(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        reference_chunked_state::<Self>(k, v, log_g, initial, chunk_size, options)
+    }
+
     /// Whether [`Self::retention_chunked_keeping_rows`] keeps the rows ([`ForwardRows`]) for
     /// inputs of these dtypes (`q, k, v`, then the initial state and key-sum if given) and
     /// head dims `d`, `e` on `device`. The default keeps none. `Fusion<B>` asks before it
@@ -253,6 +268,29 @@ pub(crate) fn reference_chunked<B: Backend>(
         scale,
     );
     (prim(y), prim(s), prim(z))
+}
+
+/// The plain-tensor chunked state (the trait's default body): the chunked form with zero
+/// queries (one per key/value head), its output dropped.
+pub(crate) fn reference_chunked_state<B: Backend>(
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    log_g: Option<FloatTensor<B>>,
+    initial: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let k = float::<B, 4>(k);
+    let (_, s, z) = reference_chunked::<B>(
+        prim(k.zeros_like()),
+        prim(k),
+        v,
+        log_g,
+        initial,
+        chunk_size,
+        options,
+    );
+    (s, z)
 }
 
 /// The plain-tensor recurrent step on primitives (the trait's default body).

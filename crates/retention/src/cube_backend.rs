@@ -21,7 +21,7 @@ use retention_kernels::{
 
 use crate::backend::{
     RetentionBackend, float, input_dtypes, prim, reference_absorb, reference_attention,
-    reference_chunked, reference_step, reference_window,
+    reference_chunked, reference_chunked_state, reference_step, reference_window,
 };
 use crate::backward::{
     ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
@@ -200,6 +200,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         (y, s, z)
     }
 
+    fn retention_chunked_state(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        chunked_state::<R, F, I, BT>(k, v, log_g, initial, chunk_size, options)
+    }
+
     fn retention_keeps_rows(
         device: &Self::Device,
         dtypes: &[DType],
@@ -337,6 +348,81 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             None => reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options),
         }
     }
+}
+
+/// [`RetentionBackend::retention_chunked_state`]: the chunk contributions and the scan of
+/// [`chunked_forward`], no query-state product and no outputs (about a third of a forward at
+/// `d = 64`); the reference where the kernels do not take the inputs.
+fn chunked_state<R, F, I, BT>(
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+    initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+) -> (CubeTensor<R>, CubeTensor<R>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let initial_ok = initial
+        .as_ref()
+        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
+    let [b, t, h, d] = dims4(&k);
+    let e = dims4(&v)[3];
+    let dtype = k.dtype;
+    let client = k.client.clone();
+    let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
+        .then(|| ChunkedTiles::plan(&client, dtype.into(), strategy(options), d, e))
+        .flatten();
+    let Some(ChunkedTiles {
+        state: state_tiles, ..
+    }) = plans
+    else {
+        return reference_chunked_state::<Cube<R, F, I, BT>>(
+            k, v, log_g, initial, chunk_size, options,
+        );
+    };
+    let c = chunk_size;
+    let n = t.div_ceil(c);
+    let big_d = expanded_dim(d, 2);
+    let (k, v) = (into_contiguous(k), into_contiguous(v));
+    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
+    let final_state = empty_f32(&k, &[b, h, big_d, e]);
+    let final_sum = empty_f32(&k, &[b, h, big_d]);
+    let (s0, z0) = match initial {
+        Some((s, z)) => (
+            Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
+            Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
+        ),
+        None => (None, None),
+    };
+    let sizes = Sizes {
+        b,
+        t,
+        hq: h,
+        h,
+        d,
+        e,
+        c,
+        n,
+        big_d,
+    };
+    scan(
+        &client,
+        sizes,
+        &gates,
+        [
+            (&states, s0, &final_state, big_d * e, None),
+            (&sums, z0, &final_sum, big_d, None),
+        ],
+        false,
+        false,
+    );
+    (final_state, final_sum)
 }
 
 /// Each chunk's contribution `(ΔS [b, h, n, D, e], Δz [b, h, n, D])`, f32, for contiguous

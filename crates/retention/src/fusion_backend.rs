@@ -26,6 +26,11 @@ enum Form {
         initial: bool,
         keep_rows: bool,
     },
+    /// The state after the tokens, no outputs (`k, v` first: no queries).
+    ChunkedState {
+        chunk: usize,
+        initial: bool,
+    },
     Step,
     Window,
     Absorb,
@@ -64,6 +69,16 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
             .collect::<Vec<_>>()
             .into_iter();
         let mut next = || inputs.next().expect("input count fixed at registration");
+        if let Form::ChunkedState { chunk, initial } = self.form {
+            let (k, v) = (next(), next());
+            let log_g = self.gated.then(&mut next);
+            let initial = initial.then(|| (next(), next()));
+            let (s, z) = B::retention_chunked_state(k, v, log_g, initial, chunk, &self.options);
+            for (ir, tensor) in self.desc.outputs.iter().zip([s, z]) {
+                handles.register_float_tensor::<B>(&ir.id, tensor);
+            }
+            return;
+        }
         if let Form::Absorb = self.form {
             let (keys, values) = (next(), next());
             let log_g = self.gated.then(&mut next);
@@ -171,7 +186,9 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 let (s, z) = (next(), next());
                 vec![B::retention_window(q, k, v, log_g, s, z, &self.options)]
             }
-            Form::Absorb | Form::Backward { .. } => unreachable!("handled above"),
+            Form::Absorb | Form::ChunkedState { .. } | Form::Backward { .. } => {
+                unreachable!("handled above")
+            }
         };
         for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
             handles.register_float_tensor::<B>(&ir.id, tensor);
@@ -261,6 +278,45 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (y, s, z, _) = chunked::<B>(q, k, v, log_g, initial, chunk_size, options, false);
         (y, s, z)
+    }
+
+    fn retention_chunked_state(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let state_dtype = match &initial {
+            Some((s, _)) if s.dtype == DType::F64 => DType::F64,
+            _ => compute_dtype(k.dtype),
+        };
+        let (b, h, d) = (k.shape[0], k.shape[2], k.shape[3]);
+        let big_d = expanded_dim(d, options.degree);
+        let outputs = vec![
+            (Shape::from(vec![b, h, big_d, v.shape[3]]), state_dtype),
+            (Shape::from(vec![b, h, big_d]), state_dtype),
+        ];
+        let gated = log_g.is_some();
+        let form = Form::ChunkedState {
+            chunk: chunk_size,
+            initial: initial.is_some(),
+        };
+        let (s0, z0) = initial.unzip();
+        let inputs = [Some(k), Some(v), log_g, s0, z0]
+            .into_iter()
+            .flatten()
+            .collect();
+        let outs = register::<B>(
+            "power_retention_chunked_state",
+            form,
+            inputs,
+            gated,
+            outputs,
+            options,
+        );
+        two(outs)
     }
 
     fn retention_keeps_rows(
