@@ -6,6 +6,7 @@ pub mod backend_choice;
 pub mod bench;
 pub mod bench_plot;
 pub mod chart_png;
+pub mod context_bench;
 pub mod convert;
 pub mod demo;
 pub mod drift;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use retention_cli::apply::{ApplyArgs, apply};
 use retention_cli::bench::{BenchArgs, BenchImpl, BenchShape, bench};
 use retention_cli::bench_plot::{parse_rows, plot_rows};
+use retention_cli::context_bench::{ContextBenchArgs, context_bench};
 use retention_cli::convert::{ConvertArgs, convert};
 use retention_cli::demo::{DemoArgs, demo};
 use retention_cli::drift::{DriftArgs, drift};
@@ -105,6 +106,16 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         args: DriftArgs,
+    },
+    /// Context parallelism: one long sequence split across the devices of this machine, each
+    /// slice's state handed to the next, against the same sequence on one device
+    /// (`impl,mode,gpus,t,ms,throughput` rows).
+    ContextBench {
+        /// Backend to run on (its devices 0, 1, …).
+        #[arg(long, value_enum, default_value = "ndarray")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        args: ContextBenchArgs,
     },
     /// Draws benchmark rows (the CSV of `bench` and the anchor script) as charts (SVG, and a
     /// PNG copy of each): time, tokens/s and TFLOP/s against the sequence length, decode
@@ -346,6 +357,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 check_dtype(backend, choice)?;
             }
             with_backend!(backend, |Bk, dev| numerics::<Bk>(&dev, &args).map(drop))
+        }
+        Command::ContextBench { backend, args } => {
+            with_backend!(backend, |Bk, dev| context_bench::<Bk>(&dev, &args)
+                .map(drop))
         }
         Command::Drift { backend, args } => {
             // a chart drawn from an earlier run's CSV runs nothing

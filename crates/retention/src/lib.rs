@@ -22,6 +22,7 @@ mod autodiff_backend;
 mod backend;
 mod backward;
 mod compute_dtype;
+mod context_parallel;
 #[cfg(feature = "cube")]
 mod cube_backend;
 #[cfg(feature = "cube")]
@@ -47,6 +48,9 @@ pub mod validation;
 pub use backend::RetentionBackend;
 pub use backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
 pub use compute_dtype::ComputeDtype;
+pub use context_parallel::{
+    SequenceSlice, power_retention_context_parallel, power_retention_state,
+};
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, checked_expanded_dim, expanded_dim, pair_block};

@@ -6,7 +6,7 @@ use crate::{
     RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
 };
 
-fn dims_of<B: RetentionBackend>(
+pub(crate) fn dims_of<B: RetentionBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -237,6 +237,22 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         });
         return Ok((empty_output(&dims, &q), state));
     }
+    let (chunk, segment) = chunk_for(&dims, options)?;
+    let dtype = initial_state.as_ref().map(RetentionState::dtype);
+    let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
+    // a given state comes back in its own dtype (see `RetentionState::cast`)
+    let state = match dtype {
+        Some(d) => state.cast(d),
+        None => state,
+    };
+    Ok((y, state))
+}
+
+/// The chunk length and segment length (`None`: one segment) of a stateful call on `dims`.
+pub(crate) fn chunk_for(
+    dims: &RetentionDims,
+    options: &RetentionOptions,
+) -> Result<(usize, Option<usize>), RetentionError> {
     // a sequence shorter than a chunk is one chunk of its own length (rounded up to 16, a
     // tile's height), not one padded to the configured size: a short prompt after a state
     // would otherwise cost a whole chunk
@@ -249,14 +265,7 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         // the attention form (one chunk of the whole sequence) is what the caller asked for
         None => None,
     };
-    let dtype = initial_state.as_ref().map(RetentionState::dtype);
-    let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
-    // a given state comes back in its own dtype (see `RetentionState::cast`)
-    let state = match dtype {
-        Some(d) => state.cast(d),
-        None => state,
-    };
-    Ok((y, state))
+    Ok((chunk, segment))
 }
 
 /// One recurrent step: advances `state` by one token and returns that token's output. Costs

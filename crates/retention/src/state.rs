@@ -68,6 +68,14 @@ impl<B: Backend> RetentionState<B> {
         }
     }
 
+    /// This state on `device` (both tensors).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            state: self.state.to_device(device),
+            key_sum: self.key_sum.to_device(device),
+        }
+    }
+
     /// Element type of the state.
     pub fn dtype(&self) -> DType {
         self.state.dtype()

@@ -1,0 +1,164 @@
+//! `retention context-bench`: one long sequence split across the devices of one machine
+//! (context parallelism, [`power_retention_context_parallel`]) against the same sequence on one
+//! device. Rows in the schema of `docs/bench/multigpu.csv`: `impl,mode,gpus,t,ms,throughput`
+//! (`mode` = `context_parallel`, throughput in tokens/s; the 1-device row is the plain forward
+//! with its final state).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::prelude::DeviceOps as _;
+use burn::tensor::backend::{Backend, DeviceId, DeviceOps};
+use burn::tensor::{DType, Distribution, Tensor};
+use retention::{
+    RetentionBackend, RetentionOptions, SequenceSlice, power_retention_context_parallel,
+};
+
+use crate::bench::BenchShape;
+use crate::{CliError, DtypeChoice};
+
+/// Arguments of `retention context-bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ContextBenchArgs {
+    /// Head shape.
+    #[arg(long, value_enum, default_value = "mha64")]
+    pub shape: BenchShape,
+    /// Sequence lengths (one sequence, batch 1), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "262144,524288,1048576")]
+    pub seqs: Vec<usize>,
+    /// Device counts, comma-separated (devices 0, 1, … of the backend).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub gpus: Vec<usize>,
+    /// Chunk size.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk: usize,
+    /// Element type of the inputs.
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DtypeChoice,
+    /// Timed calls (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Untimed calls first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// CSV of the rows.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One timed configuration.
+#[derive(Debug, Clone)]
+pub struct ContextRow {
+    /// Devices the sequence was split across.
+    pub gpus: usize,
+    /// Tokens of the sequence.
+    pub t: usize,
+    /// Milliseconds per call (median).
+    pub ms: f64,
+}
+
+impl ContextRow {
+    /// The row in the CSV schema of `docs/bench/multigpu.csv`.
+    pub fn csv(&self) -> String {
+        format!(
+            "burn_retention,context_parallel,{},{},{:.3},{:.0}",
+            self.gpus,
+            self.t,
+            self.ms,
+            self.t as f64 / (self.ms / 1e3)
+        )
+    }
+}
+
+/// Devices `0..count` of the kind of `dev`.
+fn devices<B: Backend>(dev: &B::Device, count: usize) -> Result<Vec<B::Device>, CliError> {
+    let type_id = dev.id().type_id;
+    let available = B::device_count(type_id);
+    if count == 0 || count > available {
+        return Err(CliError::Device(format!(
+            "--gpus {count}: this backend has {available} devices"
+        )));
+    }
+    Ok((0..count)
+        .map(|i| B::Device::from_id(DeviceId::new(type_id, i as u16)))
+        .collect())
+}
+
+/// Times [`power_retention_context_parallel`] at every length and device count; prints each
+/// row as it is measured and writes the CSV if asked.
+///
+/// # Errors
+/// A device count the backend does not have; the op's errors; the CSV's I/O errors.
+pub fn context_bench<B: RetentionBackend>(
+    dev: &B::Device,
+    args: &ContextBenchArgs,
+) -> Result<Vec<ContextRow>, CliError> {
+    let (hq, hk, d) = args.shape.heads();
+    let opts = RetentionOptions::new().with_chunk_size(Some(args.chunk));
+    let dtype: DType = args.dtype.dtype();
+    let mut rows = Vec::new();
+    println!("impl,mode,gpus,t,ms,throughput");
+    for &t in &args.seqs {
+        let normal = |shape: [usize; 4]| {
+            Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), dev).cast(dtype)
+        };
+        let (q, k, v) = (
+            normal([1, t, hq, d]),
+            normal([1, t, hk, d]),
+            normal([1, t, hk, d]),
+        );
+        let g = burn::tensor::activation::log_sigmoid(Tensor::<B, 3>::random(
+            [1, t, hk],
+            Distribution::Normal(4.0, 1.0),
+            dev,
+        ))
+        .cast(dtype);
+        for &gpus in &args.gpus {
+            let devices = devices::<B>(dev, gpus)?;
+            let slices = SequenceSlice::split(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(g.clone()),
+                args.chunk,
+                &devices,
+            );
+            let call = || -> Result<f64, CliError> {
+                let start = Instant::now();
+                let (outputs, state) =
+                    power_retention_context_parallel(slices.clone(), None, &opts)?;
+                for device in &devices {
+                    let _ = B::sync(device);
+                }
+                drop((outputs, state));
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            };
+            for _ in 0..args.warmup {
+                call()?;
+            }
+            let mut times = (0..args.reps.max(1))
+                .map(|_| call())
+                .collect::<Result<Vec<f64>, CliError>>()?;
+            times.sort_by(f64::total_cmp);
+            let row = ContextRow {
+                gpus,
+                t,
+                ms: times[times.len() / 2],
+            };
+            println!("{}", row.csv());
+            rows.push(row);
+        }
+    }
+    if let Some(path) = &args.out {
+        let mut text = String::from("impl,mode,gpus,t,ms,throughput\n");
+        for row in &rows {
+            text.push_str(&row.csv());
+            text.push('\n');
+        }
+        std::fs::write(path, text).map_err(|source| CliError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(rows)
+}

@@ -1,0 +1,272 @@
+//! One long sequence split across devices (context parallelism): each device holds a slice of
+//! the tokens, and needs from the devices before it only the state they end with (`D × e` per
+//! head), not their keys and values.
+//!
+//! [`power_retention_context_parallel`] runs in two passes. The first finds every slice's own
+//! final state from zero ([`power_retention_state`]: the chunk contributions and their scan, no
+//! outputs) on every device at once; a gated prefix scan over the slices, one state transfer
+//! per device, turns them into the states the slices start from
+//! (`S_in(i+1) = e^{Γ_i}·S_in(i) + S_own(i)`, `Γ_i` the slice's summed log-gates); the second
+//! pass is [`power_retention_with_state`] on each slice from its state, again on every device
+//! at once. Device work is queued without waiting wherever the backend queues it, so the
+//! slices' passes overlap; the transfers wait for the slices they read.
+
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::op::{chunk_for, dims_of, float};
+use crate::{
+    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention_with_state,
+};
+
+/// The tokens of one slice of a sequence, on the device that runs it.
+///
+/// # Shapes
+/// - `q`: `[batch, seq, q_heads, head_dim]`
+/// - `k`: `[batch, seq, kv_heads, head_dim]`
+/// - `v`: `[batch, seq, kv_heads, value_dim]`
+/// - `log_g`: `[batch, seq, kv_heads]`
+#[derive(Debug, Clone)]
+pub struct SequenceSlice<B: Backend> {
+    /// Queries.
+    pub q: Tensor<B, 4>,
+    /// Keys.
+    pub k: Tensor<B, 4>,
+    /// Values.
+    pub v: Tensor<B, 4>,
+    /// Log-gates (`None`: no gating).
+    pub log_g: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> SequenceSlice<B> {
+    /// Splits one sequence into slices of consecutive tokens, one per device (moved there),
+    /// as equal as whole chunks of `chunk` tokens allow (the last slice ends with the partial
+    /// chunk, if any): `devices.len()` slices, or one per chunk when the sequence has fewer
+    /// chunks than devices (the first devices take them).
+    ///
+    /// # Shapes
+    /// As [`SequenceSlice`]; every input has the whole sequence.
+    pub fn split(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        log_g: Option<Tensor<B, 3>>,
+        chunk: usize,
+        devices: &[B::Device],
+    ) -> Vec<Self> {
+        let seq = q.dims()[1];
+        let chunk = chunk.max(1);
+        let chunks = seq.div_ceil(chunk);
+        let parts = devices.len().min(chunks);
+        let mut start = 0;
+        let mut slices = Vec::with_capacity(parts);
+        for (i, device) in devices.iter().take(parts).enumerate() {
+            // the first `chunks mod parts` slices take one chunk more
+            let own = chunks / parts + usize::from(i < chunks % parts);
+            let len = (own * chunk).min(seq - start);
+            let part4 = |x: &Tensor<B, 4>| x.clone().narrow(1, start, len).to_device(device);
+            slices.push(Self {
+                q: part4(&q),
+                k: part4(&k),
+                v: part4(&v),
+                log_g: log_g
+                    .as_ref()
+                    .map(|g| g.clone().narrow(1, start, len).to_device(device)),
+            });
+            start += len;
+        }
+        slices
+    }
+}
+
+/// The state after the tokens `k`, `v` from `initial_state` (or from nothing), without the
+/// outputs: the first pass of context parallelism, about a third of a forward pass at head
+/// dim 64 on the kernels (the chunk contributions and their scan).
+///
+/// # Shapes
+/// `k`, `v`, `log_g` as [`power_retention`](crate::power_retention); the state as
+/// [`RetentionState`].
+///
+/// # Errors
+/// As [`power_retention_with_state`].
+pub fn power_retention_state<B: RetentionBackend>(
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_g: Option<Tensor<B, 3>>,
+    initial_state: Option<RetentionState<B>>,
+    options: &RetentionOptions,
+) -> Result<RetentionState<B>, RetentionError> {
+    let dims = dims_of(&k, &k, &v, log_g.as_ref(), options)?;
+    crate::shapes::check_elements("state", &dims.state_shape(options.degree))?;
+    if let Some(s) = &initial_state {
+        s.check(&dims, options.degree)?;
+    }
+    let dtype = initial_state.as_ref().map(RetentionState::dtype);
+    if dims.batch == 0 || dims.seq == 0 {
+        return Ok(initial_state.unwrap_or_else(|| {
+            RetentionState::zeros(
+                dims.batch,
+                dims.kv_heads,
+                dims.head_dim,
+                dims.value_dim,
+                options.degree,
+                crate::reference::compute_dtype(k.dtype()),
+                &k.device(),
+            )
+        }));
+    }
+    let (chunk, segment) = chunk_for(&dims, options)?;
+    let segment = segment.unwrap_or(dims.seq).max(1);
+    let mut state = initial_state;
+    for start in (0..dims.seq).step_by(segment) {
+        let len = segment.min(dims.seq - start);
+        let (s, z) = B::retention_chunked_state(
+            k.clone().narrow(1, start, len).into_primitive().tensor(),
+            v.clone().narrow(1, start, len).into_primitive().tensor(),
+            log_g
+                .as_ref()
+                .map(|g| g.clone().narrow(1, start, len).into_primitive().tensor()),
+            state.map(|s| {
+                (
+                    s.state.into_primitive().tensor(),
+                    s.key_sum.into_primitive().tensor(),
+                )
+            }),
+            // a last segment shorter than a chunk is one chunk of its own length
+            chunk.min(len.next_multiple_of(16)),
+            options,
+        );
+        state = Some(RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        });
+    }
+    let state = state.ok_or_else(|| RetentionError::Config("no tokens".into()))?;
+    Ok(match dtype {
+        Some(d) => state.cast(d),
+        None => state,
+    })
+}
+
+/// Power retention over one sequence whose tokens are split across devices: `slices[i]` holds
+/// the `i`-th run of consecutive tokens on the device that runs it (see
+/// [`SequenceSlice::split`]). Returns each slice's output on its device and the state after
+/// the last token (on the last slice's device): the same as [`power_retention_with_state`] on
+/// the whole sequence, computed on every device at once.
+///
+/// # Arguments
+/// - `slices`: the sequence's slices in order, each with the same batch, heads and head dims
+/// - `initial_state`: the state before the first slice (on the first slice's device), or none
+/// - `options`: as [`power_retention`](crate::power_retention); the chunk size applies within
+///   each slice
+///
+/// # Shapes
+/// Each slice as [`SequenceSlice`]; outputs `[batch, slice_seq, q_heads, value_dim]`.
+///
+/// # Errors
+/// As [`power_retention_with_state`] for any slice (the error names the argument), and
+/// [`RetentionError::Config`] for no slices or slices whose batch, heads or head dims
+/// differ.
+pub fn power_retention_context_parallel<B: RetentionBackend>(
+    slices: Vec<SequenceSlice<B>>,
+    initial_state: Option<RetentionState<B>>,
+    options: &RetentionOptions,
+) -> Result<(Vec<Tensor<B, 4>>, RetentionState<B>), RetentionError> {
+    let Some(first) = slices.first() else {
+        return Err(RetentionError::Config(
+            "context parallelism needs at least one slice".into(),
+        ));
+    };
+    let reference = dims_of(&first.q, &first.k, &first.v, first.log_g.as_ref(), options)?;
+    for slice in &slices {
+        let dims = dims_of(&slice.q, &slice.k, &slice.v, slice.log_g.as_ref(), options)?;
+        let same = (
+            dims.batch,
+            dims.q_heads,
+            dims.kv_heads,
+            dims.head_dim,
+            dims.value_dim,
+        ) == (
+            reference.batch,
+            reference.q_heads,
+            reference.kv_heads,
+            reference.head_dim,
+            reference.value_dim,
+        );
+        if !same {
+            return Err(RetentionError::Config(format!(
+                "`slices` differ in (batch, q_heads, kv_heads, head_dim, value_dim): {:?} and {:?}",
+                (
+                    reference.batch,
+                    reference.q_heads,
+                    reference.kv_heads,
+                    reference.head_dim,
+                    reference.value_dim
+                ),
+                (
+                    dims.batch,
+                    dims.q_heads,
+                    dims.kv_heads,
+                    dims.head_dim,
+                    dims.value_dim
+                )
+            )));
+        }
+    }
+    let n = slices.len();
+    // pass 1, queued on every device: each slice's own final state (the last one's is not
+    // needed), and its summed log-gates per sequence and head
+    let mut own = Vec::with_capacity(n.saturating_sub(1));
+    for slice in &slices[..n - 1] {
+        let state = power_retention_state(
+            slice.k.clone(),
+            slice.v.clone(),
+            slice.log_g.clone(),
+            None,
+            options,
+        )?;
+        let decay = slice
+            .log_g
+            .as_ref()
+            .map(|g| g.clone().sum_dim(1).squeeze_dim::<2>(1).exp());
+        own.push((state, decay));
+    }
+    // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on
+    // slice i's device and moved before slice i's second pass is queued there (a transfer
+    // waits for the work queued before it on the device it reads)
+    let devices: Vec<B::Device> = slices.iter().map(|s| s.q.device()).collect();
+    let mut outputs = Vec::with_capacity(n);
+    let mut entering = initial_state;
+    let mut last = None;
+    for (i, slice) in slices.into_iter().enumerate() {
+        let next = own.get(i).map(|(own_state, decay)| {
+            let state = match &entering {
+                None => own_state.clone(),
+                Some(s) => {
+                    let s = s.clone().cast(own_state.dtype());
+                    let (state, key_sum) = match decay {
+                        Some(a) => {
+                            let [b, h] = a.dims();
+                            (
+                                s.state * a.clone().reshape([b, h, 1, 1]),
+                                s.key_sum * a.clone().reshape([b, h, 1]),
+                            )
+                        }
+                        None => (s.state, s.key_sum),
+                    };
+                    RetentionState {
+                        state: state + own_state.state.clone(),
+                        key_sum: key_sum + own_state.key_sum.clone(),
+                    }
+                }
+            };
+            state.to_device(&devices[i + 1])
+        });
+        let (y, state) =
+            power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, entering, options)?;
+        outputs.push(y);
+        last = Some(state);
+        entering = next;
+    }
+    let state = last.ok_or_else(|| RetentionError::Config("no slices".into()))?;
+    Ok((outputs, state))
+}

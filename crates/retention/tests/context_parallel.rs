@@ -1,0 +1,176 @@
+//! Context parallelism: a sequence split into slices (here on one device, as the algorithm
+//! does not depend on where the slices run) gives the outputs and final state of one pass over
+//! the whole sequence, and the state-only pass gives the chunked form's final state. Run on
+//! ndarray and, with `--features wgpu`, on the CubeCL kernels (lavapipe in CI).
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::tensor::{DType, Tensor, backend::Backend};
+use common::{Gates, Problem, max_rel, to_vec};
+use retention::{
+    RetentionBackend, RetentionError, RetentionOptions, RetentionState, SequenceSlice,
+    power_retention_context_parallel, power_retention_state, power_retention_with_state,
+};
+
+/// The state and key-sum of `s` as one vector.
+fn state_vec<B: Backend>(s: RetentionState<B>) -> Vec<f64> {
+    let mut v = to_vec(s.state);
+    v.extend(to_vec(s.key_sum));
+    v
+}
+
+/// An initial state: the final state of a random prefix.
+fn prefix_state<B: RetentionBackend>(
+    p: &Problem,
+    dev: &B::Device,
+    opts: &RetentionOptions,
+) -> RetentionState<B> {
+    let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
+    power_retention_with_state(q, k, v, g, None, opts)
+        .expect("valid prefix")
+        .1
+}
+
+fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
+    let shapes = [
+        // (seed, b, t, hq, h, d, e, chunk, gates)
+        (1, 2, 77, 4, 2, 8, 8, 16, Gates::Typical),
+        (2, 1, 130, 2, 2, 16, 8, 32, Gates::Strong),
+        (3, 1, 45, 3, 1, 8, 16, 8, Gates::None),
+        (4, 2, 64, 2, 1, 16, 16, 64, Gates::Weak),
+    ];
+    for (seed, b, t, hq, h, d, e, chunk, gates) in shapes {
+        let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
+        let p = Problem::random(seed, b, t, hq, h, d, e, gates);
+        let prefix = Problem::random(seed + 100, b, 19, hq, h, d, e, gates);
+        for with_initial in [false, true] {
+            let initial = with_initial.then(|| prefix_state::<B>(&prefix, dev, &opts));
+            let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
+            let (y, state) = power_retention_with_state(q, k, v, g, initial.clone(), &opts)
+                .expect("valid inputs");
+            let (y, state) = (to_vec(y), state_vec(state));
+            for parts in [1, 2, 3, 5] {
+                let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
+                let devices = vec![dev.clone(); parts];
+                let slices = SequenceSlice::split(q, k, v, g, chunk, &devices);
+                assert_eq!(slices.len(), parts.min(t.div_ceil(chunk)));
+                let lens: Vec<usize> = slices.iter().map(|s| s.q.dims()[1]).collect();
+                assert_eq!(lens.iter().sum::<usize>(), t, "slices {lens:?}");
+                let (ys, s) = power_retention_context_parallel(slices, initial.clone(), &opts)
+                    .expect("valid slices");
+                let ys: Vec<Tensor<B, 4>> = ys;
+                let got = to_vec(Tensor::cat(ys, 1));
+                let what = format!(
+                    "seed {seed} [{b}, {t}, {hq}/{h}, {d}, {e}] chunk {chunk} {gates:?} \
+                     initial {with_initial} parts {parts} {lens:?}"
+                );
+                let err = max_rel(&got, &y);
+                assert!(err <= tol, "{what}: output {err:e}");
+                let err = max_rel(&state_vec(s), &state);
+                assert!(err <= tol, "{what}: final state {err:e}");
+            }
+        }
+    }
+}
+
+fn state_pass_matches_final_state<B: RetentionBackend>(dev: &B::Device, tol: f64) {
+    for (seed, t, chunk, gates) in [
+        (11, 70, 16, Gates::Typical),
+        (12, 33, 64, Gates::Strong),
+        (13, 300, 32, Gates::None),
+    ] {
+        let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
+        let p = Problem::random(seed, 2, t, 4, 2, 16, 8, gates);
+        let prefix = Problem::random(seed + 1, 2, 21, 4, 2, 16, 8, gates);
+        for with_initial in [false, true] {
+            let initial = with_initial.then(|| prefix_state::<B>(&prefix, dev, &opts));
+            let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
+            let (_, want) = power_retention_with_state(
+                q,
+                k.clone(),
+                v.clone(),
+                g.clone(),
+                initial.clone(),
+                &opts,
+            )
+            .expect("valid");
+            let got = power_retention_state(k, v, g, initial, &opts).expect("valid");
+            let err = max_rel(&state_vec(got), &state_vec(want));
+            assert!(
+                err <= tol,
+                "seed {seed} t {t} chunk {chunk} {gates:?} initial {with_initial}: {err:e}"
+            );
+        }
+    }
+}
+
+fn bad_slices_are_errors<B: RetentionBackend>(dev: &B::Device) {
+    let opts = RetentionOptions::new().with_chunk_size(Some(16));
+    let none: Vec<SequenceSlice<B>> = Vec::new();
+    assert!(matches!(
+        power_retention_context_parallel(none, None, &opts),
+        Err(RetentionError::Config(_))
+    ));
+    let a = Problem::random(1, 1, 20, 2, 2, 8, 8, Gates::Typical);
+    let b = Problem::random(2, 1, 20, 2, 1, 8, 8, Gates::Typical);
+    let slice = |p: &Problem| {
+        let (q, k, v, log_g) = p.tensors::<B>(dev, DType::F32);
+        SequenceSlice { q, k, v, log_g }
+    };
+    match power_retention_context_parallel(vec![slice(&a), slice(&b)], None, &opts) {
+        Err(RetentionError::Config(msg)) => assert!(msg.contains("slices"), "{msg}"),
+        other => panic!("slices with different head counts: {:?}", other.map(|_| ())),
+    }
+    // a malformed slice is named like any call's argument
+    let (q, k, v, _) = a.tensors::<B>(dev, DType::F32);
+    let bad = SequenceSlice {
+        q,
+        k: k.narrow(1, 0, 10),
+        v,
+        log_g: None,
+    };
+    assert!(matches!(
+        power_retention_context_parallel(vec![slice(&a), bad], None, &opts),
+        Err(RetentionError::Mismatch { .. })
+    ));
+}
+
+mod ndarray {
+    type B = burn::backend::NdArray;
+
+    #[test]
+    fn splits_match_one_pass() {
+        super::splits_match_one_pass::<B>(&Default::default(), 1e-5);
+    }
+
+    #[test]
+    fn state_pass_matches_final_state() {
+        super::state_pass_matches_final_state::<B>(&Default::default(), 1e-6);
+    }
+
+    #[test]
+    fn bad_slices_are_errors() {
+        super::bad_slices_are_errors::<B>(&Default::default());
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::common::adapter;
+    type B = burn::backend::Wgpu;
+
+    #[test]
+    fn splits_match_one_pass() {
+        if let Some(dev) = adapter::<B>("context parallel (wgpu)") {
+            super::splits_match_one_pass::<B>(&dev, 1e-4);
+        }
+    }
+
+    #[test]
+    fn state_pass_matches_final_state() {
+        if let Some(dev) = adapter::<B>("state pass (wgpu)") {
+            super::state_pass_matches_final_state::<B>(&dev, 1e-4);
+        }
+    }
+}
