@@ -390,16 +390,6 @@ where
     let big_d = expanded_dim(d, 2);
     let (k, v) = (into_contiguous(k), into_contiguous(v));
     let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
-    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
-    let final_state = empty_f32(&k, &[b, h, big_d, e]);
-    let final_sum = empty_f32(&k, &[b, h, big_d]);
-    let (s0, z0) = match initial {
-        Some((s, z)) => (
-            Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
-            Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
-        ),
-        None => (None, None),
-    };
     let sizes = Sizes {
         b,
         t,
@@ -411,18 +401,62 @@ where
         n,
         big_d,
     };
+    let [_, _, final_state, final_sum] =
+        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, state_tiles, sizes, None);
+    (final_state, final_sum)
+}
+
+/// Steps 1 and 2 of the chunked forward for contiguous `k`, `v` and chunk gates: each chunk's
+/// contribution, then the scan that turns them into the states entering each chunk (also
+/// written as f16 `S/γ` into `half_states` where given) and the final state. Returns
+/// `[entering states, entering sums, final state, final sum]`, f32.
+#[allow(clippy::too_many_arguments)]
+fn entering_states<R, F, I, BT>(
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    gates: &Option<CubeTensor<R>>,
+    initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    tiles: retention_kernels::StateTiles,
+    sizes: Sizes,
+    half_states: Option<CubeTensor<R>>,
+) -> [CubeTensor<R>; 4]
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let Sizes {
+        b,
+        h,
+        e,
+        c,
+        n,
+        big_d,
+        ..
+    } = sizes;
+    let (states, sums) = chunk_contributions(k, v, gates, k.dtype, tiles, c, n);
+    let final_state = empty_f32(k, &[b, h, big_d, e]);
+    let final_sum = empty_f32(k, &[b, h, big_d]);
+    let (s0, z0) = match initial {
+        Some((s, z)) => (
+            Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
+            Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
+        ),
+        None => (None, None),
+    };
     scan(
-        &client,
+        &k.client,
         sizes,
-        &gates,
+        gates,
         [
-            (&states, s0, &final_state, big_d * e, None),
+            (&states, s0, &final_state, big_d * e, half_states),
             (&sums, z0, &final_sum, big_d, None),
         ],
         false,
         false,
     );
-    (final_state, final_sum)
+    [states, sums, final_state, final_sum]
 }
 
 /// Each chunk's contribution `(ΔS [b, h, n, D, e], Δz [b, h, n, D])`, f32, for contiguous
@@ -629,19 +663,6 @@ where
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
 
-    // 1. chunk contributions
-    let (states, sums) = chunk_contributions(&k, &v, &gates, dtype, state_tiles, c, n);
-
-    // 2. states entering each chunk, and the final state
-    let final_state = empty_f32(&q, &[b, h, big_d, e]);
-    let final_sum = empty_f32(&q, &[b, h, big_d]);
-    let (s0, z0) = match initial {
-        Some((s, z)) => (
-            Some(to_f32_contiguous::<R, F, I, BT, 4>(s)),
-            Some(to_f32_contiguous::<R, F, I, BT, 3>(z)),
-        ),
-        None => (None, None),
-    };
     let sizes = Sizes {
         b,
         t,
@@ -653,18 +674,17 @@ where
         n,
         big_d,
     };
-    // the query-state kernel reads the entering states as f16 `S/γ`
+    // 1–2. chunk contributions, then the states entering each chunk and the final state; the
+    // query-state kernel reads the entering states as f16 `S/γ`
     let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
-    scan(
-        &client,
-        sizes,
+    let [states, sums, final_state, final_sum] = entering_states::<R, F, I, BT>(
+        &k,
+        &v,
         &gates,
-        [
-            (&states, s0, &final_state, big_d * e, half_states.clone()),
-            (&sums, z0, &final_sum, big_d, None),
-        ],
-        false,
-        false,
+        initial,
+        state_tiles,
+        sizes,
+        half_states.clone(),
     );
 
     // 3. outputs (in f32 with their normalisers where the backward pass takes them)
