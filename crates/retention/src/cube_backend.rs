@@ -367,16 +367,9 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let initial_ok = initial
-        .as_ref()
-        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
     let [b, t, h, d] = dims4(&k);
     let e = dims4(&v)[3];
-    let dtype = k.dtype;
-    let client = k.client.clone();
-    let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
-        .then(|| ChunkedTiles::plan(&client, dtype.into(), strategy(options), d, e))
-        .flatten();
+    let plans = chunked_tiles(&k, e, &initial, options);
     let Some(ChunkedTiles {
         state: state_tiles, ..
     }) = plans
@@ -404,6 +397,24 @@ where
     let [_, _, final_state, final_sum] =
         entering_states::<R, F, I, BT>(&k, &v, &gates, initial, state_tiles, sizes, None);
     (final_state, final_sum)
+}
+
+/// The chunked form's tiles for inputs like `x` (its dtype, client and head dim) with value
+/// dim `e` and an initial state of `initial`'s dtypes, or `None` where the kernels do not take
+/// them (degree ≠ 2, f64, tiles that do not fit): run the reference then.
+fn chunked_tiles<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    e: usize,
+    initial: &Option<(CubeTensor<R>, CubeTensor<R>)>,
+    options: &RetentionOptions,
+) -> Option<ChunkedTiles> {
+    let initial_ok = initial
+        .as_ref()
+        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
+    let d = dims4(x)[3];
+    (options.degree == 2 && kernel_dtype(x.dtype) && initial_ok)
+        .then(|| ChunkedTiles::plan(&x.client, x.dtype.into(), strategy(options), d, e))
+        .flatten()
 }
 
 /// Steps 1 and 2 of the chunked forward for contiguous `k`, `v` and chunk gates: each chunk's
@@ -635,16 +646,11 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let initial_ok = initial
-        .as_ref()
-        .is_none_or(|(s, z)| s.dtype != DType::F64 && z.dtype != DType::F64);
     let [b, t, hq, d] = dims4(&q);
     let [_, _, h, e] = dims4(&v);
     let dtype = q.dtype;
     let client = q.client.clone();
-    let plans = (options.degree == 2 && kernel_dtype(dtype) && initial_ok)
-        .then(|| ChunkedTiles::plan(&client, dtype.into(), strategy(options), d, e))
-        .flatten();
+    let plans = chunked_tiles(&q, e, &initial, options);
     let Some(ChunkedTiles {
         state: state_tiles,
         query: query_tiles,
