@@ -13,7 +13,7 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::op::{chunk_for, dims_of, float};
+use crate::op::{check_stateful, chunk_for, dims_of, float, initial_or_zeros};
 use crate::{
     RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention_with_state,
 };
@@ -96,23 +96,10 @@ pub fn power_retention_state<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<RetentionState<B>, RetentionError> {
     let dims = dims_of(&k, &k, &v, log_g.as_ref(), options)?;
-    crate::shapes::check_elements("state", &dims.state_shape(options.degree))?;
-    if let Some(s) = &initial_state {
-        s.check(&dims, options.degree)?;
-    }
+    check_stateful(&dims, initial_state.as_ref(), options)?;
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
     if dims.batch == 0 || dims.seq == 0 {
-        return Ok(initial_state.unwrap_or_else(|| {
-            RetentionState::zeros(
-                dims.batch,
-                dims.kv_heads,
-                dims.head_dim,
-                dims.value_dim,
-                options.degree,
-                crate::reference::compute_dtype(k.dtype()),
-                &k.device(),
-            )
-        }));
+        return Ok(initial_or_zeros(initial_state, &dims, options, &k));
     }
     let (chunk, segment) = chunk_for(&dims, options)?;
     let segment = segment.unwrap_or(dims.seq).max(1);

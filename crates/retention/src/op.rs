@@ -219,22 +219,9 @@ pub fn power_retention_with_state<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
     let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
-    crate::shapes::check_elements("state", &dims.state_shape(options.degree))?;
-    if let Some(s) = &initial_state {
-        s.check(&dims, options.degree)?;
-    }
+    check_stateful(&dims, initial_state.as_ref(), options)?;
     if dims.batch == 0 || dims.seq == 0 {
-        let state = initial_state.unwrap_or_else(|| {
-            RetentionState::zeros(
-                dims.batch,
-                dims.kv_heads,
-                dims.head_dim,
-                dims.value_dim,
-                options.degree,
-                crate::reference::compute_dtype(q.dtype()),
-                &q.device(),
-            )
-        });
+        let state = initial_or_zeros(initial_state, &dims, options, &q);
         return Ok((empty_output(&dims, &q), state));
     }
     let (chunk, segment) = chunk_for(&dims, options)?;
@@ -246,6 +233,39 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         None => state,
     };
     Ok((y, state))
+}
+
+/// Checks a stateful call: the state's size, and `initial` against `dims`.
+pub(crate) fn check_stateful<B: RetentionBackend>(
+    dims: &RetentionDims,
+    initial: Option<&RetentionState<B>>,
+    options: &RetentionOptions,
+) -> Result<(), RetentionError> {
+    crate::shapes::check_elements("state", &dims.state_shape(options.degree))?;
+    match initial {
+        Some(s) => s.check(dims, options.degree),
+        None => Ok(()),
+    }
+}
+
+/// `initial`, or the empty state of `dims` in the compute dtype of `like`, on its device.
+pub(crate) fn initial_or_zeros<B: RetentionBackend>(
+    initial: Option<RetentionState<B>>,
+    dims: &RetentionDims,
+    options: &RetentionOptions,
+    like: &Tensor<B, 4>,
+) -> RetentionState<B> {
+    initial.unwrap_or_else(|| {
+        RetentionState::zeros(
+            dims.batch,
+            dims.kv_heads,
+            dims.head_dim,
+            dims.value_dim,
+            options.degree,
+            crate::reference::compute_dtype(like.dtype()),
+            &like.device(),
+        )
+    })
 }
 
 /// The chunk length and segment length (`None`: one segment) of a stateful call on `dims`.
