@@ -15,7 +15,8 @@ use burn::tensor::{Tensor, backend::Backend};
 
 use crate::op::{check_stateful, chunk_for, dims_of, float, initial_or_zeros};
 use crate::{
-    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention_with_state,
+    RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState,
+    power_retention_with_state,
 };
 
 /// The tokens of one slice of a sequence, on the device that runs it.
@@ -163,39 +164,27 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             "context parallelism needs at least one slice".into(),
         ));
     };
-    let reference = dims_of(&first.q, &first.k, &first.v, first.log_g.as_ref(), options)?;
+    // what every slice shares: batch, query and key/value heads, head and value dims
+    let sizes = |d: RetentionDims| (d.batch, d.q_heads, d.kv_heads, d.head_dim, d.value_dim);
+    let reference = sizes(dims_of(
+        &first.q,
+        &first.k,
+        &first.v,
+        first.log_g.as_ref(),
+        options,
+    )?);
     for slice in &slices {
-        let dims = dims_of(&slice.q, &slice.k, &slice.v, slice.log_g.as_ref(), options)?;
-        let same = (
-            dims.batch,
-            dims.q_heads,
-            dims.kv_heads,
-            dims.head_dim,
-            dims.value_dim,
-        ) == (
-            reference.batch,
-            reference.q_heads,
-            reference.kv_heads,
-            reference.head_dim,
-            reference.value_dim,
-        );
-        if !same {
+        let these = sizes(dims_of(
+            &slice.q,
+            &slice.k,
+            &slice.v,
+            slice.log_g.as_ref(),
+            options,
+        )?);
+        if these != reference {
             return Err(RetentionError::Config(format!(
-                "`slices` differ in (batch, q_heads, kv_heads, head_dim, value_dim): {:?} and {:?}",
-                (
-                    reference.batch,
-                    reference.q_heads,
-                    reference.kv_heads,
-                    reference.head_dim,
-                    reference.value_dim
-                ),
-                (
-                    dims.batch,
-                    dims.q_heads,
-                    dims.kv_heads,
-                    dims.head_dim,
-                    dims.value_dim
-                )
+                "`slices` differ in (batch, q_heads, kv_heads, head_dim, value_dim): \
+                 {reference:?} and {these:?}"
             )));
         }
     }
@@ -211,10 +200,14 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             None,
             options,
         )?;
-        let decay = slice
-            .log_g
-            .as_ref()
-            .map(|g| g.clone().sum_dim(1).squeeze_dim::<2>(1).exp());
+        // summed in the state's dtype: half-precision sums of many gates drift
+        let decay = slice.log_g.as_ref().map(|g| {
+            g.clone()
+                .cast(state.dtype())
+                .sum_dim(1)
+                .squeeze_dim::<2>(1)
+                .exp()
+        });
         own.push((state, decay));
     }
     // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on

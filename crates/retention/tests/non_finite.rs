@@ -5,16 +5,14 @@
 //! value's or log-gate's the rows of its key/value head's query group from its token on, and
 //! may reach the group's earlier rows of the same chunk (the masked products of a chunk
 //! multiply its future values by zero, and 0·NaN is NaN, as in flash attention's diagonal
-//! tiles); the attention form is one chunk.
+//! tiles); the attention form is one chunk. Run on ndarray (f64, the reference) and, with
+//! `--features wgpu`, on the CubeCL kernels (f32; lavapipe in CI).
 
 mod common;
 
-use burn::backend::NdArray;
 use burn::tensor::DType;
 use common::{Gates, Problem, to_vec};
-use retention::{RetentionOptions, power_retention};
-
-type B = NdArray<f64>;
+use retention::{RetentionBackend, RetentionOptions, power_retention};
 
 /// Which input gets the poisoned element.
 #[derive(Debug, Clone, Copy)]
@@ -26,9 +24,15 @@ enum Poisoned {
 }
 
 /// Poisons token `at` of sequence 0 (query head 0, or key/value head 0) with `x`, runs every
-/// form, and checks which output rows are non-finite.
-fn check(which: Poisoned, x: f64) {
-    let (b, t, hq, h, d, e, at) = (2, 12, 4, 2, 4, 3, 5);
+/// form on `B` in `dtype` with head dims `(d, e)`, and checks which output rows are non-finite.
+fn check<B: RetentionBackend>(
+    dev: &B::Device,
+    dtype: DType,
+    (d, e): (usize, usize),
+    which: Poisoned,
+    x: f64,
+) {
+    let (b, t, hq, h, at) = (2, 40, 4, 2, 21);
     let mut p = Problem::random(7, b, t, hq, h, d, e, Gates::Typical);
     match which {
         Poisoned::Query => p.q[(at * hq) * d] = x,
@@ -42,7 +46,7 @@ fn check(which: Poisoned, x: f64) {
     }
     let r = hq / h;
     for chunk in [None, Some(4), Some(16)] {
-        let (q, k, v, g) = p.tensors::<B>(&Default::default(), DType::F64);
+        let (q, k, v, g) = p.tensors::<B>(dev, dtype);
         let options = RetentionOptions::new().with_chunk_size(chunk);
         let y = to_vec(power_retention(q, k, v, g, &options).expect("valid shapes"));
         for bi in 0..b {
@@ -72,21 +76,61 @@ fn check(which: Poisoned, x: f64) {
     }
 }
 
-#[test]
-fn nan_reaches_exactly_what_depends_on_it() {
-    for which in [
-        Poisoned::Query,
-        Poisoned::Key,
-        Poisoned::Value,
-        Poisoned::Gate,
-    ] {
-        check(which, f64::NAN);
+const NAN_INPUTS: [Poisoned; 4] = [
+    Poisoned::Query,
+    Poisoned::Key,
+    Poisoned::Value,
+    Poisoned::Gate,
+];
+const INFINITE_INPUTS: [Poisoned; 3] = [Poisoned::Query, Poisoned::Key, Poisoned::Value];
+
+mod ndarray {
+    use super::*;
+    type B = burn::backend::NdArray<f64>;
+
+    #[test]
+    fn nan_reaches_exactly_what_depends_on_it() {
+        for which in NAN_INPUTS {
+            check::<B>(&Default::default(), DType::F64, (4, 3), which, f64::NAN);
+        }
+    }
+
+    #[test]
+    fn infinity_reaches_exactly_what_depends_on_it() {
+        for which in INFINITE_INPUTS {
+            check::<B>(
+                &Default::default(),
+                DType::F64,
+                (4, 3),
+                which,
+                f64::INFINITY,
+            );
+        }
     }
 }
 
-#[test]
-fn infinity_reaches_exactly_what_depends_on_it() {
-    for which in [Poisoned::Query, Poisoned::Key, Poisoned::Value] {
-        check(which, f64::INFINITY);
+/// The same on the kernels (head dims they take: multiples of 8).
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use common::adapter;
+    type B = burn::backend::Wgpu;
+
+    #[test]
+    fn nan_reaches_exactly_what_depends_on_it() {
+        if let Some(dev) = adapter::<B>("non-finite inputs (wgpu)") {
+            for which in NAN_INPUTS {
+                check::<B>(&dev, DType::F32, (8, 8), which, f64::NAN);
+            }
+        }
+    }
+
+    #[test]
+    fn infinity_reaches_exactly_what_depends_on_it() {
+        if let Some(dev) = adapter::<B>("non-finite inputs (wgpu)") {
+            for which in INFINITE_INPUTS {
+                check::<B>(&dev, DType::F32, (8, 8), which, f64::INFINITY);
+            }
+        }
     }
 }
