@@ -214,6 +214,8 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     // slice i's device and moved before slice i's second pass is queued there (a transfer
     // waits for the work queued before it on the device it reads)
     let devices: Vec<B::Device> = slices.iter().map(|s| s.q.device()).collect();
+    // a given state comes back in its own dtype, as from one pass
+    let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let mut outputs = Vec::with_capacity(n);
     let mut entering = initial_state;
     let mut last = None;
@@ -248,5 +250,11 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
         entering = next;
     }
     let state = last.ok_or_else(|| RetentionError::Config("no slices".into()))?;
-    Ok((outputs, state))
+    Ok((
+        outputs,
+        match dtype {
+            Some(d) => state.cast(d),
+            None => state,
+        },
+    ))
 }
