@@ -13,10 +13,11 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::op::{check_stateful, chunk_for, dims_of, float, initial_or_zeros};
+use crate::op::{
+    check_stateful, chunk_for, dims_of, float, in_given_dtype, initial_or_zeros, segment_chunk,
+};
 use crate::{
-    RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState,
-    power_retention_with_state,
+    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention_with_state,
 };
 
 /// The tokens of one slice of a sequence, on the device that runs it.
@@ -107,9 +108,10 @@ pub fn power_retention_state<B: RetentionBackend>(
     let mut state = initial_state;
     for start in (0..dims.seq).step_by(segment) {
         let len = segment.min(dims.seq - start);
+        let part = |x: &Tensor<B, 4>| x.clone().narrow(1, start, len).into_primitive().tensor();
         let (s, z) = B::retention_chunked_state(
-            k.clone().narrow(1, start, len).into_primitive().tensor(),
-            v.clone().narrow(1, start, len).into_primitive().tensor(),
+            part(&k),
+            part(&v),
             log_g
                 .as_ref()
                 .map(|g| g.clone().narrow(1, start, len).into_primitive().tensor()),
@@ -119,8 +121,7 @@ pub fn power_retention_state<B: RetentionBackend>(
                     s.key_sum.into_primitive().tensor(),
                 )
             }),
-            // a last segment shorter than a chunk is one chunk of its own length
-            chunk.min(len.next_multiple_of(16)),
+            segment_chunk(chunk, len),
             options,
         );
         state = Some(RetentionState {
@@ -128,11 +129,9 @@ pub fn power_retention_state<B: RetentionBackend>(
             key_sum: float(z),
         });
     }
-    let state = state.ok_or_else(|| RetentionError::Config("no tokens".into()))?;
-    Ok(match dtype {
-        Some(d) => state.cast(d),
-        None => state,
-    })
+    // dims.seq > 0: the loop ran
+    let state = initial_or_zeros(state, &dims, options, &k);
+    Ok(in_given_dtype(state, dtype))
 }
 
 /// Power retention over one sequence whose tokens are split across devices: `slices[i]` holds
@@ -155,44 +154,34 @@ pub fn power_retention_state<B: RetentionBackend>(
 /// [`RetentionError::Config`] for no slices or slices whose batch, heads or head dims
 /// differ.
 pub fn power_retention_context_parallel<B: RetentionBackend>(
-    slices: Vec<SequenceSlice<B>>,
+    mut slices: Vec<SequenceSlice<B>>,
     initial_state: Option<RetentionState<B>>,
     options: &RetentionOptions,
 ) -> Result<(Vec<Tensor<B, 4>>, RetentionState<B>), RetentionError> {
-    let Some(first) = slices.first() else {
+    let Some(last) = slices.pop() else {
         return Err(RetentionError::Config(
             "context parallelism needs at least one slice".into(),
         ));
     };
     // what every slice shares: batch, query and key/value heads, head and value dims
-    let sizes = |d: RetentionDims| (d.batch, d.q_heads, d.kv_heads, d.head_dim, d.value_dim);
-    let reference = sizes(dims_of(
-        &first.q,
-        &first.k,
-        &first.v,
-        first.log_g.as_ref(),
-        options,
-    )?);
+    let sizes = |s: &SequenceSlice<B>| {
+        dims_of(&s.q, &s.k, &s.v, s.log_g.as_ref(), options)
+            .map(|d| (d.batch, d.q_heads, d.kv_heads, d.head_dim, d.value_dim))
+    };
+    let reference = sizes(&last)?;
     for slice in &slices {
-        let these = sizes(dims_of(
-            &slice.q,
-            &slice.k,
-            &slice.v,
-            slice.log_g.as_ref(),
-            options,
-        )?);
+        let these = sizes(slice)?;
         if these != reference {
             return Err(RetentionError::Config(format!(
                 "`slices` differ in (batch, q_heads, kv_heads, head_dim, value_dim): \
-                 {reference:?} and {these:?}"
+                 {these:?} and {reference:?} (the last)"
             )));
         }
     }
-    let n = slices.len();
     // pass 1, queued on every device: each slice's own final state (the last one's is not
     // needed), and its summed log-gates per sequence and head
-    let mut own = Vec::with_capacity(n.saturating_sub(1));
-    for slice in &slices[..n - 1] {
+    let mut own = Vec::with_capacity(slices.len());
+    for slice in &slices {
         let state = power_retention_state(
             slice.k.clone(),
             slice.v.clone(),
@@ -213,48 +202,45 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on
     // slice i's device and moved before slice i's second pass is queued there (a transfer
     // waits for the work queued before it on the device it reads)
-    let devices: Vec<B::Device> = slices.iter().map(|s| s.q.device()).collect();
-    // a given state comes back in its own dtype, as from one pass
+    let next_devices: Vec<B::Device> = slices
+        .iter()
+        .skip(1)
+        .map(|s| s.q.device())
+        .chain([last.q.device()])
+        .collect();
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
-    let mut outputs = Vec::with_capacity(n);
+    let mut outputs = Vec::with_capacity(slices.len() + 1);
     let mut entering = initial_state;
-    let mut last = None;
-    for (i, slice) in slices.into_iter().enumerate() {
-        let next = own.get(i).map(|(own_state, decay)| {
-            let state = match &entering {
-                None => own_state.clone(),
-                Some(s) => {
-                    let s = s.clone().cast(own_state.dtype());
-                    let (state, key_sum) = match decay {
-                        Some(a) => {
-                            let [b, h] = a.dims();
-                            (
-                                s.state * a.clone().reshape([b, h, 1, 1]),
-                                s.key_sum * a.clone().reshape([b, h, 1]),
-                            )
-                        }
-                        None => (s.state, s.key_sum),
-                    };
-                    RetentionState {
-                        state: state + own_state.state.clone(),
-                        key_sum: key_sum + own_state.key_sum.clone(),
+    for ((slice, (own_state, decay)), device) in slices.into_iter().zip(own).zip(&next_devices) {
+        let next = match &entering {
+            None => own_state,
+            Some(s) => {
+                let s = s.clone().cast(own_state.dtype());
+                let (state, key_sum) = match decay {
+                    Some(a) => {
+                        let [b, h] = a.dims();
+                        (
+                            s.state * a.clone().reshape([b, h, 1, 1]),
+                            s.key_sum * a.reshape([b, h, 1]),
+                        )
                     }
+                    None => (s.state, s.key_sum),
+                };
+                RetentionState {
+                    state: state + own_state.state,
+                    key_sum: key_sum + own_state.key_sum,
                 }
-            };
-            state.to_device(&devices[i + 1])
-        });
-        let (y, state) =
+            }
+        }
+        .to_device(device);
+        let (y, _) =
             power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, entering, options)?;
         outputs.push(y);
-        last = Some(state);
-        entering = next;
+        entering = Some(next);
     }
-    let state = last.ok_or_else(|| RetentionError::Config("no slices".into()))?;
-    Ok((
-        outputs,
-        match dtype {
-            Some(d) => state.cast(d),
-            None => state,
-        },
-    ))
+    let (y, state) =
+        power_retention_with_state(last.q, last.k, last.v, last.log_g, entering, options)?;
+    outputs.push(y);
+    // a given state comes back in its own dtype, as from one pass
+    Ok((outputs, in_given_dtype(state, dtype)))
 }

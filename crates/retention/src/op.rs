@@ -181,8 +181,7 @@ fn chunked<B: RetentionBackend>(
             part(&v),
             log_g.as_ref().map(|g| g.clone().narrow(1, start, len)),
             state,
-            // a last segment shorter than a chunk is one chunk of its own length
-            chunk.min(len.next_multiple_of(16)),
+            segment_chunk(chunk, len),
             None,
             options,
         )
@@ -227,12 +226,25 @@ pub fn power_retention_with_state<B: RetentionBackend>(
     let (chunk, segment) = chunk_for(&dims, options)?;
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
-    // a given state comes back in its own dtype (see `RetentionState::cast`)
-    let state = match dtype {
+    Ok((y, in_given_dtype(state, dtype)))
+}
+
+/// `state` in `dtype` where a state was given in it: a given state comes back in its own
+/// dtype (see [`RetentionState::cast`]); a new one in the kernels' (f32 for half inputs).
+pub(crate) fn in_given_dtype<B: RetentionBackend>(
+    state: RetentionState<B>,
+    dtype: Option<burn::tensor::DType>,
+) -> RetentionState<B> {
+    match dtype {
         Some(d) => state.cast(d),
         None => state,
-    };
-    Ok((y, state))
+    }
+}
+
+/// The chunk length of a segment of `len` tokens: a last segment shorter than a chunk is one
+/// chunk of its own length (rounded up to 16, a tile's height).
+pub(crate) fn segment_chunk(chunk: usize, len: usize) -> usize {
+    chunk.min(len.next_multiple_of(16))
 }
 
 /// Checks a stateful call: the state's size, and `initial` against `dims`.
