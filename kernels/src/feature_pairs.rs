@@ -20,6 +20,11 @@ pub fn pair_block(head_dim: u32) -> u32 {
     }
 }
 
+/// The 16-feature groups of head dim `d` (a multiple of 16): `D/16`, `D = d(d + 16)/2`.
+pub fn feature_groups(head_dim: usize) -> usize {
+    head_dim * (head_dim + 16) / 32
+}
+
 /// The block `m` of feature `f`: the largest `m` with `β·m(m+1)/2 ≤ f/β`.
 #[cube]
 pub fn feature_block(f: u32, #[comptime] beta: u32) -> u32 {

@@ -23,17 +23,12 @@ use half::f16;
 
 use crate::block_mma::SKIP_ROW;
 use crate::config::QueryStateTiles;
-use crate::feature_pairs::feature_pair;
+use crate::feature_pairs::{feature_groups, feature_pair};
 use crate::mma_fragments::b_fragment_pair;
 use crate::tile_load::rows_present;
 
 /// Features per step (four 16-feature groups).
 const FEATS: usize = 64;
-
-/// The 16-feature groups of head dim `d` (`D/16`, `D = d(d + 16)/2`).
-fn groups(head_dim: usize) -> usize {
-    head_dim * (head_dim + 16) / 32
-}
 
 /// Shared memory of one cube of `planes` planes, in bytes.
 pub(crate) fn shared_bytes(planes: u32, head_dim: usize, value_dim: usize) -> usize {
@@ -42,7 +37,7 @@ pub(crate) fn shared_bytes(planes: u32, head_dim: usize, value_dim: usize) -> us
         + 4 * 2 * rows
         + 2 * rows * (head_dim + 8)
         + 2 * 2 * FEATS * (value_dim + 24)
-        + 4 * groups(head_dim)
+        + 4 * feature_groups(head_dim)
 }
 
 #[cube(launch_unchecked)]
@@ -67,7 +62,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
     let planes = comptime!(cfg.planes as usize);
     let rows = comptime!(16 * cfg.planes as usize);
     let units = comptime!(32 * cfg.planes as usize);
-    let n_groups = comptime!(groups(cfg.head_dim as usize));
+    let n_groups = comptime!(feature_groups(cfg.head_dim as usize));
     let ev = comptime!(cfg.value_dim as usize / 8);
     let sv = comptime!(cfg.value_dim as usize / 8 + 3);
     let s_buf = comptime!(FEATS * (cfg.value_dim as usize / 8 + 3));
