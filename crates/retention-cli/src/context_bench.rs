@@ -122,7 +122,7 @@ pub fn context_bench<B: RetentionBackend>(
                 Some(g.clone()),
                 args.chunk,
                 &devices,
-            );
+            )?;
             let call = || -> Result<f64, CliError> {
                 let start = Instant::now();
                 let (outputs, state) =

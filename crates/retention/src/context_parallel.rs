@@ -39,7 +39,7 @@ pub struct SequenceSlice<B: Backend> {
     pub log_g: Option<Tensor<B, 3>>,
 }
 
-impl<B: Backend> SequenceSlice<B> {
+impl<B: RetentionBackend> SequenceSlice<B> {
     /// Splits one sequence into slices of consecutive tokens, one per device (moved there),
     /// as equal as whole chunks of `chunk` tokens allow (the last slice ends with the partial
     /// chunk, if any): `devices.len()` slices, or one per chunk when the sequence has fewer
@@ -47,6 +47,9 @@ impl<B: Backend> SequenceSlice<B> {
     ///
     /// # Shapes
     /// As [`SequenceSlice`]; every input has the whole sequence.
+    ///
+    /// # Errors
+    /// As [`power_retention`](crate::power_retention) for inputs whose shapes do not agree.
     pub fn split(
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -54,8 +57,8 @@ impl<B: Backend> SequenceSlice<B> {
         log_g: Option<Tensor<B, 3>>,
         chunk: usize,
         devices: &[B::Device],
-    ) -> Vec<Self> {
-        let seq = q.dims()[1];
+    ) -> Result<Vec<Self>, RetentionError> {
+        let seq = dims_of(&q, &k, &v, log_g.as_ref(), &RetentionOptions::new())?.seq;
         let chunk = chunk.max(1);
         let chunks = seq.div_ceil(chunk);
         let parts = devices.len().min(chunks);
@@ -76,7 +79,7 @@ impl<B: Backend> SequenceSlice<B> {
             });
             start += len;
         }
-        slices
+        Ok(slices)
     }
 }
 

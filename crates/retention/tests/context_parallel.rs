@@ -79,7 +79,8 @@ fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
             for parts in [1, 2, 3, 5] {
                 let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
                 let devices = vec![dev.clone(); parts];
-                let slices = SequenceSlice::split(q, k, v, g, chunk, &devices);
+                let slices =
+                    SequenceSlice::split(q, k, v, g, chunk, &devices).expect("valid inputs");
                 assert_eq!(slices.len(), parts.min(t.div_ceil(chunk)));
                 let lens: Vec<usize> = slices.iter().map(|s| s.q.dims()[1]).collect();
                 assert_eq!(lens.iter().sum::<usize>(), t, "slices {lens:?}");
@@ -153,6 +154,12 @@ fn bad_slices_are_errors<B: RetentionBackend>(dev: &B::Device) {
     assert!(matches!(
         power_retention_context_parallel(vec![slice(&a), bad], None, &opts),
         Err(RetentionError::Mismatch { .. })
+    ));
+    // and so is a sequence to split whose inputs disagree
+    let (q, k, v, g) = a.tensors::<B>(dev, DType::F32);
+    assert!(matches!(
+        SequenceSlice::split(q, k.narrow(1, 0, 10), v, g, 16, std::slice::from_ref(dev)),
+        Err(RetentionError::Mismatch { arg: "k", .. })
     ));
 }
 
