@@ -23,6 +23,7 @@
 
 use cubecl::cmma::MmaDefinition;
 use cubecl::ir::MatrixIdent;
+use cubecl::prelude::barrier::{Barrier, copy_async};
 use cubecl::prelude::*;
 use half::f16;
 
@@ -31,9 +32,11 @@ use crate::config::StateGradTiles;
 use crate::feature_pairs::pair_feature;
 use crate::mma_fragments::b_fragment_pair;
 
-/// Slices of the state (values of `b`) staged per step: the loads of the next step's slices
-/// have two slices' products to hide behind.
+/// Slices of the state (values of `b`) per step.
 pub(crate) const SLICES: usize = 2;
+/// Steps staged at once: the copies of a step are issued `STAGES − 1` steps before its
+/// products (`d / SLICES` must be a multiple).
+pub(crate) const STAGES: usize = 4;
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -92,7 +95,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     let mut omega_of = SharedMemory::<f32>::new(rows);
     let mut part = SharedMemory::<f32>::new(units);
     let mut gsum = SharedMemory::<f32>::new(rows * parts);
-    let mut slices = SharedMemory::<Vector<f16, Const<8>>>::new(2 * buf_vecs);
+    let mut slices = SharedMemory::<Vector<f16, Const<8>>>::new(STAGES * buf_vecs);
 
     // row ρ of the tile is position ρ / r of head kvh·r + ρ mod r
     if UNIT_POS < rows as u32 {
@@ -103,6 +106,30 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     }
     sync_cube();
 
+    // the walk over b: `STAGES` buffers of `SLICES` slices each (rows a, value columns), filled
+    // by asynchronous copies `STAGES − 1` steps ahead of the products; a stage's barrier
+    // completes when every unit's copies into it have landed and every unit has arrived, so it
+    // is also the cube barrier that frees the stage consumed the step before
+    let mut bars = Sequence::<Shared<Barrier>>::new();
+    #[unroll]
+    for _ in 0..STAGES {
+        bars.push(Barrier::shared(CUBE_DIM, UNIT_POS == 0));
+    }
+    #[unroll]
+    for s in 0..STAGES - 1 {
+        issue_slices(
+            states,
+            &mut slices,
+            bars.index(s),
+            s as u32,
+            s * buf_vecs,
+            state_base,
+            d,
+            ev,
+            sv,
+            units,
+        );
+    }
     // x (scaled) as f16; each row's largest |w| from `per_row` units; decays and ω
     let mut idx = UNIT_POS as usize;
     while idx < rows * d {
@@ -149,8 +176,9 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         decay_of[lrow] = decay;
         omega_of[lrow] = om;
     }
-    // the key-sum part `Z[a][b]/γ` in slice buffer 1 (the walk first writes it at step 1)
-    let zbase = buf_vecs;
+    // the key-sum part `Z[a][b]/γ` in the last stage (the walk first fills it after step 0's
+    // barrier, which every unit reaches after its `Z` products)
+    let zbase = (STAGES - 1) * buf_vecs;
     let mut zi = UNIT_POS as usize;
     while zi < d * (d / 8) {
         let a = (zi / (d / 8)) as u32;
@@ -306,34 +334,32 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         }
     }
 
-    // the walk over b: the slices of step s (rows a, value columns, `SLICES` values of b)
-    // staged while those of step s − 1 are multiplied
-    let loads = comptime!((cfg.head_dim as usize * cfg.value_dim as usize / 8).div_ceil(units));
-    let mut regs = Array::<Vector<f16, Const<8>>>::new(comptime!(SLICES * loads));
-    let steps = comptime!(cfg.head_dim / SLICES as u32);
-    for step in 0..steps + 1 {
-        let producing = step < steps;
-        if producing {
+    let steps = comptime!(cfg.head_dim as usize / SLICES);
+    for round in 0..comptime!((steps / STAGES) as u32) {
+        #[unroll]
+        for s in 0..STAGES {
+            let step = round * STAGES as u32 + s as u32;
+            bars.index(s).arrive_and_wait();
+            let next = step + (STAGES - 1) as u32;
+            if next < steps as u32 {
+                issue_slices(
+                    states,
+                    &mut slices,
+                    bars.index(comptime!((s + STAGES - 1) % STAGES)),
+                    next,
+                    comptime!(((s + STAGES - 1) % STAGES) * buf_vecs),
+                    state_base,
+                    d,
+                    ev,
+                    sv,
+                    units,
+                );
+            }
             #[unroll]
             for sl in 0..SLICES {
-                #[unroll]
-                for i in 0..loads {
-                    let li = UNIT_POS as usize + i * units;
-                    let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
-                    if li < d * ev {
-                        let a = (li / ev) as u32;
-                        let f = pair_feature(a, step * SLICES as u32 + sl as u32, 16u32);
-                        val = states[(state_base + f as usize) * ev + li % ev];
-                    }
-                    regs[comptime!(sl * loads + i)] = val;
-                }
-            }
-        }
-        #[unroll]
-        for sl in 0..SLICES {
-            if step > 0 {
-                let b = (step - 1) * SLICES as u32 + sl as u32;
-                let base = (((step - 1) % 2) as usize) * buf_vecs + sl * slice_vecs;
+                let b = step * SLICES as u32 + sl as u32;
+                let base = s * buf_vecs + sl * slice_vecs;
+                let mb = b / 16;
                 // x_b of the rows of this lane's A registers
                 let mut xb = Array::<f16>::new(a_regs);
                 #[unroll]
@@ -346,9 +372,14 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                     for cb in 0..e / 16 {
                         let wf = w_frags.index(cb);
                         let mut af = Array::<Vector<f16, NA>>::new(a_regs);
+                        // queries: the pairs inside b's block weigh twice (columns of block mb)
+                        let mut af2 = Array::<Vector<f16, NA>>::new(a_regs);
                         #[unroll]
                         for i in 0..a_regs {
                             af[i] = wf[i] * Vector::new(xb[i]);
+                            if comptime!(!cfg.keys) {
+                                af2[i] = af[i] * Vector::new(f16::cast_from(2.0f32));
+                            }
                         }
                         #[unroll]
                         for np in 0..x_cols / 16 {
@@ -356,14 +387,26 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                             let cv = 2 * cb + (lane as usize / 8) % 2;
                             let at = base + a * sv + cv;
                             let (lo, hi) = b_fragment_pair::<NB>(def, &slices, at, false);
-                            def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
-                            def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
+                            let mut doubled = false;
+                            if comptime!(!cfg.keys) {
+                                doubled = (a0 / 16 + np) as u32 == mb;
+                            }
+                            if doubled {
+                                def.execute_inplace(&af2, &lo, acc.index_mut(comptime!(2 * np)));
+                                def.execute_inplace(
+                                    &af2,
+                                    &hi,
+                                    acc.index_mut(comptime!(2 * np + 1)),
+                                );
+                            } else {
+                                def.execute_inplace(&af, &lo, acc.index_mut(comptime!(2 * np)));
+                                def.execute_inplace(&af, &hi, acc.index_mut(comptime!(2 * np + 1)));
+                            }
                         }
                     }
                 } else {
                     // ∂v: the rows x < 16(m_b + 1) of the slice, weighted 2 below b's block
                     let c0 = my_part * v_cols;
-                    let mb = b / 16;
                     #[unroll]
                     for kb in 0..d / 16 {
                         if kb as u32 <= mb {
@@ -392,28 +435,6 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                 }
             }
         }
-        if producing {
-            #[unroll]
-            for sl in 0..SLICES {
-                let base = ((step % 2) as usize) * buf_vecs + sl * slice_vecs;
-                let b = step * SLICES as u32 + sl as u32;
-                #[unroll]
-                for i in 0..loads {
-                    let li = UNIT_POS as usize + i * units;
-                    if li < d * ev {
-                        let a = li / ev;
-                        let mut val = regs[comptime!(sl * loads + i)];
-                        if comptime!(!cfg.keys) {
-                            if a as u32 / 16 == b / 16 {
-                                val *= Vector::new(f16::cast_from(2.0f32));
-                            }
-                        }
-                        slices[base + a * sv + li % ev] = val;
-                    }
-                }
-            }
-        }
-        sync_cube();
     }
 
     if grads_x {
@@ -484,4 +505,42 @@ pub(crate) fn chunk_grad_state_outer_kernel(
             dg[at as usize] += 0.5 * s;
         }
     }
+}
+
+/// Issues the asynchronous copies of step `step`'s slices (rows `a` of `U[·][b][·]` for the
+/// step's `SLICES` values of `b`, gathered from the `D`-layout block) into the stage at `base`,
+/// and ties their completion to `bar`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue_slices(
+    states: &Array<Vector<f16, Const<8>>>,
+    slices: &mut SharedMemory<Vector<f16, Const<8>>>,
+    bar: &Shared<Barrier>,
+    step: u32,
+    base: usize,
+    state_base: usize,
+    #[comptime] d: usize,
+    #[comptime] ev: usize,
+    #[comptime] sv: usize,
+    #[comptime] units: usize,
+) {
+    let loads = comptime!((SLICES * d * ev).div_ceil(units));
+    #[unroll]
+    for i in 0..loads {
+        let li = UNIT_POS as usize + i * units;
+        if li < SLICES * d * ev {
+            let sl = li / (d * ev);
+            let r = li % (d * ev);
+            let a = (r / ev) as u32;
+            let f = pair_feature(a, step * SLICES as u32 + sl as u32, 16u32);
+            let src = (state_base + f as usize) * ev + r % ev;
+            let dst = base + sl * d * sv + a as usize * sv + r % ev;
+            copy_async(
+                &states.slice(src, src + 1),
+                &mut slices.slice_mut(dst, dst + 1),
+                8u32,
+            );
+        }
+    }
+    bar.commit_copy_async();
 }

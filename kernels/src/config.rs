@@ -404,7 +404,12 @@ impl StateGradTiles {
                     + 4 * 3 * rows
                     + 4 * units
                     + 4 * rows * self.parts as usize
-                    + 2 * 2 * crate::chunk_grad_state_outer::SLICES * d * (d.max(e) + 8)
+                    + crate::chunk_grad_state_outer::STAGES
+                        * 2
+                        * crate::chunk_grad_state_outer::SLICES
+                        * d
+                        * (d.max(e) + 8)
+                    + 8 * crate::chunk_grad_state_outer::STAGES
             }
         }
     }
