@@ -12,6 +12,7 @@ use burn::tensor::backend::{Backend, DeviceId, DeviceOps};
 use burn::tensor::{DType, Distribution, Tensor};
 use retention::{
     RetentionBackend, RetentionOptions, SequenceSlice, power_retention_context_parallel,
+    power_retention_state, power_retention_with_state,
 };
 
 use crate::bench::BenchShape;
@@ -44,6 +45,11 @@ pub struct ContextBenchArgs {
     /// CSV of the rows.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also time the parts of a multi-device call one by one, each followed by a sync of
+    /// every device (`phase,...` lines on stdout): the first slice's state pass, its forward,
+    /// the last slice's forward, and a state's move to the next device.
+    #[arg(long)]
+    pub phases: bool,
 }
 
 /// One timed configuration.
@@ -82,6 +88,90 @@ fn devices<B: Backend>(dev: &B::Device, count: usize) -> Result<Vec<B::Device>, 
     Ok((0..count)
         .map(|i| B::Device::from_id(DeviceId::new(type_id, i as u16)))
         .collect())
+}
+
+/// Median milliseconds of `f` over `args.reps` runs (after `args.warmup`), every device synced
+/// after each run.
+fn median_ms<B: Backend>(
+    devices: &[B::Device],
+    args: &ContextBenchArgs,
+    mut f: impl FnMut() -> Result<(), CliError>,
+) -> Result<f64, CliError> {
+    let mut run = || -> Result<f64, CliError> {
+        let start = Instant::now();
+        f()?;
+        for device in devices {
+            let _ = B::sync(device);
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..args.warmup {
+        run()?;
+    }
+    let mut times = (0..args.reps.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<f64>, CliError>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The parts of one multi-device call, timed one by one (`--phases`).
+fn time_phases<B: RetentionBackend>(
+    slices: &[SequenceSlice<B>],
+    devices: &[B::Device],
+    opts: &RetentionOptions,
+    args: &ContextBenchArgs,
+) -> Result<(), CliError> {
+    let (first, last) = match (slices.first(), slices.last()) {
+        (Some(f), Some(l)) => (f.clone(), l.clone()),
+        _ => return Ok(()),
+    };
+    let state_ms = median_ms::<B>(devices, args, || {
+        let s = power_retention_state(
+            first.k.clone(),
+            first.v.clone(),
+            first.log_g.clone(),
+            None,
+            opts,
+        )?;
+        drop(s);
+        Ok(())
+    })?;
+    println!("phase,state_pass_first,{state_ms:.3}");
+    let fwd_first = median_ms::<B>(devices, args, || {
+        let out = power_retention_with_state(
+            first.q.clone(),
+            first.k.clone(),
+            first.v.clone(),
+            first.log_g.clone(),
+            None,
+            opts,
+        )?;
+        drop(out);
+        Ok(())
+    })?;
+    println!("phase,forward_first,{fwd_first:.3}");
+    let fwd_last = median_ms::<B>(devices, args, || {
+        let out = power_retention_with_state(
+            last.q.clone(),
+            last.k.clone(),
+            last.v.clone(),
+            last.log_g.clone(),
+            None,
+            opts,
+        )?;
+        drop(out);
+        Ok(())
+    })?;
+    println!("phase,forward_last,{fwd_last:.3}");
+    let state = power_retention_state(first.k.clone(), first.v.clone(), None, None, opts)?;
+    let target = last.q.device();
+    let move_ms = median_ms::<B>(devices, args, || {
+        drop(state.clone().to_device(&target));
+        Ok(())
+    })?;
+    println!("phase,state_move,{move_ms:.3}");
+    Ok(())
 }
 
 /// Times [`power_retention_context_parallel`] at every length and device count; prints each
@@ -123,30 +213,22 @@ pub fn context_bench<B: RetentionBackend>(
                 args.chunk,
                 &devices,
             )?;
-            let call = || -> Result<f64, CliError> {
-                let start = Instant::now();
+            let ms = median_ms::<B>(&devices, args, || {
                 let (outputs, state) =
                     power_retention_context_parallel(slices.clone(), None, &opts)?;
-                for device in &devices {
-                    let _ = B::sync(device);
-                }
                 drop((outputs, state));
-                Ok(start.elapsed().as_secs_f64() * 1e3)
-            };
-            for _ in 0..args.warmup {
-                call()?;
-            }
-            let mut times = (0..args.reps.max(1))
-                .map(|_| call())
-                .collect::<Result<Vec<f64>, CliError>>()?;
-            times.sort_by(f64::total_cmp);
+                Ok(())
+            })?;
             let row = ContextRow {
                 gpus,
                 t,
-                ms: times[times.len() / 2],
+                ms,
             };
             println!("{}", row.csv());
             rows.push(row);
+            if args.phases && gpus > 1 {
+                time_phases::<B>(&slices, &devices, &opts, args)?;
+            }
         }
     }
     if let Some(path) = &args.out {

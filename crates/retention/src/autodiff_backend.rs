@@ -36,6 +36,10 @@ fn wrap<B: RetentionBackend, C: CheckpointStrategy>(t: FloatTensor<B>) -> FloatT
 }
 
 impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B, C> {
+    fn retention_flush(device: &Self::Device) {
+        B::retention_flush(device);
+    }
+
     fn retention_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

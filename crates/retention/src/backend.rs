@@ -62,6 +62,14 @@ pub trait RetentionBackend: Backend {
         reference_chunked_state::<Self>(k, v, log_g, initial, chunk_size, options)
     }
 
+    /// Starts the work queued for `device` without waiting for it. Backends that queue device
+    /// work (`Fusion`, the CubeCL runtimes) may start it only when the device is read, synced
+    /// or flushed: context parallelism flushes each device once its slice is queued, so the
+    /// devices run their slices at once. The default does nothing (backends that run eagerly).
+    fn retention_flush(device: &Self::Device) {
+        let _ = device;
+    }
+
     /// Whether [`Self::retention_chunked_keeping_rows`] keeps the rows ([`ForwardRows`]) for
     /// inputs of these dtypes (`q, k, v`, then the initial state and key-sum if given) and
     /// head dims `d`, `e` on `device`. The default keeps none. `Fusion<B>` asks before it

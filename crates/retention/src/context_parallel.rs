@@ -8,8 +8,10 @@
 //! per device, turns them into the states the slices start from
 //! (`S_in(i+1) = e^{Γ_i}·S_in(i) + S_own(i)`, `Γ_i` the slice's summed log-gates); the second
 //! pass is [`power_retention_with_state`] on each slice from its state, again on every device
-//! at once. Device work is queued without waiting wherever the backend queues it, so the
-//! slices' passes overlap; the transfers wait for the slices they read.
+//! at once. Each device is flushed ([`RetentionBackend::retention_flush`]) once its slice's
+//! pass is queued (a backend may start a device's queued work only when it is read, synced or
+//! flushed), so the devices run their slices at once; a transfer waits for the first pass of
+//! the slice it reads, and the call returns with the second passes still running.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -181,7 +183,7 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             )));
         }
     }
-    // pass 1, queued on every device: each slice's own final state (the last one's is not
+    // pass 1 on every device at once: each slice's own final state (the last one's is not
     // needed), and its summed log-gates per sequence and head
     let mut own = Vec::with_capacity(slices.len());
     for slice in &slices {
@@ -200,18 +202,19 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
                 .squeeze_dim::<2>(1)
                 .exp()
         });
+        B::retention_flush(&slice.q.device());
         own.push((state, decay));
     }
     // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on
-    // slice i's device and moved before slice i's second pass is queued there (a transfer
-    // waits for the work queued before it on the device it reads)
+    // slice i's device and moved (waiting for slice i's first pass); then slice i's second pass
+    // is queued there (queued before the move, the move would wait for it too)
+    let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let next_devices: Vec<B::Device> = slices
         .iter()
         .skip(1)
+        .chain([&last])
         .map(|s| s.q.device())
-        .chain([last.q.device()])
         .collect();
-    let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let mut outputs = Vec::with_capacity(slices.len() + 1);
     let mut entering = initial_state;
     for ((slice, (own_state, decay)), device) in slices.into_iter().zip(own).zip(&next_devices) {
@@ -236,8 +239,10 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             }
         }
         .to_device(device);
+        let here = slice.q.device();
         let (y, _) =
             power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, entering, options)?;
+        B::retention_flush(&here);
         outputs.push(y);
         entering = Some(next);
     }

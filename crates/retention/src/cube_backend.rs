@@ -200,6 +200,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         (y, s, z)
     }
 
+    fn retention_flush(device: &Self::Device) {
+        // a failed flush surfaces at the device's next read or sync
+        let _ = R::client(device).flush();
+    }
+
     fn retention_chunked_state(
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,

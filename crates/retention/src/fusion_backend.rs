@@ -7,6 +7,7 @@ use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn::tensor::{DType, Shape, ops::FloatTensor};
 use burn_fusion::{
     Fusion, FusionBackend, FusionRuntime, FusionTensor,
+    client::GlobalFusionClient,
     stream::{Operation, OperationStreams},
 };
 
@@ -278,6 +279,14 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let (y, s, z, _) = chunked::<B>(q, k, v, log_g, initial, chunk_size, options, false);
         (y, s, z)
+    }
+
+    fn retention_flush(device: &Self::Device) {
+        // runs this stream's queued operations (their kernels queued on the inner backend),
+        // then flushes the inner backend, without waiting for the device
+        let client = GlobalFusionClient::<B::FusionRuntime>::load(device);
+        let device = device.clone();
+        client.sync(move || B::retention_flush(&device));
     }
 
     fn retention_chunked_state(
