@@ -47,7 +47,8 @@ pub struct ContextBenchArgs {
     pub out: Option<PathBuf>,
     /// Also time the parts of a multi-device call one by one, each followed by a sync of
     /// every device (`phase,...` lines on stdout): the first slice's state pass, its forward,
-    /// the last slice's forward, and a state's move to the next device.
+    /// the last slice's forward, a state's move to the next device, both forwards queued
+    /// together (with and without flushes), and how long the call holds the host.
     #[arg(long)]
     pub phases: bool,
 }
@@ -164,6 +165,60 @@ fn time_phases<B: RetentionBackend>(
         Ok(())
     })?;
     println!("phase,forward_last,{fwd_last:.3}");
+    // the two forwards queued back to back, with and without a flush between them: whether
+    // the devices overlap at all
+    for flush in [true, false] {
+        let both = median_ms::<B>(devices, args, || {
+            let a = power_retention_with_state(
+                first.q.clone(),
+                first.k.clone(),
+                first.v.clone(),
+                first.log_g.clone(),
+                None,
+                opts,
+            )?;
+            if flush {
+                B::retention_flush(&first.q.device());
+            }
+            let b = power_retention_with_state(
+                last.q.clone(),
+                last.k.clone(),
+                last.v.clone(),
+                last.log_g.clone(),
+                None,
+                opts,
+            )?;
+            if flush {
+                B::retention_flush(&last.q.device());
+            }
+            drop((a, b));
+            Ok(())
+        })?;
+        println!("phase,forwards_first_and_last_flush_{flush},{both:.3}");
+    }
+    // how long the call holds the host (no sync inside the timing)
+    let host = median_ms::<B>(&[], args, || {
+        let out = power_retention_context_parallel(slices.to_vec(), None, opts)?;
+        for device in devices {
+            let _ = B::sync(device);
+        }
+        drop(out);
+        Ok(())
+    })?;
+    println!("phase,call_then_syncs,{host:.3}");
+    let mut host_only = Vec::new();
+    for _ in 0..args.reps.max(1) {
+        let start = Instant::now();
+        let out = power_retention_context_parallel(slices.to_vec(), None, opts)?;
+        host_only.push(start.elapsed().as_secs_f64() * 1e3);
+        for device in devices {
+            let _ = B::sync(device);
+        }
+        drop(out);
+    }
+    host_only.sort_by(f64::total_cmp);
+    println!("phase,call_returns,{:.3}", host_only[host_only.len() / 2]);
+
     let state = power_retention_state(first.k.clone(), first.v.clone(), None, None, opts)?;
     let target = last.q.device();
     let move_ms = median_ms::<B>(devices, args, || {
@@ -219,11 +274,7 @@ pub fn context_bench<B: RetentionBackend>(
                 drop((outputs, state));
                 Ok(())
             })?;
-            let row = ContextRow {
-                gpus,
-                t,
-                ms,
-            };
+            let row = ContextRow { gpus, t, ms };
             println!("{}", row.csv());
             rows.push(row);
             if args.phases && gpus > 1 {

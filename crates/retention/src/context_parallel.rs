@@ -10,8 +10,9 @@
 //! pass is [`power_retention_with_state`] on each slice from its state, again on every device
 //! at once. Each device is flushed ([`RetentionBackend::retention_flush`]) once its slice's
 //! pass is queued (a backend may start a device's queued work only when it is read, synced or
-//! flushed), so the devices run their slices at once; a transfer waits for the first pass of
-//! the slice it reads, and the call returns with the second passes still running.
+//! flushed: queued from one thread and synced in turn, two H200s ran one after the other), so
+//! the devices run their slices at once; a transfer waits for the first pass of the slice it
+//! reads, and the call returns with the second passes still running.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -206,22 +207,15 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
         own.push((state, decay));
     }
     // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on
-    // slice i's device and moved (waiting for slice i's first pass); then slice i's second pass
-    // is queued there (queued before the move, the move would wait for it too)
+    // slice i's device and moved (waiting for slice i's first pass, before anything else is
+    // queued there)
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
-    let next_devices: Vec<B::Device> = slices
-        .iter()
-        .skip(1)
-        .chain([&last])
-        .map(|s| s.q.device())
-        .collect();
-    let mut outputs = Vec::with_capacity(slices.len() + 1);
-    let mut entering = initial_state;
-    for ((slice, (own_state, decay)), device) in slices.into_iter().zip(own).zip(&next_devices) {
-        let next = match &entering {
+    let mut entering = vec![initial_state];
+    for ((own_state, decay), next) in own.into_iter().zip(slices.iter().skip(1).chain([&last])) {
+        let state = match entering.last().cloned().flatten() {
             None => own_state,
             Some(s) => {
-                let s = s.clone().cast(own_state.dtype());
+                let s = s.cast(own_state.dtype());
                 let (state, key_sum) = match decay {
                     Some(a) => {
                         let [b, h] = a.dims();
@@ -237,18 +231,26 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
                     key_sum: key_sum + own_state.key_sum,
                 }
             }
-        }
-        .to_device(device);
-        let here = slice.q.device();
-        let (y, _) =
-            power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, entering, options)?;
-        B::retention_flush(&here);
-        outputs.push(y);
-        entering = Some(next);
+        };
+        entering.push(Some(state.to_device(&next.q.device())));
     }
-    let (y, state) =
-        power_retention_with_state(last.q, last.k, last.v, last.log_g, entering, options)?;
-    outputs.push(y);
+    // pass 2, the last slice first (its device has been idle the longest), each device
+    // flushed once its slice is queued
+    let last_entering = entering.pop().flatten();
+    let last_device = last.q.device();
+    let (y_last, state) =
+        power_retention_with_state(last.q, last.k, last.v, last.log_g, last_entering, options)?;
+    B::retention_flush(&last_device);
+    let mut outputs = Vec::with_capacity(slices.len() + 1);
+    for (slice, state) in slices.into_iter().zip(entering).rev() {
+        let device = slice.q.device();
+        let (y, _) =
+            power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, state, options)?;
+        B::retention_flush(&device);
+        outputs.push(y);
+    }
+    outputs.reverse();
+    outputs.push(y_last);
     // a given state comes back in its own dtype, as from one pass
     Ok((outputs, in_given_dtype(state, dtype)))
 }
