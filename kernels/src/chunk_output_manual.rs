@@ -99,6 +99,9 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
     let mut sk = SharedMemory::<F>::new(BK * ds);
     let mut sv = SharedMemory::<bf16>::new(BK * vs);
     let mut sg = SharedMemory::<f32>::new(BK);
+    // e^{G_ref − G_j} per key of the step, G_ref the step's last key: the gate factor of the
+    // steps whose keys all precede the plane's rows (see `weights`)
+    let mut sgf = SharedMemory::<f32>::new(BK);
 
     let token0 = ((bi * seq + chunk_start) as usize) * q_heads as usize;
     let kv_token0 = ((bi * seq + chunk_start) as usize) * kv_heads as usize;
@@ -123,6 +126,7 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
     let mut kregs = row_registers::<F>(BK, d, UNITS);
     let mut vregs = row_registers::<F>(BK, e, UNITS);
     let mut greg = 0.0f32;
+    let mut gref = 0.0f32;
     let key_stride = kv_heads as usize;
     if k_blocks > 0 {
         let present = rows_present(0, chunk_len);
@@ -148,7 +152,9 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
                     gates[gate_base + (chunk_start + UNIT_POS) as usize],
                     0.0f32,
                 );
+                let g_ref = step_reference_gate(gates, gate_base + chunk_start as usize, 0, chunk);
                 sg[UNIT_POS as usize] = g;
+                sgf[UNIT_POS as usize] = f32::exp(g_ref - g);
             }
         }
     }
@@ -186,8 +192,10 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
     let c_regs = comptime!(c_len_raw / c_vec_raw);
 
     let mut acc = zero_tiles::<NC>(o_tiles, c_regs);
-    let mut l_lo = 0.0f32;
-    let mut l_hi = 0.0f32;
+    // the rows' weight sums (rows r, r + 8 of the lane)
+    let mut sums = Array::<f32>::new(2usize);
+    sums[0] = 0.0f32;
+    sums[1] = 0.0f32;
 
     for kb in 0..k_blocks {
         let k0 = kb * BK as u32;
@@ -207,6 +215,8 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
                         gates[gate_base + (chunk_start + pos) as usize],
                         0.0,
                     );
+                    gref =
+                        step_reference_gate(gates, gate_base + chunk_start as usize, first, chunk);
                 }
             }
         }
@@ -224,66 +234,27 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
                     qk.execute_inplace(&a, &hi, s.index_mut(comptime!(2 * np + 1)));
                 }
             }
-            // 2. gated powers, rounded to bf16, packed as the A fragments of W·V: fragment kk
-            // holds tiles 2kk (registers 0, 1) and 2kk + 1 (registers 2, 3), rows r then r + 8
-            let mut w = Sequence::<Array<Vector<bf16, NW>>>::new();
-            #[unroll]
-            for kk in 0..BK / 16 {
-                let mut frag = Array::<Vector<bf16, NW>>::new(4usize);
-                #[unroll]
-                for half in 0..2usize {
-                    let nt = comptime!(2 * kk + half);
-                    let t = s.index(nt);
-                    #[unroll]
-                    for h in 0..2usize {
-                        let mut pair = Vector::<bf16, NW>::empty();
-                        #[unroll]
-                        for c in 0..2usize {
-                            let col = nt * 8 + 2 * quad + c;
-                            let jj = comptime!(2 * h + c);
-                            let sc = scale * t[comptime!(jj / c_vec)][comptime!(jj % c_vec)];
-                            let s2 = sc * sc;
-                            let mut wt = s2;
-                            #[unroll]
-                            for _ in 1..comptime!(cfg.degree / 2) {
-                                wt *= s2;
-                            }
-                            let pos = k0 + col as u32;
-                            let mut row = row_lo;
-                            let mut factor = factor_lo;
-                            let mut g = g_lo;
-                            if comptime!(h == 1) {
-                                row = row_hi;
-                                factor = factor_hi;
-                                g = g_hi;
-                            }
-                            let keep = row < chunk_len && pos <= row;
-                            if comptime!(cfg.gated) {
-                                wt *= f32::exp(g - sg[col]);
-                            }
-                            let wb = bf16::cast_from(select(keep, wt * factor, 0.0f32));
-                            if comptime!(h == 0) {
-                                l_lo += f32::cast_from(wb);
-                            } else {
-                                l_hi += f32::cast_from(wb);
-                            }
-                            pair[c] = wb;
-                        }
-                        frag[comptime!(2 * half + h)] = pair;
-                    }
+            // 2. gated powers, rounded to bf16, packed as the A fragments of W·V; 3. O += W V.
+            // A step whose keys all precede the plane's rows needs no mask and no exponential
+            // per weight: e^{G_i − G_j} = e^{G_i − G_ref}·e^{G_ref − G_j}, both factors ≤ 1
+            // (G falls along the chunk) with G_ref the step's last key
+            if k0 + (BK as u32) <= plane_first {
+                // the step's last key is present (it precedes the plane's rows)
+                let mut g_ref = 0.0f32;
+                if comptime!(cfg.gated) {
+                    g_ref = sg[BK - 1];
                 }
-                w.push(frag);
-            }
-            // 3. O += W V
-            #[unroll]
-            for kk in 0..BK / 16 {
-                #[unroll]
-                for np in 0..e / 16 {
-                    let (lo, hi) =
-                        b_fragments_of_columns::<bf16, NV>(wv, &sv, 16 * kk, 16 * np, vs);
-                    wv.execute_inplace(w.index(kk), &lo, acc.index_mut(comptime!(2 * np)));
-                    wv.execute_inplace(w.index(kk), &hi, acc.index_mut(comptime!(2 * np + 1)));
-                }
+                let w = weights::<NC, NW>(
+                    &s, &sg, &sgf, k0, row_lo, chunk_len, factor_lo, factor_hi, g_lo, g_hi, g_ref,
+                    scale, &mut sums, quad, c_vec, cfg, true,
+                );
+                multiply_values::<NW, NV, NC>(wv, &w, &sv, &mut acc, e, vs);
+            } else {
+                let w = weights::<NC, NW>(
+                    &s, &sg, &sgf, k0, row_lo, chunk_len, factor_lo, factor_hi, g_lo, g_hi, 0.0,
+                    scale, &mut sums, quad, c_vec, cfg, false,
+                );
+                multiply_values::<NW, NV, NC>(wv, &w, &sv, &mut acc, e, vs);
             }
         }
         sync_cube();
@@ -293,6 +264,7 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
             if comptime!(cfg.gated) {
                 if UNIT_POS < BK as u32 {
                     sg[UNIT_POS as usize] = greg;
+                    sgf[UNIT_POS as usize] = f32::exp(gref - greg);
                 }
             }
         }
@@ -300,6 +272,8 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
     }
 
     // each row's weights are spread over the four lanes of its quad
+    let mut l_lo = sums[0];
+    let mut l_hi = sums[1];
     l_lo += plane_shuffle_xor(l_lo, 1u32);
     l_lo += plane_shuffle_xor(l_lo, 2u32);
     l_hi += plane_shuffle_xor(l_hi, 1u32);
@@ -347,6 +321,153 @@ pub(crate) fn chunk_output_manual_kernel<F: Float, O: Float>(
                     stats[at] = l * norm2;
                 }
             }
+        }
+    }
+}
+
+/// The gate sum `G_ref` of the last key of the step starting at `first` (the chunk's last
+/// position where the step runs past it).
+#[cube]
+fn step_reference_gate(gates: &Array<f32>, base: usize, first: u32, chunk: u32) -> f32 {
+    let mut last = first + BK as u32 - 1;
+    if last >= chunk {
+        last = chunk - 1;
+    }
+    gates[base + last as usize]
+}
+
+/// `x^p` for even `p ≥ 2`.
+#[cube]
+fn power(x: f32, #[comptime] degree: u32) -> f32 {
+    let x2 = x * x;
+    let mut p = x2;
+    #[unroll]
+    for _ in 1..comptime!(degree / 2) {
+        p *= x2;
+    }
+    p
+}
+
+/// One step's weights for the lane's rows, rounded to bf16 and packed as the A fragments of
+/// `W·V` (fragment `kk` holds accumulator tiles `2kk` (registers 0, 1) and `2kk + 1`
+/// (registers 2, 3), rows `r` then `r + 8`); their sums are added to `sums`.
+///
+/// `before` (comptime): every key of the step precedes every row of the plane, so no weight
+/// is masked and the gate factor is `e^{G_i − G_ref}` per row times `e^{G_ref − G_j}` per key
+/// (`sgf`); otherwise each weight is masked (causality, absent rows) and its factor is
+/// `e^{G_i − G_j}`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn weights<NC: Size, NW: Size>(
+    s: &Sequence<Array<Vector<f32, NC>>>,
+    sg: &SharedMemory<f32>,
+    sgf: &SharedMemory<f32>,
+    k0: u32,
+    row_lo: u32,
+    chunk_len: u32,
+    factor_lo: f32,
+    factor_hi: f32,
+    g_lo: f32,
+    g_hi: f32,
+    g_ref: f32,
+    scale: f32,
+    sums: &mut Array<f32>,
+    quad: usize,
+    #[comptime] c_vec: usize,
+    #[comptime] cfg: OutputTiles,
+    #[comptime] before: bool,
+) -> Sequence<Array<Vector<bf16, NW>>> {
+    let row_hi = row_lo + 8;
+    // per row: σ^p, the row factor and e^{G_i − G_ref} for `before` steps; absent rows weigh 0
+    let mut scale_p = 1.0f32;
+    #[unroll]
+    for _ in 0..comptime!(cfg.degree) {
+        scale_p *= scale;
+    }
+    let mut row_lo_w = 0.0f32;
+    let mut row_hi_w = 0.0f32;
+    if comptime!(before) {
+        let mut e_lo = 1.0f32;
+        let mut e_hi = 1.0f32;
+        if comptime!(cfg.gated) {
+            e_lo = f32::exp(g_lo - g_ref);
+            e_hi = f32::exp(g_hi - g_ref);
+        }
+        row_lo_w = select(row_lo < chunk_len, scale_p * factor_lo * e_lo, 0.0f32);
+        row_hi_w = select(row_hi < chunk_len, scale_p * factor_hi * e_hi, 0.0f32);
+    }
+    let mut w = Sequence::<Array<Vector<bf16, NW>>>::new();
+    #[unroll]
+    for kk in 0..BK / 16 {
+        let mut frag = Array::<Vector<bf16, NW>>::new(4usize);
+        #[unroll]
+        for half in 0..2usize {
+            let nt = comptime!(2 * kk + half);
+            let t = s.index(nt);
+            #[unroll]
+            for h in 0..2usize {
+                let mut pair = Vector::<bf16, NW>::empty();
+                #[unroll]
+                for c in 0..2usize {
+                    let col = nt * 8 + 2 * quad + c;
+                    let jj = comptime!(2 * h + c);
+                    let raw = t[comptime!(jj / c_vec)][comptime!(jj % c_vec)];
+                    let wt = if comptime!(before) {
+                        let mut row_w = row_lo_w;
+                        if comptime!(h == 1) {
+                            row_w = row_hi_w;
+                        }
+                        let mut key_w = 1.0f32;
+                        if comptime!(cfg.gated) {
+                            key_w = sgf[col];
+                        }
+                        power(raw, cfg.degree) * key_w * row_w
+                    } else {
+                        let pos = k0 + col as u32;
+                        let mut row = row_lo;
+                        let mut factor = factor_lo;
+                        let mut g = g_lo;
+                        if comptime!(h == 1) {
+                            row = row_hi;
+                            factor = factor_hi;
+                            g = g_hi;
+                        }
+                        let keep = row < chunk_len && pos <= row;
+                        let mut p = power(scale * raw, cfg.degree);
+                        if comptime!(cfg.gated) {
+                            p *= f32::exp(g - sg[col]);
+                        }
+                        select(keep, p * factor, 0.0f32)
+                    };
+                    let wb = bf16::cast_from(wt);
+                    sums[h] += f32::cast_from(wb);
+                    pair[c] = wb;
+                }
+                frag[comptime!(2 * half + h)] = pair;
+            }
+        }
+        w.push(frag);
+    }
+    w
+}
+
+/// `O += W·V` for one step: the weight fragments `w` times the staged values `sv`.
+#[cube]
+fn multiply_values<NW: Size, NV: Size, NC: Size>(
+    wv: MmaDefinition<bf16, bf16, f32>,
+    w: &Sequence<Array<Vector<bf16, NW>>>,
+    sv: &SharedMemory<bf16>,
+    acc: &mut Sequence<Array<Vector<f32, NC>>>,
+    #[comptime] e: usize,
+    #[comptime] vs: usize,
+) {
+    #[unroll]
+    for kk in 0..BK / 16 {
+        #[unroll]
+        for np in 0..e / 16 {
+            let (lo, hi) = b_fragments_of_columns::<bf16, NV>(wv, sv, 16 * kk, 16 * np, vs);
+            wv.execute_inplace(w.index(kk), &lo, acc.index_mut(comptime!(2 * np)));
+            wv.execute_inplace(w.index(kk), &hi, acc.index_mut(comptime!(2 * np + 1)));
         }
     }
 }
