@@ -127,6 +127,17 @@ fn time_phases<B: RetentionBackend>(
         (Some(f), Some(l)) => (f.clone(), l.clone()),
         _ => return Ok(()),
     };
+    // one slice's forward from no state
+    let forward = |slice: &SequenceSlice<B>| {
+        power_retention_with_state(
+            slice.q.clone(),
+            slice.k.clone(),
+            slice.v.clone(),
+            slice.log_g.clone(),
+            None,
+            opts,
+        )
+    };
     let state_ms = median_ms::<B>(devices, args, || {
         let s = power_retention_state(
             first.k.clone(),
@@ -139,73 +150,30 @@ fn time_phases<B: RetentionBackend>(
         Ok(())
     })?;
     println!("phase,state_pass_first,{state_ms:.3}");
-    let fwd_first = median_ms::<B>(devices, args, || {
-        let out = power_retention_with_state(
-            first.q.clone(),
-            first.k.clone(),
-            first.v.clone(),
-            first.log_g.clone(),
-            None,
-            opts,
-        )?;
-        drop(out);
-        Ok(())
-    })?;
-    println!("phase,forward_first,{fwd_first:.3}");
-    let fwd_last = median_ms::<B>(devices, args, || {
-        let out = power_retention_with_state(
-            last.q.clone(),
-            last.k.clone(),
-            last.v.clone(),
-            last.log_g.clone(),
-            None,
-            opts,
-        )?;
-        drop(out);
-        Ok(())
-    })?;
-    println!("phase,forward_last,{fwd_last:.3}");
-    // the two forwards queued back to back, with and without a flush between them: whether
-    // the devices overlap at all
+    for (name, slice) in [("forward_first", &first), ("forward_last", &last)] {
+        let ms = median_ms::<B>(devices, args, || {
+            drop(forward(slice)?);
+            Ok(())
+        })?;
+        println!("phase,{name},{ms:.3}");
+    }
+    // the two forwards queued back to back, with and without a flush after each: whether the
+    // devices overlap at all
     for flush in [true, false] {
         let both = median_ms::<B>(devices, args, || {
-            let a = power_retention_with_state(
-                first.q.clone(),
-                first.k.clone(),
-                first.v.clone(),
-                first.log_g.clone(),
-                None,
-                opts,
-            )?;
-            if flush {
-                B::retention_flush(&first.q.device());
+            let mut outs = Vec::with_capacity(2);
+            for slice in [&first, &last] {
+                outs.push(forward(slice)?);
+                if flush {
+                    B::retention_flush(&slice.q.device());
+                }
             }
-            let b = power_retention_with_state(
-                last.q.clone(),
-                last.k.clone(),
-                last.v.clone(),
-                last.log_g.clone(),
-                None,
-                opts,
-            )?;
-            if flush {
-                B::retention_flush(&last.q.device());
-            }
-            drop((a, b));
+            drop(outs);
             Ok(())
         })?;
         println!("phase,forwards_first_and_last_flush_{flush},{both:.3}");
     }
-    // how long the call holds the host (no sync inside the timing)
-    let host = median_ms::<B>(&[], args, || {
-        let out = power_retention_context_parallel(slices.to_vec(), None, opts)?;
-        for device in devices {
-            let _ = B::sync(device);
-        }
-        drop(out);
-        Ok(())
-    })?;
-    println!("phase,call_then_syncs,{host:.3}");
+    // how long the call holds the host (the syncs after it are left out)
     let mut host_only = Vec::new();
     for _ in 0..args.reps.max(1) {
         let start = Instant::now();
