@@ -41,7 +41,7 @@ fn main() -> Result<(), ModelError> {
             &dir,
             0,
             false,
-            &device,
+            std::slice::from_ref(&device),
             |r| {
                 if let Some(v) = r.valid_loss {
                     println!(

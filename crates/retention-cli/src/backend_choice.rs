@@ -88,3 +88,30 @@ macro_rules! __backend_arm {
         }
     }};
 }
+
+/// Devices `indices` of the backend and kind of `dev` (`--devices 0,1`, `--gpus 2`).
+///
+/// # Errors
+/// [`crate::CliError::Device`] for no indices or an index the backend does not have.
+pub fn devices_of<B: burn::tensor::backend::Backend>(
+    dev: &B::Device,
+    indices: &[usize],
+    flag: &str,
+) -> Result<Vec<B::Device>, crate::CliError> {
+    use burn::prelude::DeviceOps as _;
+    use burn::tensor::backend::{DeviceId, DeviceOps};
+    let type_id = dev.id().type_id;
+    let available = B::device_count(type_id);
+    if indices.is_empty() {
+        return Err(crate::CliError::Device(format!("{flag}: no devices named")));
+    }
+    indices
+        .iter()
+        .map(|&i| match u16::try_from(i) {
+            Ok(index) if i < available => Ok(B::Device::from_id(DeviceId::new(type_id, index))),
+            _ => Err(crate::CliError::Device(format!(
+                "{flag}: device {i}, but this backend has {available}"
+            ))),
+        })
+        .collect()
+}

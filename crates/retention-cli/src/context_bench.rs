@@ -7,14 +7,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::prelude::DeviceOps as _;
-use burn::tensor::backend::{Backend, DeviceId, DeviceOps};
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use retention::{
     RetentionBackend, RetentionOptions, SequenceSlice, power_retention_context_parallel,
     power_retention_state, power_retention_with_state,
 };
 
+use crate::backend_choice::devices_of;
 use crate::bench::BenchShape;
 use crate::{CliError, DtypeChoice};
 
@@ -75,20 +75,6 @@ impl ContextRow {
             self.t as f64 / (self.ms / 1e3)
         )
     }
-}
-
-/// Devices `0..count` of the kind of `dev`.
-fn devices<B: Backend>(dev: &B::Device, count: usize) -> Result<Vec<B::Device>, CliError> {
-    let type_id = dev.id().type_id;
-    let available = B::device_count(type_id);
-    if count == 0 || count > available {
-        return Err(CliError::Device(format!(
-            "--gpus {count}: this backend has {available} devices"
-        )));
-    }
-    Ok((0..count)
-        .map(|i| B::Device::from_id(DeviceId::new(type_id, i as u16)))
-        .collect())
 }
 
 /// Median milliseconds of `f` over `args.reps` runs (after `args.warmup`), every device synced
@@ -227,7 +213,7 @@ pub fn context_bench<B: RetentionBackend>(
         ))
         .cast(dtype);
         for &gpus in &args.gpus {
-            let devices = devices::<B>(dev, gpus)?;
+            let devices = devices_of::<B>(dev, &(0..gpus).collect::<Vec<_>>(), "--gpus")?;
             let slices = SequenceSlice::split(
                 q.clone(),
                 k.clone(),

@@ -15,6 +15,7 @@ use retention_models::{
 };
 
 use crate::CliError;
+use crate::backend_choice::devices_of;
 
 /// Which mixers to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +87,11 @@ pub struct TrainArgs {
     /// Steps between validation passes (preset: 50 tiny, 250 otherwise).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Data parallelism: device indices of the backend, comma-separated (`0,1` or
+    /// `cuda:0,cuda:1`); each step's batch is split evenly across them and the gradients are
+    /// summed on the first. Default: the backend's default device alone.
+    #[arg(long, value_delimiter = ',', value_parser = parse_device_index)]
+    pub devices: Vec<usize>,
 }
 
 /// What one mixer's run ended with.
@@ -173,6 +179,14 @@ where
     .with_seed(args.seed)
     .with_eval_every(args.eval_every.unwrap_or(p.eval_every));
 
+    let devices = if args.devices.is_empty() {
+        vec![device.clone()]
+    } else {
+        devices_of::<B>(device, &args.devices, "--devices")?
+    };
+    if devices.len() > 1 {
+        println!("data parallel over {} devices: {devices:?}", devices.len());
+    }
     let mut summaries = Vec::new();
     for kind in args.mixer.kinds() {
         let model = base.clone().with_mixer(kind);
@@ -186,7 +200,7 @@ where
             &dir,
             args.checkpoint_every,
             args.resume,
-            device,
+            &devices,
             |r| progress.show(r),
         )?;
         let (ran, seconds) = progress.finish();
@@ -298,4 +312,13 @@ fn print_summary(summaries: &[TrainSummary]) {
             s.tokens_per_s
         );
     }
+}
+
+/// A `--devices` entry: an index (`1`) or a backend-qualified one (`cuda:1`).
+fn parse_device_index(text: &str) -> Result<usize, String> {
+    let index = text.rsplit(':').next().unwrap_or(text);
+    index
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}`: a device is an index (`1`) or `backend:index` (`cuda:1`)"))
 }

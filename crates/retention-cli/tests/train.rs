@@ -21,6 +21,7 @@ fn args(out: &std::path::Path, corpus: &std::path::Path, steps: usize, resume: b
         resume,
         checkpoint_every: 0,
         eval_every: Some(2),
+        devices: Vec::new(),
     }
 }
 

@@ -8,7 +8,7 @@ use burn::config::Config;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
@@ -123,6 +123,9 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> = LanguageModel<B>> 
     step: usize,
     log: LossLog,
     device: B::Device,
+    /// Data parallelism: the devices a step's batch is split across (the first is `device`,
+    /// where the model and the optimizer live); empty: `device` alone.
+    devices: Vec<B::Device>,
     /// The model whose next-token distributions the training targets mix in
     /// ([`TrainingConfig::distill`]).
     teacher: Option<M::InnerModule>,
@@ -195,8 +198,43 @@ where
             step: 0,
             log: LossLog::new(Vec::new(), Vec::new()),
             device: device.clone(),
+            devices: Vec::new(),
             teacher: None,
         })
+    }
+
+    /// The run with each step's batch split evenly across `devices` (data parallelism): every
+    /// device runs a replica of the model on its share, the gradients are summed on the first
+    /// device (the trainer's, where the optimizer steps) and each share's loss counts
+    /// `1/devices.len()` of the step's, so a step is the single-device step on the same batch
+    /// up to the order of the sums. Each device is flushed once its share is queued, so the
+    /// devices run at once.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for no devices, a first device other than the trainer's, a batch
+    /// size that `devices.len()` does not divide, or a teacher-driven run (`distill`,
+    /// `transfer_steps`: the teacher lives on one device).
+    pub fn with_devices(self, devices: Vec<B::Device>) -> Result<Self, ModelError> {
+        let n = devices.len();
+        if devices.first() != Some(&self.device) {
+            return Err(ModelError::Config(format!(
+                "devices: the first must be the trainer's device {:?}, got {:?}",
+                self.device,
+                devices.first()
+            )));
+        }
+        if self.config.batch_size % n != 0 {
+            return Err(ModelError::Config(format!(
+                "batch_size {} is not a multiple of the {n} devices",
+                self.config.batch_size
+            )));
+        }
+        if n > 1 && (self.config.distill > 0.0 || self.config.transfer_steps > 0) {
+            return Err(ModelError::Config(
+                "distill and transfer_steps run on one device (the teacher's)".into(),
+            ));
+        }
+        Ok(Self { devices, ..self })
     }
 
     /// The run with `teacher`'s next-token distributions mixed into its training targets,
@@ -245,7 +283,40 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let loss = if self.step < self.config.transfer_steps {
+        let (value, grads) = if self.devices.len() > 1 {
+            self.data_parallel_grads(batch)?
+        } else {
+            let loss = self.loss(batch)?;
+            let value = loss.clone().into_scalar().elem::<f64>();
+            (
+                value,
+                GradientsParams::from_grads(loss.backward(), &self.model),
+            )
+        };
+        let lr = self.config.learning_rate_at(self.step);
+        self.model = self.optim.step(lr, self.model.clone(), grads);
+        self.step += 1;
+        self.log.train.push(value);
+        let due = self.config.eval_every > 0 && self.step % self.config.eval_every == 0;
+        let valid_loss = if due || self.finished() {
+            let v = self.validation_loss()?;
+            self.log.valid.push((self.step, v));
+            Some(v)
+        } else {
+            None
+        };
+        Ok(StepReport {
+            step: self.step,
+            loss: value,
+            learning_rate: lr,
+            valid_loss,
+        })
+    }
+
+    /// The loss of `batch` on the trainer's device: the mixers' transfer loss, the distilled
+    /// loss or the text's cross-entropy, as the step and the configuration say.
+    fn loss(&self, batch: TokenBatch<B>) -> Result<burn::tensor::Tensor<B, 1>, ModelError> {
+        Ok(if self.step < self.config.transfer_steps {
             let teacher = self.teacher.as_ref().ok_or_else(|| {
                 ModelError::Config(format!(
                     "transfer_steps = {} needs a teacher (Trainer::with_teacher)",
@@ -271,27 +342,45 @@ where
             distillation_loss(logits, batch.targets, Some(probs), self.config.distill)
         } else {
             self.model.next_token_loss(batch.inputs, batch.targets)?
-        };
-        let value = loss.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        let lr = self.config.learning_rate_at(self.step);
-        self.model = self.optim.step(lr, self.model.clone(), grads);
-        self.step += 1;
-        self.log.train.push(value);
-        let due = self.config.eval_every > 0 && self.step % self.config.eval_every == 0;
-        let valid_loss = if due || self.finished() {
-            let v = self.validation_loss()?;
-            self.log.valid.push((self.step, v));
-            Some(v)
-        } else {
-            None
-        };
-        Ok(StepReport {
-            step: self.step,
-            loss: value,
-            learning_rate: lr,
-            valid_loss,
         })
+    }
+
+    /// The step's loss and gradients with `batch` split across [`Self::with_devices`]'
+    /// devices: every share's forward and backward pass is queued (and its device flushed)
+    /// before any result is read, then the gradients are moved to the trainer's device and
+    /// summed there.
+    fn data_parallel_grads(
+        &self,
+        batch: TokenBatch<B>,
+    ) -> Result<(f64, GradientsParams), ModelError> {
+        let n = self.devices.len();
+        let share = self.config.batch_size / n;
+        let mut queued = Vec::with_capacity(n);
+        for (i, device) in self.devices.iter().enumerate() {
+            let replica = if i == 0 {
+                self.model.clone()
+            } else {
+                self.model.clone().fork(device)
+            };
+            let part = |ids: &burn::tensor::Tensor<B, 2, burn::tensor::Int>| {
+                ids.clone().narrow(0, i * share, share).to_device(device)
+            };
+            let loss = replica
+                .next_token_loss(part(&batch.inputs), part(&batch.targets))?
+                .div_scalar(n as f64);
+            let grads = loss.backward();
+            B::retention_flush(device);
+            queued.push((replica, loss, grads));
+        }
+        let mut sum = GradientsAccumulator::<M>::new();
+        let mut value = 0.0;
+        for (replica, loss, grads) in queued {
+            value += loss.into_scalar().elem::<f64>();
+            let grads =
+                GradientsParams::from_grads(grads, &replica).to_device(&self.device, &replica);
+            sum.accumulate(&self.model, grads);
+        }
+        Ok((value, sum.grads()))
     }
 
     /// Steps to the end, calling `on_step` after each; every `checkpoint_every` steps (0: only

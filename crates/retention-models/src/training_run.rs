@@ -124,11 +124,13 @@ impl RunDirectory {
 
 /// Trains `model` for `training.steps` steps in `dir`, from its checkpoint when `resume` is set
 /// and one exists; checkpoints every `checkpoint_every` steps (0: only at the end) and at the
-/// end, writes `losses.csv`, and calls `on_step` after every step.
+/// end, writes `losses.csv`, and calls `on_step` after every step. The model and the optimizer
+/// live on `devices[0]`; with more devices each step's batch is split across them
+/// ([`Trainer::with_devices`]).
 ///
 /// # Errors
-/// [`ModelError::Config`] when resuming with configurations other than the saved ones; the
-/// model's, the trainer's and I/O errors.
+/// [`ModelError::Config`] when resuming with configurations other than the saved ones, for no
+/// devices, or a batch the devices do not divide; the model's, the trainer's and I/O errors.
 #[allow(clippy::too_many_arguments)]
 pub fn train_in_directory<B>(
     model: &LanguageModelConfig,
@@ -137,13 +139,16 @@ pub fn train_in_directory<B>(
     dir: &RunDirectory,
     checkpoint_every: usize,
     resume: bool,
-    device: &B::Device,
+    devices: &[B::Device],
     on_step: impl FnMut(&StepReport),
 ) -> Result<Trainer<B>, ModelError>
 where
     B: AutodiffBackend + RetentionBackend,
     B::InnerBackend: RetentionBackend,
 {
+    let Some(device) = devices.first() else {
+        return Err(ModelError::Config("train_in_directory: no devices".into()));
+    };
     let root = dir.root();
     std::fs::create_dir_all(root).map_err(|e| ModelError::io(root, e))?;
     let (model_path, training_path) = (root.join("model.json"), root.join("training.json"));
@@ -165,6 +170,9 @@ where
     let train = TokenWindows::new(data.train.clone(), training.seq_len)?;
     let valid = TokenWindows::new(data.valid.clone(), training.seq_len)?;
     let mut trainer = Trainer::new(training.clone(), net, train, &valid, device)?;
+    if devices.len() > 1 {
+        trainer = trainer.with_devices(devices.to_vec())?;
+    }
     if resuming {
         trainer = trainer.resume(dir.checkpoint())?;
     }

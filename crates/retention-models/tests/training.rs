@@ -215,20 +215,91 @@ fn run_directory_resumes_and_refuses_other_settings() -> Result<(), ModelError> 
     let short = TrainingConfig::new(2, 2, 16)
         .with_eval_every(0)
         .with_eval_batches(1);
-    train_in_directory::<B>(&model, &short, &data, &run, 0, false, &dev, |_| {})?;
+    train_in_directory::<B>(&model, &short, &data, &run, 0, false, &[dev], |_| {})?;
     assert!(run.has_checkpoint() && run.losses_csv().exists());
     // the same run, longer: continues from step 2
     let mut seen = Vec::new();
     let mut longer = short.clone();
     longer.steps = 4;
-    let t = train_in_directory::<B>(&model, &longer, &data, &run, 0, true, &dev, |r| {
+    let t = train_in_directory::<B>(&model, &longer, &data, &run, 0, true, &[dev], |r| {
         seen.push(r.step)
     })?;
     assert_eq!(seen, [3, 4]);
     assert_eq!(t.log().train.len(), 4);
     // other settings are refused, not silently mixed in
     let other = longer.with_learning_rate(1.0);
-    let err = train_in_directory::<B>(&model, &other, &data, &run, 0, true, &dev, |_| {});
+    let err = train_in_directory::<B>(&model, &other, &data, &run, 0, true, &[dev], |_| {});
     assert!(matches!(err, Err(ModelError::Config(_))));
+    Ok(())
+}
+
+/// Data parallelism over two replicas (here both on the one ndarray device: the split, the
+/// replicas and the summed gradients are what is tested) takes the steps of one device on the
+/// same batches: losses and parameters agree to rounding.
+#[test]
+fn data_parallel_steps_match_one_device() -> Result<(), ModelError> {
+    let model = tiny_model(MixerKind::Retention)?;
+    let mut one = tiny_trainer(model.clone())?;
+    let dev: burn::backend::ndarray::NdArrayDevice = Default::default();
+    let mut two = tiny_trainer(model)?.with_devices(vec![dev, dev])?;
+    for step in 0..4 {
+        let a = one.step()?.loss;
+        let b = two.step()?.loss;
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "step {step}: loss {a} on one device, {b} on two replicas"
+        );
+    }
+    let worst = param_values(one.model())
+        .into_iter()
+        .zip(param_values(two.model()))
+        .map(|((name, a), (_, b))| {
+            let (a, b) = (
+                a.to_vec::<f32>().unwrap_or_default(),
+                b.to_vec::<f32>().unwrap_or_default(),
+            );
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
+            (diff / scale, name)
+        })
+        .fold(
+            (0.0f32, String::new()),
+            |m, x| if x.0 > m.0 { x } else { m },
+        );
+    assert!(
+        worst.0 <= 1e-4,
+        "parameter {} differs by {:.2e} of its scale",
+        worst.1,
+        worst.0
+    );
+    Ok(())
+}
+
+#[test]
+fn data_parallel_needs_a_divisible_batch_and_no_teacher() -> Result<(), ModelError> {
+    let dev: burn::backend::ndarray::NdArrayDevice = Default::default();
+    // batch 4 over 3 replicas
+    let err = tiny_trainer(tiny_model(MixerKind::Retention)?)?.with_devices(vec![dev; 3]);
+    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("batch_size 4")));
+    let err = tiny_trainer(tiny_model(MixerKind::Retention)?)?.with_devices(Vec::new());
+    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("first must be")));
+    let training = TrainingConfig::new(6, 4, 24)
+        .with_eval_every(0)
+        .with_eval_batches(1)
+        .with_distill(0.5);
+    let (train, valid) = patterned_windows(training.seq_len)?;
+    let err = Trainer::<B>::new(
+        training,
+        tiny_model(MixerKind::Retention)?,
+        train,
+        &valid,
+        &dev,
+    )?
+    .with_devices(vec![dev, dev]);
+    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("teacher")));
     Ok(())
 }
