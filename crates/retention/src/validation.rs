@@ -477,6 +477,10 @@ pub enum Check {
     /// The chunked form under strong gates with each query orthogonal to its own key
     /// ([`Problem::self_orthogonal`]): every output is carried by a weight of `e^{−20}`.
     StrongGatesOrthogonal,
+    /// Chunks longer than two 64-key steps (200 tokens, typical gates, chunks 256 and 128):
+    /// rows past the first step read steps whose keys all precede them, which the kernels
+    /// weigh without a mask (the suite's random cases stay below that length).
+    LongChunk,
     /// The chunked form in segments of whole chunks (a `segment_elements` budget smaller
     /// than the sequence's chunk states), each starting from the previous one's state.
     Segmented,
@@ -507,6 +511,7 @@ impl Check {
             Check::PrefillState => "prefill final state",
             Check::InitialState => "prefill from a state",
             Check::StrongGatesOrthogonal => "strong gates, own key orthogonal",
+            Check::LongChunk => "long chunks (steps before the rows)",
             Check::Segmented => "chunked form in segments",
             Check::Step => "decode step output",
             Check::StepState => "decode step state",
@@ -593,6 +598,23 @@ pub fn check_case<B: RetentionBackend>(
             Check::StrongGatesOrthogonal,
             max_rel(&y, &sharp.naive(2, scale)),
         ));
+    }
+
+    // once in every 50 cases (case 1 of any run of two or more)
+    if case.index % 50 == 1 {
+        let long =
+            Problem::random(case.index + 500, 1, 200, 4, 2, 64, 64, Gates::Typical).rounded(dtype);
+        let want = long.naive(2, 1.0 / (long.d as f64).sqrt());
+        let mut worst = 0.0f64;
+        for chunk in [256, 128] {
+            let opts = RetentionOptions::new()
+                .with_chunk_size(Some(chunk))
+                .with_kernels(kernels);
+            let (q, k, v, g) = long.tensors::<B>(dev, dtype);
+            let y = to_vec(power_retention(q, k, v, g, &opts)?);
+            worst = worst.max(max_rel(&y, &want));
+        }
+        out.push((Check::LongChunk, worst));
     }
 
     let state_error = |s: RetentionState<B>, want: &Problem| {
