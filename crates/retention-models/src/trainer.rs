@@ -123,9 +123,9 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B> = LanguageModel<B>> 
     step: usize,
     log: LossLog,
     device: B::Device,
-    /// Data parallelism: the devices a step's batch is split across (the first is `device`,
-    /// where the model and the optimizer live); empty: `device` alone.
-    devices: Vec<B::Device>,
+    /// Data parallelism: the devices beside `device` (where the model and the optimizer live)
+    /// that a step's batch is split across; empty: `device` alone.
+    replicas: Vec<B::Device>,
     /// The model whose next-token distributions the training targets mix in
     /// ([`TrainingConfig::distill`]).
     teacher: Option<M::InnerModule>,
@@ -198,7 +198,7 @@ where
             step: 0,
             log: LossLog::new(Vec::new(), Vec::new()),
             device: device.clone(),
-            devices: Vec::new(),
+            replicas: Vec::new(),
             teacher: None,
         })
     }
@@ -216,11 +216,13 @@ where
     /// `transfer_steps`: the teacher lives on one device).
     pub fn with_devices(self, devices: Vec<B::Device>) -> Result<Self, ModelError> {
         let n = devices.len();
-        if devices.first() != Some(&self.device) {
+        let Some((first, replicas)) = devices.split_first() else {
+            return Err(ModelError::Config("devices: none given".into()));
+        };
+        if first != &self.device {
             return Err(ModelError::Config(format!(
-                "devices: the first must be the trainer's device {:?}, got {:?}",
-                self.device,
-                devices.first()
+                "devices: the first must be the trainer's device {:?}, got {first:?}",
+                self.device
             )));
         }
         if self.config.batch_size % n != 0 {
@@ -234,7 +236,8 @@ where
                 "distill and transfer_steps run on one device (the teacher's)".into(),
             ));
         }
-        Ok(Self { devices, ..self })
+        let replicas = replicas.to_vec();
+        Ok(Self { replicas, ..self })
     }
 
     /// The run with `teacher`'s next-token distributions mixed into its training targets,
@@ -283,7 +286,7 @@ where
             self.config.batch_size,
             &self.device,
         );
-        let (value, grads) = if self.devices.len() > 1 {
+        let (value, grads) = if !self.replicas.is_empty() {
             self.data_parallel_grads(batch)?
         } else {
             let loss = self.loss(batch)?;
@@ -353,10 +356,11 @@ where
         &self,
         batch: TokenBatch<B>,
     ) -> Result<(f64, GradientsParams), ModelError> {
-        let n = self.devices.len();
+        let n = 1 + self.replicas.len();
         let share = self.config.batch_size / n;
         let mut queued = Vec::with_capacity(n);
-        for (i, device) in self.devices.iter().enumerate() {
+        let devices = std::iter::once(&self.device).chain(&self.replicas);
+        for (i, device) in devices.enumerate() {
             let replica = if i == 0 {
                 self.model.clone()
             } else {

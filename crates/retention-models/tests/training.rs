@@ -255,8 +255,8 @@ fn data_parallel_steps_match_one_device() -> Result<(), ModelError> {
         .zip(param_values(two.model()))
         .map(|((name, a), (_, b))| {
             let (a, b) = (
-                a.to_vec::<f32>().unwrap_or_default(),
-                b.to_vec::<f32>().unwrap_or_default(),
+                a.to_vec::<f32>().expect("f32 parameters"),
+                b.to_vec::<f32>().expect("f32 parameters"),
             );
             let diff = a
                 .iter()
@@ -286,7 +286,7 @@ fn data_parallel_needs_a_divisible_batch_and_no_teacher() -> Result<(), ModelErr
     let err = tiny_trainer(tiny_model(MixerKind::Retention)?)?.with_devices(vec![dev; 3]);
     assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("batch_size 4")));
     let err = tiny_trainer(tiny_model(MixerKind::Retention)?)?.with_devices(Vec::new());
-    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("first must be")));
+    assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("none given")));
     let training = TrainingConfig::new(6, 4, 24)
         .with_eval_every(0)
         .with_eval_batches(1)
