@@ -409,6 +409,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             with_backend!(backend, |Bk, dev| retrain::<Bk>(&dev, &args).map(drop))
         }
         Command::Train { backend, args } => {
+            args.device_indices(backend.name())?;
             with_backend!(backend, |Bk, dev| train::<Bk>(&dev, &args).map(drop))
         }
         Command::Bench {

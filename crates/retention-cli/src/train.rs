@@ -90,8 +90,37 @@ pub struct TrainArgs {
     /// Data parallelism: device indices of the backend, comma-separated (`0,1` or
     /// `cuda:0,cuda:1`); each step's batch is split evenly across them and the gradients are
     /// summed on the first. Default: the backend's default device alone.
-    #[arg(long, value_delimiter = ',', value_parser = parse_device_index)]
-    pub devices: Vec<usize>,
+    #[arg(long, value_delimiter = ',', value_parser = parse_device)]
+    pub devices: Vec<DeviceIndex>,
+}
+
+/// One `--devices` entry: an index, with the backend it names if it names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIndex {
+    /// `cuda` in `cuda:1`.
+    pub backend: Option<String>,
+    /// The device's index among the backend's devices.
+    pub index: usize,
+}
+
+impl TrainArgs {
+    /// The `--devices` indices, after checking that every entry naming a backend names
+    /// `backend` (`rocm:1` under `--backend cuda` is an error, not device 1).
+    ///
+    /// # Errors
+    /// [`CliError::Device`] for an entry naming another backend.
+    pub fn device_indices(&self, backend: &str) -> Result<Vec<usize>, CliError> {
+        self.devices
+            .iter()
+            .map(|d| match &d.backend {
+                Some(name) if name != backend => Err(CliError::Device(format!(
+                    "--devices {name}:{}: the backend is {backend}",
+                    d.index
+                ))),
+                _ => Ok(d.index),
+            })
+            .collect()
+    }
 }
 
 /// What one mixer's run ended with.
@@ -182,7 +211,8 @@ where
     let devices = if args.devices.is_empty() {
         vec![device.clone()]
     } else {
-        devices_of::<B>(device, &args.devices, "--devices")?
+        let indices: Vec<usize> = args.devices.iter().map(|d| d.index).collect();
+        devices_of::<B>(device, &indices, "--devices")?
     };
     if devices.len() > 1 {
         println!("data parallel over {} devices: {devices:?}", devices.len());
@@ -315,10 +345,13 @@ fn print_summary(summaries: &[TrainSummary]) {
 }
 
 /// A `--devices` entry: an index (`1`) or a backend-qualified one (`cuda:1`).
-fn parse_device_index(text: &str) -> Result<usize, String> {
-    let index = text.rsplit(':').next().unwrap_or(text);
-    index
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}`: a device is an index (`1`) or `backend:index` (`cuda:1`)"))
+fn parse_device(text: &str) -> Result<DeviceIndex, String> {
+    let (backend, index) = match text.split_once(':') {
+        Some((name, index)) => (Some(name.trim().to_string()), index),
+        None => (None, text),
+    };
+    let index = index.trim().parse().map_err(|_| {
+        format!("`{text}`: a device is an index (`1`) or `backend:index` (`cuda:1`)")
+    })?;
+    Ok(DeviceIndex { backend, index })
 }

@@ -62,3 +62,25 @@ fn a_missing_corpus_file_is_an_error_naming_it() {
         .to_string();
     assert!(err.contains("nope.txt"), "{err}");
 }
+
+/// `--devices` entries that name a backend must name the one in use; a device the backend
+/// lacks is an error before any training.
+#[test]
+fn devices_name_the_backend_in_use() {
+    use retention_cli::train::DeviceIndex;
+    let dir = std::path::Path::new("/nonexistent");
+    let mut a = args(dir, dir, 1, false);
+    a.devices = vec![
+        DeviceIndex {
+            backend: None,
+            index: 0,
+        },
+        DeviceIndex {
+            backend: Some("cuda".into()),
+            index: 1,
+        },
+    ];
+    assert_eq!(a.device_indices("cuda").unwrap(), vec![0, 1]);
+    let err = a.device_indices("rocm").unwrap_err().to_string();
+    assert!(err.contains("cuda:1") && err.contains("rocm"), "{err}");
+}
