@@ -9,13 +9,15 @@
 //!   product `x ⊗ w` (`d·e` wide, built in the A operand's registers by one half-precision
 //!   multiply per register) with `U` laid out `[(b, c), a]`, and one of `x` with the key-sum
 //!   part `Z`; `c = 2` for keys, and for queries `c = 1` with the pairs inside a diagonal
-//!   block doubled when the block is staged (a query's feature weighs 1 where a key's weighs 2);
+//!   block doubled (a query's feature weighs 1 where a key's weighs 2): in `Z` when it is
+//!   staged, in the A operand for the columns of `b`'s own block in the walk;
 //! - for keys, `∂v_c = δ·Σ_{(x, y) ∈ F} w_f x_x x_y M_f[c]`: per `y`, the row's `x` (scaled by
 //!   `x_y` and the key weight) times the rows `x < 16(m_y + 1)` of the same staged slice;
 //! - the gate term `Σ_f g_f φ_f = ½ Σ_a x_a ∂x_a` (φ is homogeneous of degree 2).
 //!
 //! `δ` is the row's decay and `w` is `dN` (queries) or `v` (keys). A cube stages the slices
-//! `U[·][b][·]` one `b` at a time (double-buffered, gathered from the f16 `D`-layout blocks);
+//! `U[·][b][·]`, `SLICES` values of `b` per step, by asynchronous 16-byte copies from the f16
+//! `D`-layout blocks issued `STAGES − 1` steps ahead (one barrier per stage);
 //! its planes own 16 rows each and one product: `∂x` over a part of the `a` columns, or `∂v`
 //! over a part of the value columns. B fragments come from `ldmatrix` (transposed for `∂v`).
 //! `∂x` multiplies `d·d·e` per row against the `D·e` of the feature form, and in exchange
