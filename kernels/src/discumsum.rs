@@ -34,14 +34,26 @@ pub struct ScanArgs<R: Runtime> {
     pub half: Option<ArrayArg<R>>,
     /// Factor of the half-precision output (`1/γ`).
     pub half_scale: f32,
-    /// With `half`, also overwrite the slots in place in `f32` (the backward pass reads both).
-    pub keep_f32: bool,
+    /// Which of the entering states are written.
+    pub writes: ScanWrites,
     /// Initial state `f32 [b·h, width]`, or a 1-element dummy.
     pub initial: Option<ArrayArg<R>>,
     /// Cumulative log-gates inside each chunk, `f32 [b·h, n·c]`, or `None` (no gating).
     pub gates: Option<ArrayArg<R>>,
     /// Output `f32 [b·h, width]`: the state after the last chunk.
     pub last: ArrayArg<R>,
+}
+
+/// What a scan writes besides the state after the last chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanWrites {
+    /// The entering states: to `half` where it is given, else in place in `f32`.
+    Entering,
+    /// The entering states to `half` and in place in `f32` (the backward pass reads both).
+    EnteringBoth,
+    /// Only `last`: the slots keep the contributions (a slice's own final state, whose
+    /// contributions a later scan from another initial state reads again).
+    LastOnly,
 }
 
 const UNITS: u32 = 256;
@@ -70,8 +82,12 @@ pub unsafe fn launch_discumsum<R: Runtime>(
         1,
     );
     let has_initial = args.initial.is_some();
-    let to_half = args.half.is_some();
-    let keep_f32 = !to_half || args.keep_f32;
+    let to_half = args.half.is_some() && args.writes != ScanWrites::LastOnly;
+    let keep_f32 = match args.writes {
+        ScanWrites::Entering => !to_half,
+        ScanWrites::EnteringBoth => true,
+        ScanWrites::LastOnly => false,
+    };
     let gated = args.gates.is_some();
     let dummy = || unsafe { ArrayArg::from_raw_parts(client.empty(4), 1) };
     unsafe {

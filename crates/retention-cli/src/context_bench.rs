@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
+use retention::validation::{max_rel, to_vec};
 use retention::{
     RetentionBackend, RetentionOptions, SequenceSlice, power_retention_context_parallel,
     power_retention_state, power_retention_with_state,
@@ -51,6 +52,10 @@ pub struct ContextBenchArgs {
     /// together (with and without flushes), and how long the call holds the host.
     #[arg(long)]
     pub phases: bool,
+    /// Also compare each multi-device call's outputs and final state with one device's
+    /// (largest error relative to the largest magnitude; `check,...` lines on stdout).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// One timed configuration.
@@ -143,6 +148,83 @@ fn time_phases<B: RetentionBackend>(
         })?;
         println!("phase,{name},{ms:.3}");
     }
+    // the two passes of one slice apart and together: the state pass keeping the chunk
+    // contributions, the forward that reads them, both queued back to back (synced, and until
+    // the host is free again)
+    let prim4 = |x: &Tensor<B, 4>| x.clone().into_primitive().tensor();
+    let gates = || first.log_g.clone().map(|g| g.into_primitive().tensor());
+    let chunk = args.chunk.min(first.q.dims()[1].next_multiple_of(16));
+    let keep = || {
+        B::retention_chunked_state_keeping(prim4(&first.k), prim4(&first.v), gates(), chunk, opts)
+    };
+    let keep_ms = median_ms::<B>(devices, args, || {
+        drop(keep());
+        Ok(())
+    })?;
+    println!("phase,keep_pass_first,{keep_ms:.3}");
+    let (_, _, kept) = keep();
+    if let Some(kept) = kept {
+        let from = |kept: retention::ChunkContributions<B>| {
+            B::retention_chunked_from_contributions(
+                prim4(&first.q),
+                prim4(&first.k),
+                prim4(&first.v),
+                gates(),
+                None,
+                kept,
+                chunk,
+                opts,
+            )
+        };
+        let from_ms = median_ms::<B>(devices, args, || {
+            drop(from(kept.clone()));
+            Ok(())
+        })?;
+        println!("phase,from_pass_first,{from_ms:.3}");
+        drop(kept);
+        let mut host = Vec::new();
+        let both_ms = median_ms::<B>(devices, args, || {
+            let start = Instant::now();
+            let (_, _, kept) = keep();
+            if let Some(kept) = kept {
+                drop(from(kept));
+            }
+            host.push(start.elapsed().as_secs_f64() * 1e3);
+            Ok(())
+        })?;
+        host.sort_by(f64::total_cmp);
+        println!("phase,keep_then_from_first,{both_ms:.3}");
+        println!(
+            "phase,keep_then_from_first_host,{:.3}",
+            host[host.len() / 2]
+        );
+    }
+    let mut host = Vec::new();
+    let forward_ms = median_ms::<B>(devices, args, || {
+        let start = Instant::now();
+        drop(forward(&first)?);
+        host.push(start.elapsed().as_secs_f64() * 1e3);
+        Ok(())
+    })?;
+    host.sort_by(f64::total_cmp);
+    println!("phase,forward_first_again,{forward_ms:.3}");
+    println!("phase,forward_first_host,{:.3}", host[host.len() / 2]);
+    if slices.len() < 2 {
+        return Ok(());
+    }
+    // the last slice's tokens on the first device: whether a difference between the two
+    // slices' forwards is the devices' or the slices'
+    let moved = SequenceSlice {
+        q: last.q.clone().to_device(&first.q.device()),
+        k: last.k.clone().to_device(&first.q.device()),
+        v: last.v.clone().to_device(&first.q.device()),
+        log_g: last.log_g.clone().map(|g| g.to_device(&first.q.device())),
+    };
+    let ms = median_ms::<B>(devices, args, || {
+        drop(forward(&moved)?);
+        Ok(())
+    })?;
+    println!("phase,forward_last_on_first_device,{ms:.3}");
     // the two forwards queued back to back, with and without a flush after each: whether the
     // devices overlap at all
     for flush in [true, false] {
@@ -231,8 +313,59 @@ pub fn context_bench<B: RetentionBackend>(
             let row = ContextRow { gpus, t, ms };
             println!("{}", row.csv());
             rows.push(row);
-            if args.phases && gpus > 1 {
+            if args.phases {
                 time_phases::<B>(&slices, &devices, &opts, args)?;
+            }
+            if args.check && gpus > 1 {
+                // where a difference comes from: the plain forward on another device, and
+                // the slices all on the first device
+                let other = &devices[1];
+                let on_other = power_retention_with_state(
+                    q.clone().to_device(other),
+                    k.clone().to_device(other),
+                    v.clone().to_device(other),
+                    Some(g.clone().to_device(other)),
+                    None,
+                    &opts,
+                )?;
+                let (want, _) = power_retention_with_state(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(g.clone()),
+                    None,
+                    &opts,
+                )?;
+                let other_err = max_rel(&to_vec(on_other.0.to_device(dev)), &to_vec(want.clone()));
+                let local = SequenceSlice::split(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(g.clone()),
+                    args.chunk,
+                    &vec![dev.clone(); gpus],
+                )?;
+                let (ys, _) = power_retention_context_parallel(local, None, &opts)?;
+                let local_err = max_rel(&to_vec(Tensor::cat(ys, 1)), &to_vec(want));
+                println!(
+                    "check,{gpus},{t},forward_on_device_1,{other_err:.3e},slices_on_device_0,{local_err:.3e}"
+                );
+                let (outputs, state) = power_retention_context_parallel(slices, None, &opts)?;
+                let got = Tensor::cat(outputs.into_iter().map(|y| y.to_device(dev)).collect(), 1);
+                let (want, want_state) = power_retention_with_state(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(g.clone()),
+                    None,
+                    &opts,
+                )?;
+                let output = max_rel(&to_vec(got), &to_vec(want));
+                let state = max_rel(
+                    &to_vec(state.state.to_device(dev)),
+                    &to_vec(want_state.state),
+                );
+                println!("check,{gpus},{t},output,{output:.3e},state,{state:.3e}");
             }
         }
     }

@@ -14,11 +14,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 
-use crate::RetentionOptions;
 use crate::backend::{
     RetentionBackend, reference_absorb, reference_chunked_state, reference_step, reference_window,
 };
 use crate::backward::{ChunkedUpstream, RetentionGrads, RetentionInputs};
+use crate::{ChunkContributions, RetentionOptions};
 
 type Ad<B, C> = Autodiff<B, C>;
 
@@ -118,6 +118,83 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
             options,
         );
         (wrap::<B, C>(s), wrap::<B, C>(z))
+    }
+
+    fn retention_keeps_contributions(
+        device: &Self::Device,
+        dtypes: &[burn::tensor::DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        B::retention_keeps_contributions(device, dtypes, head_dim, value_dim, options)
+    }
+
+    fn retention_chunked_state_keeping(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ChunkContributions<Self>>,
+    ) {
+        if !untracked::<B, C>(&[Some(&k), Some(&v), log_g.as_ref()]) {
+            let (s, z) = Self::retention_chunked_state(k, v, log_g, None, chunk_size, options);
+            return (s, z, None);
+        }
+        let (s, z, kept) = B::retention_chunked_state_keeping(
+            k.primitive,
+            v.primitive,
+            log_g.map(|g| g.primitive),
+            chunk_size,
+            options,
+        );
+        let kept = kept.map(|c| ChunkContributions {
+            states: wrap::<B, C>(c.states),
+            sums: wrap::<B, C>(c.sums),
+        });
+        (wrap::<B, C>(s), wrap::<B, C>(z), kept)
+    }
+
+    fn retention_chunked_from_contributions(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        contributions: ChunkContributions<Self>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let tracked = !untracked::<B, C>(&[
+            Some(&q),
+            Some(&k),
+            Some(&v),
+            log_g.as_ref(),
+            initial.as_ref().map(|(s, _)| s),
+            initial.as_ref().map(|(_, z)| z),
+        ]);
+        if tracked {
+            // a differentiated call keeps its inputs, not the contributions
+            return Self::retention_chunked(q, k, v, log_g, initial, chunk_size, options);
+        }
+        let (y, s, z) = B::retention_chunked_from_contributions(
+            q.primitive,
+            k.primitive,
+            v.primitive,
+            log_g.map(|g| g.primitive),
+            initial.map(|(s, z)| (s.primitive, z.primitive)),
+            ChunkContributions {
+                states: contributions.states.primitive,
+                sums: contributions.sums.primitive,
+            },
+            chunk_size,
+            options,
+        );
+        (wrap::<B, C>(y), wrap::<B, C>(s), wrap::<B, C>(z))
     }
 
     fn retention_step(

@@ -7,7 +7,7 @@ use crate::backward::{
     ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs, reference_attention_backward,
     reference_chunked_backward,
 };
-use crate::{RetentionOptions, reference};
+use crate::{ChunkContributions, RetentionOptions, reference};
 
 /// A backend that can run power retention.
 ///
@@ -60,6 +60,61 @@ pub trait RetentionBackend: Backend {
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         reference_chunked_state::<Self>(k, v, log_g, initial, chunk_size, options)
+    }
+
+    /// Whether [`Self::retention_chunked_state_keeping`] keeps the chunk contributions for
+    /// keys and values of these dtypes (`k, v`) and head dims `d`, `e` on `device`. The
+    /// default keeps none. `Fusion<B>` asks before it registers the call, so the answer must
+    /// not depend on anything else.
+    fn retention_keeps_contributions(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        let _ = (device, dtypes, head_dim, value_dim, options);
+        false
+    }
+
+    /// [`Self::retention_chunked_state`] from zeros, also returning each chunk's contribution
+    /// ([`ChunkContributions`]) exactly when [`Self::retention_keeps_contributions`] says so:
+    /// the first pass of context parallelism, whose second pass over the same tokens
+    /// ([`Self::retention_chunked_from_contributions`]) then only scans them from the state the
+    /// slice starts from. The default keeps none.
+    #[allow(clippy::type_complexity)]
+    fn retention_chunked_state_keeping(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ChunkContributions<Self>>,
+    ) {
+        let (s, z) = Self::retention_chunked_state(k, v, log_g, None, chunk_size, options);
+        (s, z, None)
+    }
+
+    /// [`Self::retention_chunked`] on tokens whose chunk contributions (same `k`, `v`,
+    /// `log_g` and `chunk_size`) [`Self::retention_chunked_state_keeping`] kept: the same
+    /// results without computing the contributions again. The default (and a backend handed
+    /// contributions of another shape) runs [`Self::retention_chunked`].
+    #[allow(clippy::too_many_arguments)]
+    fn retention_chunked_from_contributions(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        contributions: ChunkContributions<Self>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = contributions;
+        Self::retention_chunked(q, k, v, log_g, initial, chunk_size, options)
     }
 
     /// Starts the work queued for `device` without waiting for it. Backends that queue device

@@ -3,16 +3,20 @@
 //! head), not their keys and values.
 //!
 //! [`power_retention_context_parallel`] runs in two passes. The first finds every slice's own
-//! final state from zero ([`power_retention_state`]: the chunk contributions and their scan, no
-//! outputs) on every device at once; a gated prefix scan over the slices, one state transfer
-//! per device, turns them into the states the slices start from
+//! final state from zero on every device at once: each chunk's contribution to the state and a
+//! scan that writes only the end state, the contributions kept
+//! ([`RetentionBackend::retention_chunked_state_keeping`], about a third of a forward at head
+//! dim 64). A gated prefix scan over the slices, one state transfer per device, turns the own
+//! states into the states the slices start from
 //! (`S_in(i+1) = e^{Γ_i}·S_in(i) + S_own(i)`, `Γ_i` the slice's summed log-gates); the second
-//! pass is [`power_retention_with_state`] on each slice from its state, again on every device
-//! at once. Each device is flushed ([`RetentionBackend::retention_flush`]) once its slice's
-//! pass is queued (a backend may start a device's queued work only when it is read, synced or
-//! flushed: queued from one thread and synced in turn, two H200s ran one after the other), so
-//! the devices run their slices at once; a transfer waits for the first pass of the slice it
-//! reads, and the call returns with the second passes still running.
+//! pass runs each slice's forward from its state, scanning the kept contributions instead of
+//! computing them again ([`RetentionBackend::retention_chunked_from_contributions`]), so a
+//! device does about one forward of its slice in all. Each device is flushed
+//! ([`RetentionBackend::retention_flush`]) once a pass of its slice is queued (a backend may
+//! start a device's queued work only when it is read, synced or flushed: queued from one thread
+//! and synced in turn, two H200s ran one after the other), so the devices run their slices at
+//! once; slice `i`'s second pass is queued right after the state it hands on, and the call
+//! returns with the second passes still running.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -20,7 +24,8 @@ use crate::op::{
     check_stateful, chunk_for, dims_of, float, in_given_dtype, initial_or_zeros, segment_chunk,
 };
 use crate::{
-    RetentionBackend, RetentionError, RetentionOptions, RetentionState, power_retention_with_state,
+    ChunkContributions, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
+    power_retention_with_state,
 };
 
 /// The tokens of one slice of a sequence, on the device that runs it.
@@ -169,6 +174,12 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             "context parallelism needs at least one slice".into(),
         ));
     };
+    if slices.is_empty() {
+        // no slice waits for this one's state: the plain forward
+        let y_state =
+            power_retention_with_state(last.q, last.k, last.v, last.log_g, initial_state, options)?;
+        return Ok((vec![y_state.0], y_state.1));
+    }
     // what every slice shares: batch, query and key/value heads, head and value dims
     let sizes = |s: &SequenceSlice<B>| {
         dims_of(&s.q, &s.k, &s.v, s.log_g.as_ref(), options)
@@ -184,73 +195,231 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
             )));
         }
     }
-    // pass 1 on every device at once: each slice's own final state (the last one's is not
-    // needed), and its summed log-gates per sequence and head
-    let mut own = Vec::with_capacity(slices.len());
-    for slice in &slices {
-        let state = power_retention_state(
-            slice.k.clone(),
-            slice.v.clone(),
-            slice.log_g.clone(),
-            None,
-            options,
-        )?;
-        // summed in the state's dtype: half-precision sums of many gates drift
-        let decay = slice.log_g.as_ref().map(|g| {
-            g.clone()
-                .cast(state.dtype())
-                .sum_dim(1)
-                .squeeze_dim::<2>(1)
-                .exp()
-        });
+    // pass 1 on every device at once: each slice's own final state from zeros and its summed
+    // log-gates, keeping the chunk contributions for pass 2
+    let mut first = Vec::with_capacity(slices.len() + 1);
+    for (i, slice) in slices.iter().chain([&last]).enumerate() {
+        first.push(first_pass(slice, i < slices.len(), options)?);
         B::retention_flush(&slice.q.device());
-        own.push((state, decay));
     }
-    // the gated prefix scan over the slices: the state slice i + 1 starts from is formed on
-    // slice i's device and moved (waiting for slice i's first pass, before anything else is
-    // queued there)
+    // the gated prefix scan over the slices, and pass 2 on each slice as soon as the state it
+    // starts from is known: the state slice i + 1 starts from is formed on slice i's device
+    // and moved before slice i's pass 2 is queued there (a transfer waits for the work queued
+    // before it on its device, and no longer)
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
-    let mut entering = vec![initial_state];
-    for ((own_state, decay), next) in own.into_iter().zip(slices.iter().skip(1).chain([&last])) {
-        let state = match entering.last().cloned().flatten() {
-            None => own_state,
-            Some(s) => {
-                let s = s.cast(own_state.dtype());
-                let (state, key_sum) = match decay {
-                    Some(a) => {
-                        let [b, h] = a.dims();
-                        (
-                            s.state * a.clone().reshape([b, h, 1, 1]),
-                            s.key_sum * a.reshape([b, h, 1]),
-                        )
+    let mut entering = initial_state;
+    let mut outputs = Vec::with_capacity(first.len());
+    let mut slices = slices.into_iter().chain([last]).zip(first).peekable();
+    let mut state = None;
+    while let Some((slice, own)) = slices.next() {
+        let device = slice.q.device();
+        let kept = own.kept;
+        let next = match slices.peek() {
+            None => None,
+            Some((next, _)) => {
+                let state = match entering.clone() {
+                    None => own.state,
+                    Some(s) => {
+                        let s = s.cast(own.state.dtype());
+                        let (state, key_sum) = match own.decay {
+                            Some(a) => {
+                                let [b, h] = a.dims();
+                                (
+                                    s.state * a.clone().reshape([b, h, 1, 1]),
+                                    s.key_sum * a.reshape([b, h, 1]),
+                                )
+                            }
+                            None => (s.state, s.key_sum),
+                        };
+                        RetentionState {
+                            state: state + own.state.state,
+                            key_sum: key_sum + own.state.key_sum,
+                        }
                     }
-                    None => (s.state, s.key_sum),
                 };
-                RetentionState {
-                    state: state + own_state.state,
-                    key_sum: key_sum + own_state.key_sum,
-                }
+                Some(state.to_device(&next.q.device()))
             }
         };
-        entering.push(Some(state.to_device(&next.q.device())));
-    }
-    // pass 2, the last slice first (its device has been idle the longest), each device
-    // flushed once its slice is queued
-    let last_entering = entering.pop().flatten();
-    let last_device = last.q.device();
-    let (y_last, state) =
-        power_retention_with_state(last.q, last.k, last.v, last.log_g, last_entering, options)?;
-    B::retention_flush(&last_device);
-    let mut outputs = Vec::with_capacity(slices.len() + 1);
-    for (slice, state) in slices.into_iter().zip(entering).rev() {
-        let device = slice.q.device();
-        let (y, _) =
-            power_retention_with_state(slice.q, slice.k, slice.v, slice.log_g, state, options)?;
+        let (y, end) = second_pass(slice, entering, kept, options)?;
         B::retention_flush(&device);
         outputs.push(y);
+        state = Some(end);
+        entering = next;
     }
-    outputs.reverse();
-    outputs.push(y_last);
+    // `first` held the last slice: the loop ran
+    let state = state.ok_or_else(|| RetentionError::Config("no slices".into()))?;
     // a given state comes back in its own dtype, as from one pass
     Ok((outputs, in_given_dtype(state, dtype)))
+}
+
+/// What pass 1 keeps of a slice.
+struct FirstPass<B: RetentionBackend> {
+    /// The slice's own final state, from zeros.
+    state: RetentionState<B>,
+    /// `e^{Γ}`, the slice's summed log-gates exponentiated, `[batch, kv_heads]` (`None`: no
+    /// gating, or the last slice, whose state no slice starts from).
+    decay: Option<Tensor<B, 2>>,
+    /// The chunk contributions of the slice's first segment, where the backend keeps them.
+    kept: Option<KeptSegment<B>>,
+}
+
+/// The chunk contributions of a slice's first `len` tokens (chunks of `chunk` tokens).
+struct KeptSegment<B: RetentionBackend> {
+    len: usize,
+    chunk: usize,
+    contributions: ChunkContributions<B>,
+}
+
+/// Pass 1 on one slice: its own final state from zeros; the contributions of its first segment
+/// (all its tokens unless the chunk states of the whole slice exceed
+/// [`RetentionOptions::segment_elements`]) are kept, the memory bound of one call.
+fn first_pass<B: RetentionBackend>(
+    slice: &SequenceSlice<B>,
+    with_decay: bool,
+    options: &RetentionOptions,
+) -> Result<FirstPass<B>, RetentionError> {
+    let SequenceSlice { k, v, log_g, .. } = slice;
+    let dims = dims_of(k, k, v, log_g.as_ref(), options)?;
+    check_stateful::<B>(&dims, None, options)?;
+    // summed in the state's dtype: half-precision sums of many gates drift
+    let decay = |state: &RetentionState<B>| {
+        log_g
+            .as_ref()
+            .filter(|_| with_decay)
+            .map(|g| summed_gates(g.clone().cast(state.dtype())).exp())
+    };
+    if dims.batch == 0 || dims.seq == 0 {
+        let state = initial_or_zeros(None, &dims, options, k);
+        return Ok(FirstPass {
+            decay: decay(&state),
+            state,
+            kept: None,
+        });
+    }
+    let (chunk, segment) = chunk_for(&dims, options)?;
+    let len = segment.unwrap_or(dims.seq).min(dims.seq);
+    let chunk = segment_chunk(chunk, len);
+    let part = |x: &Tensor<B, 4>| x.clone().narrow(1, 0, len).into_primitive().tensor();
+    let (s, z, kept) = B::retention_chunked_state_keeping(
+        part(k),
+        part(v),
+        log_g
+            .as_ref()
+            .map(|g| g.clone().narrow(1, 0, len).into_primitive().tensor()),
+        chunk,
+        options,
+    );
+    let mut state = RetentionState {
+        state: float(s),
+        key_sum: float(z),
+    };
+    if len < dims.seq {
+        let rest = dims.seq - len;
+        let part = |x: &Tensor<B, 4>| x.clone().narrow(1, len, rest);
+        state = power_retention_state(
+            part(k),
+            part(v),
+            log_g.as_ref().map(|g| g.clone().narrow(1, len, rest)),
+            Some(state),
+            options,
+        )?;
+    }
+    let kept = kept.map(|contributions| KeptSegment {
+        len,
+        chunk,
+        contributions,
+    });
+    Ok(FirstPass {
+        decay: decay(&state),
+        state,
+        kept,
+    })
+}
+
+/// `Σ_t log_g[b, t, h]`, `[batch, kv_heads]`, in two rounds of sums (runs of `RUN` tokens,
+/// then the runs' sums): one sum over a whole long slice runs as a few long serial loops on
+/// the device (milliseconds at 131k tokens), each round here as many short ones.
+fn summed_gates<B: RetentionBackend>(log_g: Tensor<B, 3>) -> Tensor<B, 2> {
+    const RUN: usize = 1024;
+    let [b, t, h] = log_g.dims();
+    let whole = t / RUN * RUN;
+    let mut sum = Tensor::<B, 2>::zeros([b, h], (&log_g.device(), log_g.dtype()));
+    if whole > 0 {
+        let runs = log_g
+            .clone()
+            .narrow(1, 0, whole)
+            .reshape([b, whole / RUN, RUN, h])
+            .sum_dim(2)
+            .sum_dim(1)
+            .reshape([b, h]);
+        sum = sum + runs;
+    }
+    if whole < t {
+        sum = sum + log_g.narrow(1, whole, t - whole).sum_dim(1).reshape([b, h]);
+    }
+    sum
+}
+
+/// Pass 2 on one slice from the state it starts from: the outputs and the state after it,
+/// its first segment from the contributions pass 1 kept (if any).
+fn second_pass<B: RetentionBackend>(
+    slice: SequenceSlice<B>,
+    initial: Option<RetentionState<B>>,
+    kept: Option<KeptSegment<B>>,
+    options: &RetentionOptions,
+) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
+    let SequenceSlice { q, k, v, log_g } = slice;
+    let Some(KeptSegment {
+        len,
+        chunk,
+        contributions,
+    }) = kept
+    else {
+        return power_retention_with_state(q, k, v, log_g, initial, options);
+    };
+    let dims = dims_of(&q, &k, &v, log_g.as_ref(), options)?;
+    check_stateful(&dims, initial.as_ref(), options)?;
+    let dtype = initial.as_ref().map(RetentionState::dtype);
+    let part = |x: &Tensor<B, 4>| x.clone().narrow(1, 0, len).into_primitive().tensor();
+    let (y, s, z) = B::retention_chunked_from_contributions(
+        part(&q),
+        part(&k),
+        part(&v),
+        log_g
+            .as_ref()
+            .map(|g| g.clone().narrow(1, 0, len).into_primitive().tensor()),
+        initial.map(|s| {
+            (
+                s.state.into_primitive().tensor(),
+                s.key_sum.into_primitive().tensor(),
+            )
+        }),
+        contributions,
+        chunk,
+        options,
+    );
+    let (y, state) = (
+        float::<B, 4>(y),
+        RetentionState {
+            state: float(s),
+            key_sum: float(z),
+        },
+    );
+    if len == dims.seq {
+        return Ok((y, in_given_dtype(state, dtype)));
+    }
+    let rest = dims.seq - len;
+    let part = |x: &Tensor<B, 4>| x.clone().narrow(1, len, rest);
+    let (y_rest, state) = power_retention_with_state(
+        part(&q),
+        part(&k),
+        part(&v),
+        log_g.map(|g| g.narrow(1, len, rest)),
+        Some(state),
+        options,
+    )?;
+    Ok((
+        Tensor::cat(vec![y, y_rest], 1),
+        in_given_dtype(state, dtype),
+    ))
 }

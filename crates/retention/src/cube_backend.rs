@@ -16,9 +16,11 @@ use retention_kernels::{
     chunk_state::{StateArgs, StateDims, launch_chunk_state},
     cubecl::prelude::ArrayArg,
     decode::{DecodeArgs, DecodeDims, launch_decode},
+    discumsum::ScanWrites,
     query_state::{QueryStateArgs, launch_query_state},
 };
 
+use crate::ChunkContributions;
 use crate::backend::{
     RetentionBackend, float, input_dtypes, prim, reference_absorb, reference_attention,
     reference_chunked, reference_chunked_state, reference_step, reference_window,
@@ -195,8 +197,58 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, s, z, _) =
-            chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, chunk_size, options, false);
+        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
+            q, k, v, log_g, initial, None, chunk_size, options, false,
+        );
+        (y, s, z)
+    }
+
+    fn retention_keeps_contributions(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        let client = R::client(device);
+        keeps_contributions(&client, dtypes, head_dim, value_dim, options)
+    }
+
+    fn retention_chunked_state_keeping(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ChunkContributions<Self>>,
+    ) {
+        chunked_state_keeping::<R, F, I, BT>(k, v, log_g, chunk_size, options)
+    }
+
+    fn retention_chunked_from_contributions(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        contributions: ChunkContributions<Self>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
+            q,
+            k,
+            v,
+            log_g,
+            initial,
+            Some(contributions),
+            chunk_size,
+            options,
+            false,
+        );
         (y, s, z)
     }
 
@@ -241,7 +293,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         FloatTensor<Self>,
         Option<ForwardRows<Self>>,
     ) {
-        chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, chunk_size, options, true)
+        chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, None, chunk_size, options, true)
     }
 
     fn retention_step(
@@ -400,8 +452,120 @@ where
         big_d,
     };
     let [_, _, final_state, final_sum] =
-        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, state_tiles, sizes, None);
+        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, None, state_tiles, sizes, None);
     (final_state, final_sum)
+}
+
+/// Whether the kernels keep the chunk contributions for keys and values of `dtypes` (`k, v`)
+/// and head dims `d`, `e`: where they would compute them (degree 2, one half or f32 dtype,
+/// tiles that fit).
+fn keeps_contributions<R: CubeRuntime>(
+    client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
+    dtypes: &[DType],
+    d: usize,
+    e: usize,
+    options: &RetentionOptions,
+) -> bool {
+    let [k, v] = dtypes else {
+        return false;
+    };
+    options.degree == 2
+        && k == v
+        && kernel_dtype(*k)
+        && ChunkedTiles::plan(client, (*k).into(), strategy(options), d, e).is_some()
+}
+
+/// [`RetentionBackend::retention_chunked_state_keeping`]: the chunk contributions, kept, and
+/// a scan that writes only the final state (the slots keep the contributions); the state pass
+/// without them where [`keeps_contributions`] says no.
+#[allow(clippy::type_complexity)]
+fn chunked_state_keeping<R, F, I, BT>(
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+    chunk_size: usize,
+    options: &RetentionOptions,
+) -> (
+    CubeTensor<R>,
+    CubeTensor<R>,
+    Option<ChunkContributions<Cube<R, F, I, BT>>>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [b, t, h, d] = dims4(&k);
+    let e = dims4(&v)[3];
+    let plans = chunked_tiles(&k, e, &None, options)
+        .filter(|_| keeps_contributions(&k.client, &[k.dtype, v.dtype], d, e, options));
+    let Some(ChunkedTiles { state: tiles, .. }) = plans else {
+        let (s, z) = chunked_state::<R, F, I, BT>(k, v, log_g, None, chunk_size, options);
+        return (s, z, None);
+    };
+    let c = chunk_size;
+    let n = t.div_ceil(c);
+    let big_d = expanded_dim(d, 2);
+    let (k, v) = (into_contiguous(k), into_contiguous(v));
+    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+    let sizes = Sizes {
+        b,
+        t,
+        hq: h,
+        h,
+        d,
+        e,
+        c,
+        n,
+        big_d,
+    };
+    let (states, sums) = chunk_contributions(&k, &v, &gates, k.dtype, tiles, c, n);
+    let final_state = empty_f32(&k, &[b, h, big_d, e]);
+    let final_sum = empty_f32(&k, &[b, h, big_d]);
+    scan(
+        &k.client,
+        sizes,
+        &gates,
+        [
+            (&states, None, &final_state, big_d * e, None),
+            (&sums, None, &final_sum, big_d, None),
+        ],
+        false,
+        ScanWrites::LastOnly,
+    );
+    let kept = ChunkContributions { states, sums };
+    (final_state, final_sum, Some(kept))
+}
+
+/// Contributions handed to a forward (`given`) if they have the shapes of its chunks, in
+/// buffers the scan may write (a copy of one shared with another tensor; `in_place`: the scan
+/// writes the entering states over the states' slots, not only over the sums').
+fn given_contributions<R: CubeRuntime>(
+    given: (CubeTensor<R>, CubeTensor<R>),
+    sizes: Sizes,
+    in_place: bool,
+) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
+    let Sizes {
+        b, h, e, n, big_d, ..
+    } = sizes;
+    let (states, sums) = given;
+    let fits = states.meta.shape().as_slice() == [b, h, n, big_d, e]
+        && sums.meta.shape().as_slice() == [b, h, n, big_d]
+        && states.dtype == DType::F32
+        && sums.dtype == DType::F32;
+    if !fits {
+        return None;
+    }
+    let writable = |t: CubeTensor<R>| match t.can_mut() {
+        true => into_contiguous(t),
+        false => into_contiguous(t.copy()),
+    };
+    let states = match in_place {
+        true => writable(states),
+        false => into_contiguous(states),
+    };
+    Some((states, writable(sums)))
 }
 
 /// The chunked form's tiles for inputs like `x` (its dtype, client and head dim) with value
@@ -423,7 +587,8 @@ fn chunked_tiles<R: CubeRuntime>(
 }
 
 /// Steps 1 and 2 of the chunked forward for contiguous `k`, `v` and chunk gates: each chunk's
-/// contribution, then the scan that turns them into the states entering each chunk (also
+/// contribution (or the contributions `given`, kept by an earlier pass over these tokens,
+/// where their shapes fit), then the scan that turns them into the states entering each chunk (also
 /// written as f16 `S/γ` into `half_states` where given) and the final state. Returns
 /// `[entering states, entering sums, final state, final sum]`, f32.
 #[allow(clippy::too_many_arguments)]
@@ -432,6 +597,7 @@ fn entering_states<R, F, I, BT>(
     v: &CubeTensor<R>,
     gates: &Option<CubeTensor<R>>,
     initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    given: Option<(CubeTensor<R>, CubeTensor<R>)>,
     tiles: retention_kernels::StateTiles,
     sizes: Sizes,
     half_states: Option<CubeTensor<R>>,
@@ -451,7 +617,9 @@ where
         big_d,
         ..
     } = sizes;
-    let (states, sums) = chunk_contributions(k, v, gates, k.dtype, tiles, c, n);
+    let given = given.and_then(|g| given_contributions(g, sizes, half_states.is_none()));
+    let (states, sums) =
+        given.unwrap_or_else(|| chunk_contributions(k, v, gates, k.dtype, tiles, c, n));
     let final_state = empty_f32(k, &[b, h, big_d, e]);
     let final_sum = empty_f32(k, &[b, h, big_d]);
     let (s0, z0) = match initial {
@@ -470,7 +638,7 @@ where
             (&sums, z0, &final_sum, big_d, None),
         ],
         false,
-        false,
+        ScanWrites::Entering,
     );
     [states, sums, final_state, final_sum]
 }
@@ -628,7 +796,9 @@ pub(crate) fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {
 
 /// The chunked form on the kernels; with `keep`, also the rows its backward pass takes
 /// ([`ForwardRows`]) wherever [`keeps_rows`] says so: the output kernel then writes the rows
-/// in f32 with their normalisers, and the output is their cast to the inputs' dtype.
+/// in f32 with their normalisers, and the output is their cast to the inputs' dtype. The
+/// chunk `contributions` kept by an earlier state pass over these tokens replace their
+/// computation where their shapes fit.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn chunked_forward<R, F, I, BT>(
     q: CubeTensor<R>,
@@ -636,6 +806,7 @@ fn chunked_forward<R, F, I, BT>(
     v: CubeTensor<R>,
     log_g: Option<CubeTensor<R>>,
     initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    contributions: Option<ChunkContributions<Cube<R, F, I, BT>>>,
     chunk_size: usize,
     options: &RetentionOptions,
     keep: bool,
@@ -688,11 +859,13 @@ where
     // 1–2. chunk contributions, then the states entering each chunk and the final state; the
     // query-state kernel reads the entering states as f16 `S/γ`
     let half_states = query_tiles.map(|_| empty(&q, &[b, h, n, big_d, e], DType::F16));
+    let given = contributions.map(|c| (c.states, c.sums));
     let [states, sums, final_state, final_sum] = entering_states::<R, F, I, BT>(
         &k,
         &v,
         &gates,
         initial,
+        given,
         state_tiles,
         sizes,
         half_states.clone(),

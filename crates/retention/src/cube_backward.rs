@@ -36,7 +36,7 @@ use retention_kernels::{
         launch_chunk_state_grad_mma,
     },
     cubecl::prelude::ComputeClient,
-    discumsum::{ScanArgs, ScanDims, launch_discumsum},
+    discumsum::{ScanArgs, ScanDims, ScanWrites, launch_discumsum},
     gate_grads::{GateGradArgs, launch_gate_grads},
     query_state::{QueryStateArgs, launch_query_state, state_scale},
     row_grads::{RowGradArgs, RowGradDims, launch_row_grads},
@@ -306,7 +306,10 @@ where
         ],
         false,
         // the f32 entering states feed the FMA kernels only
-        half_forward.is_none(),
+        match half_forward {
+            None => ScanWrites::EnteringBoth,
+            Some(_) => ScanWrites::Entering,
+        },
     );
     let dims = output_dims(sizes, options);
     let (row_inputs, row_tiles, state_part) = match (half_forward, &half_states) {
@@ -435,7 +438,10 @@ where
         ],
         true,
         // the f32 slots feed the FMA row kernels only
-        state_mma.is_none(),
+        match state_mma {
+            None => ScanWrites::EnteringBoth,
+            Some(_) => ScanWrites::Entering,
+        },
     );
 
     // 3. rows: the state path on the FMA row kernels, or on tensor cores after them
@@ -614,15 +620,15 @@ pub(crate) type ScanPart<'a, R> = (
     Option<CubeTensor<R>>,
 );
 
-/// One scan launch per part; `reverse` walks from the last chunk; `keep_f32`: parts with an
-/// f16 copy also keep their f32 slots.
+/// One scan launch per part; `reverse` walks from the last chunk; `writes`: which entering
+/// states are written besides the end state.
 pub(crate) fn scan<R: CubeRuntime>(
     client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
     s: Sizes,
     gates: &Option<CubeTensor<R>>,
     parts: [ScanPart<'_, R>; 2],
     reverse: bool,
-    keep_f32: bool,
+    writes: ScanWrites,
 ) {
     for (chunks, init, last, width, half) in parts {
         let dims = ScanDims {
@@ -636,7 +642,7 @@ pub(crate) fn scan<R: CubeRuntime>(
             chunks: arg(chunks.clone()),
             half: half.map(arg),
             half_scale: state_scale(s.big_d.max(1)),
-            keep_f32,
+            writes,
             initial: init.map(arg),
             gates: gates.clone().map(arg),
             last: arg(last.clone()),

@@ -11,11 +11,11 @@ use burn_fusion::{
     stream::{Operation, OperationStreams},
 };
 
-use crate::RetentionOptions;
 use crate::backend::{RetentionBackend, input_dtypes};
 use crate::backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
 use crate::feature_map::expanded_dim;
 use crate::reference::compute_dtype;
+use crate::{ChunkContributions, RetentionOptions};
 
 /// Which form an operation runs, with what it needs besides its tensors.
 #[derive(Debug, Clone)]
@@ -29,6 +29,16 @@ enum Form {
     },
     /// The state after the tokens, no outputs (`k, v` first: no queries).
     ChunkedState {
+        chunk: usize,
+        initial: bool,
+    },
+    /// The state from zeros, and (`keep`) two more outputs: the chunk contributions.
+    ChunkedStateKeeping {
+        chunk: usize,
+        keep: bool,
+    },
+    /// The chunked form reading kept chunk contributions (the last two inputs).
+    ChunkedFromContributions {
         chunk: usize,
         initial: bool,
     },
@@ -76,6 +86,23 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
             let initial = initial.then(|| (next(), next()));
             let (s, z) = B::retention_chunked_state(k, v, log_g, initial, chunk, &self.options);
             for (ir, tensor) in self.desc.outputs.iter().zip([s, z]) {
+                handles.register_float_tensor::<B>(&ir.id, tensor);
+            }
+            return;
+        }
+        if let Form::ChunkedStateKeeping { chunk, keep } = self.form {
+            let (k, v) = (next(), next());
+            let log_g = self.gated.then(&mut next);
+            let (s, z, kept) =
+                B::retention_chunked_state_keeping(k, v, log_g, chunk, &self.options);
+            let mut outputs = vec![s, z];
+            if keep {
+                // registered only where the inner backend said it keeps them
+                let kept =
+                    kept.expect("the inner backend keeps the contributions it said it keeps");
+                outputs.extend([kept.states, kept.sums]);
+            }
+            for (ir, tensor) in self.desc.outputs.iter().zip(outputs) {
                 handles.register_float_tensor::<B>(&ir.id, tensor);
             }
             return;
@@ -178,6 +205,24 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 let rows = rows.expect("the inner backend keeps the rows it said it keeps");
                 vec![y, s, z, rows.output, rows.normaliser]
             }
+            Form::ChunkedFromContributions { chunk, initial } => {
+                let initial = initial.then(|| (next(), next()));
+                let contributions = ChunkContributions {
+                    states: next(),
+                    sums: next(),
+                };
+                let (y, s, z) = B::retention_chunked_from_contributions(
+                    q,
+                    k,
+                    v,
+                    log_g,
+                    initial,
+                    contributions,
+                    chunk,
+                    &self.options,
+                );
+                vec![y, s, z]
+            }
             Form::Step => {
                 let (s, z) = (next(), next());
                 let (y, s, z) = B::retention_step(q, k, v, log_g, s, z, &self.options);
@@ -187,7 +232,10 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 let (s, z) = (next(), next());
                 vec![B::retention_window(q, k, v, log_g, s, z, &self.options)]
             }
-            Form::Absorb | Form::ChunkedState { .. } | Form::Backward { .. } => {
+            Form::Absorb
+            | Form::ChunkedState { .. }
+            | Form::ChunkedStateKeeping { .. }
+            | Form::Backward { .. } => {
                 unreachable!("handled above")
             }
         };
@@ -326,6 +374,110 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
             options,
         );
         two(outs)
+    }
+
+    fn retention_keeps_contributions(
+        device: &Self::Device,
+        dtypes: &[DType],
+        head_dim: usize,
+        value_dim: usize,
+        options: &RetentionOptions,
+    ) -> bool {
+        B::retention_keeps_contributions(device, dtypes, head_dim, value_dim, options)
+    }
+
+    fn retention_chunked_state_keeping(
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<ChunkContributions<Self>>,
+    ) {
+        let (b, t, h, d) = (k.shape[0], k.shape[1], k.shape[2], k.shape[3]);
+        let e = v.shape[3];
+        let big_d = expanded_dim(d, options.degree);
+        let state_dtype = compute_dtype(k.dtype);
+        let keep =
+            B::retention_keeps_contributions(k.client.device(), &[k.dtype, v.dtype], d, e, options);
+        let mut outputs = vec![
+            (Shape::from(vec![b, h, big_d, e]), state_dtype),
+            (Shape::from(vec![b, h, big_d]), state_dtype),
+        ];
+        if keep {
+            let n = t.div_ceil(chunk_size.max(1));
+            outputs.push((Shape::from(vec![b, h, n, big_d, e]), DType::F32));
+            outputs.push((Shape::from(vec![b, h, n, big_d]), DType::F32));
+        }
+        let gated = log_g.is_some();
+        let form = Form::ChunkedStateKeeping {
+            chunk: chunk_size,
+            keep,
+        };
+        let inputs = [Some(k), Some(v), log_g].into_iter().flatten().collect();
+        let mut outs = register::<B>(
+            "power_retention_chunked_state_keeping",
+            form,
+            inputs,
+            gated,
+            outputs,
+            options,
+        )
+        .into_iter();
+        let mut next = || outs.next().expect("the outputs registered above");
+        let (s, z) = (next(), next());
+        let kept = keep.then(|| ChunkContributions {
+            states: next(),
+            sums: next(),
+        });
+        (s, z, kept)
+    }
+
+    fn retention_chunked_from_contributions(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        log_g: Option<FloatTensor<Self>>,
+        initial: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        contributions: ChunkContributions<Self>,
+        chunk_size: usize,
+        options: &RetentionOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let state_dtype = match &initial {
+            Some((s, _)) if s.dtype == DType::F64 => DType::F64,
+            _ => compute_dtype(q.dtype),
+        };
+        let outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
+        let gated = log_g.is_some();
+        let form = Form::ChunkedFromContributions {
+            chunk: chunk_size,
+            initial: initial.is_some(),
+        };
+        let (s0, z0) = initial.unzip();
+        let inputs = [
+            Some(q),
+            Some(k),
+            Some(v),
+            log_g,
+            s0,
+            z0,
+            Some(contributions.states),
+            Some(contributions.sums),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        three(register::<B>(
+            "power_retention_chunked_from_contributions",
+            form,
+            inputs,
+            gated,
+            outputs,
+            options,
+        ))
     }
 
     fn retention_keeps_rows(

@@ -21,6 +21,7 @@
 mod autodiff_backend;
 mod backend;
 mod backward;
+mod chunk_contributions;
 mod compute_dtype;
 mod context_parallel;
 #[cfg(feature = "cube")]
@@ -47,6 +48,7 @@ pub mod validation;
 
 pub use backend::RetentionBackend;
 pub use backward::{ChunkedUpstream, ForwardRows, RetentionGrads, RetentionInputs};
+pub use chunk_contributions::ChunkContributions;
 pub use compute_dtype::ComputeDtype;
 pub use context_parallel::{
     SequenceSlice, power_retention_context_parallel, power_retention_state,

@@ -66,6 +66,8 @@ fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
         (2, 1, 130, 2, 2, 16, 8, 32, Gates::Strong),
         (3, 1, 45, 3, 1, 8, 16, 8, Gates::None),
         (4, 2, 64, 2, 1, 16, 16, 64, Gates::Weak),
+        // slices longer than the 1024-token runs the slices' gates are summed in
+        (5, 1, 2600, 2, 1, 8, 8, 256, Gates::Weak),
     ];
     for (seed, b, t, hq, h, d, e, chunk, gates) in shapes {
         let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
@@ -126,6 +128,94 @@ fn state_pass_matches_final_state<B: RetentionBackend>(dev: &B::Device, tol: f64
     }
 }
 
+/// The contributions a state pass keeps, read back by the forward that follows: the same
+/// output and state as one pass (twice from the same kept tensors: the scan must not consume
+/// them), a different one from zeroed contributions (they are read, not recomputed), and a
+/// forward handed contributions of the wrong shape computes its own.
+fn kept_contributions_are_read<B: RetentionBackend>(dev: &B::Device, tol: f64, kernels: bool) {
+    use burn::tensor::TensorPrimitive;
+    let prim = |x: &Tensor<B, 4>| x.clone().into_primitive().tensor();
+    let chunk = 32;
+    let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
+    let p = Problem::random(21, 2, 100, 4, 2, 16, 8, Gates::Typical);
+    let prefix = Problem::random(22, 2, 19, 4, 2, 16, 8, Gates::Typical);
+    let keeps = B::retention_keeps_contributions(dev, &[DType::F32, DType::F32], 16, 8, &opts);
+    assert_eq!(keeps, kernels, "keeps contributions");
+    let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
+    let g_prim = || g.clone().map(|g| g.into_primitive().tensor());
+    let (s, z, kept) =
+        B::retention_chunked_state_keeping(prim(&k), prim(&v), g_prim(), chunk, &opts);
+    assert_eq!(kept.is_some(), keeps, "kept contributions");
+    let own = RetentionState::<B> {
+        state: Tensor::from_primitive(TensorPrimitive::Float(s)),
+        key_sum: Tensor::from_primitive(TensorPrimitive::Float(z)),
+    };
+    let (_, want_own) = oracle(&p, None, &opts);
+    let err = max_rel(&state_vec(own), &want_own);
+    assert!(err <= tol, "own state: {err:e}");
+    let Some(kept) = kept else {
+        return;
+    };
+    let (reference, initial) = prefix_state::<B>(&prefix, dev, &opts);
+    let (want_y, want_state) = oracle(&p, Some(reference), &opts);
+    let run = |contributions: retention::ChunkContributions<B>| {
+        let initial = initial.clone();
+        let (y, s, z) = B::retention_chunked_from_contributions(
+            prim(&q),
+            prim(&k),
+            prim(&v),
+            g_prim(),
+            Some((
+                initial.state.into_primitive().tensor(),
+                initial.key_sum.into_primitive().tensor(),
+            )),
+            contributions,
+            chunk,
+            &opts,
+        );
+        let y: Tensor<B, 4> = Tensor::from_primitive(TensorPrimitive::Float(y));
+        let state = RetentionState::<B> {
+            state: Tensor::from_primitive(TensorPrimitive::Float(s)),
+            key_sum: Tensor::from_primitive(TensorPrimitive::Float(z)),
+        };
+        (
+            max_rel(&to_vec(y), &want_y),
+            max_rel(&state_vec(state), &want_state),
+        )
+    };
+    for round in 0..2 {
+        let (y, state) = run(kept.clone());
+        assert!(
+            y <= tol && state <= tol,
+            "round {round}: output {y:e}, state {state:e}"
+        );
+    }
+    let five = |t: &burn::tensor::ops::FloatTensor<B>| {
+        Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(t.clone()))
+    };
+    let four = |t: &burn::tensor::ops::FloatTensor<B>| {
+        Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t.clone()))
+    };
+    let zeroed = retention::ChunkContributions {
+        states: five(&kept.states).zeros_like().into_primitive().tensor(),
+        sums: four(&kept.sums).zeros_like().into_primitive().tensor(),
+    };
+    let (y, _) = run(zeroed);
+    assert!(
+        y > 1e-2,
+        "zeroed contributions gave the one-pass output ({y:e}): not read"
+    );
+    let wrong = retention::ChunkContributions {
+        states: five(&kept.states).narrow(2, 0, 1).into_primitive().tensor(),
+        sums: four(&kept.sums).narrow(2, 0, 1).into_primitive().tensor(),
+    };
+    let (y, state) = run(wrong);
+    assert!(
+        y <= tol && state <= tol,
+        "wrong-shaped contributions: output {y:e}, state {state:e}"
+    );
+}
+
 fn bad_slices_are_errors<B: RetentionBackend>(dev: &B::Device) {
     let opts = RetentionOptions::new().with_chunk_size(Some(16));
     let none: Vec<SequenceSlice<B>> = Vec::new();
@@ -180,6 +270,12 @@ mod ndarray {
     fn bad_slices_are_errors() {
         super::bad_slices_are_errors::<B>(&Default::default());
     }
+
+    #[test]
+    fn kept_contributions_are_read() {
+        // the reference keeps none: the state pass alone is compared
+        super::kept_contributions_are_read::<B>(&Default::default(), 1e-5, false);
+    }
 }
 
 #[cfg(feature = "wgpu")]
@@ -198,6 +294,13 @@ mod wgpu {
     fn state_pass_matches_final_state() {
         if let Some(dev) = adapter::<B>("state pass (wgpu)") {
             super::state_pass_matches_final_state::<B>(&dev, 1e-4);
+        }
+    }
+
+    #[test]
+    fn kept_contributions_are_read() {
+        if let Some(dev) = adapter::<B>("kept contributions (wgpu)") {
+            super::kept_contributions_are_read::<B>(&dev, 1e-4, true);
         }
     }
 }
