@@ -424,7 +424,6 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let [b, t, h, d] = dims4(&k);
     let e = dims4(&v)[3];
     let plans = chunked_tiles(&k, e, &initial, options);
     let Some(ChunkedTiles {
@@ -435,11 +434,30 @@ where
             k, v, log_g, initial, chunk_size, options,
         );
     };
+    let (k, v, gates, sizes) = state_inputs::<R, F, I, BT>(k, v, log_g, chunk_size);
+    let [_, _, final_state, final_sum] =
+        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, None, state_tiles, sizes, None);
+    (final_state, final_sum)
+}
+
+/// A state pass's contiguous keys and values, chunk gates and sizes (`hq = h`: no queries).
+#[allow(clippy::type_complexity)]
+fn state_inputs<R, F, I, BT>(
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+    chunk_size: usize,
+) -> (CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>, Sizes)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [b, t, h, d] = dims4(&k);
+    let e = dims4(&v)[3];
     let c = chunk_size;
     let n = t.div_ceil(c);
-    let big_d = expanded_dim(d, 2);
-    let (k, v) = (into_contiguous(k), into_contiguous(v));
-    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
     let sizes = Sizes {
         b,
         t,
@@ -449,11 +467,10 @@ where
         e,
         c,
         n,
-        big_d,
+        big_d: expanded_dim(d, 2),
     };
-    let [_, _, final_state, final_sum] =
-        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, None, state_tiles, sizes, None);
-    (final_state, final_sum)
+    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
+    (into_contiguous(k), into_contiguous(v), gates, sizes)
 }
 
 /// Whether the kernels keep the chunk contributions for keys and values of `dtypes` (`k, v`)
@@ -496,30 +513,23 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let [b, t, h, d] = dims4(&k);
-    let e = dims4(&v)[3];
+    let (d, e) = (dims4(&k)[3], dims4(&v)[3]);
     let plans = chunked_tiles(&k, e, &None, options)
         .filter(|_| keeps_contributions(&k.client, &[k.dtype, v.dtype], d, e, options));
     let Some(ChunkedTiles { state: tiles, .. }) = plans else {
         let (s, z) = chunked_state::<R, F, I, BT>(k, v, log_g, None, chunk_size, options);
         return (s, z, None);
     };
-    let c = chunk_size;
-    let n = t.div_ceil(c);
-    let big_d = expanded_dim(d, 2);
-    let (k, v) = (into_contiguous(k), into_contiguous(v));
-    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
-    let sizes = Sizes {
+    let (k, v, gates, sizes) = state_inputs::<R, F, I, BT>(k, v, log_g, chunk_size);
+    let Sizes {
         b,
-        t,
-        hq: h,
         h,
-        d,
         e,
         c,
         n,
         big_d,
-    };
+        ..
+    } = sizes;
     let (states, sums) = chunk_contributions(&k, &v, &gates, k.dtype, tiles, c, n);
     let final_state = empty_f32(&k, &[b, h, big_d, e]);
     let final_sum = empty_f32(&k, &[b, h, big_d]);
