@@ -481,6 +481,10 @@ pub enum Check {
     /// rows past the first step read steps whose keys all precede them, which the kernels
     /// weigh without a mask (the suite's random cases stay below that length).
     LongChunk,
+    /// The chunked form as context parallelism runs it: the sequence split into slices of whole
+    /// chunks (here all on the suite's device), each slice's chunk contributions kept by its
+    /// state pass and read by its forward from the state the slices before it end with.
+    ContextParallel,
     /// The chunked form in segments of whole chunks (a `segment_elements` budget smaller
     /// than the sequence's chunk states), each starting from the previous one's state.
     Segmented,
@@ -512,6 +516,7 @@ impl Check {
             Check::InitialState => "prefill from a state",
             Check::StrongGatesOrthogonal => "strong gates, own key orthogonal",
             Check::LongChunk => "long chunks (steps before the rows)",
+            Check::ContextParallel => "context-parallel slices (one device)",
             Check::Segmented => "chunked form in segments",
             Check::Step => "decode step output",
             Check::StepState => "decode step state",
@@ -586,6 +591,16 @@ pub fn check_case<B: RetentionBackend>(
         let (q, k, v, g) = p.tensors::<B>(dev, dtype);
         let y = to_vec(power_retention(q, k, v, g, &segmented)?);
         out.push((Check::Segmented, max_rel(&y, &oracle)));
+    }
+
+    if p.t > case.chunk && case.index % 8 == 3 {
+        // two or three slices of whole chunks
+        let (q, k, v, g) = p.tensors::<B>(dev, dtype);
+        let devices = vec![dev.clone(); 3];
+        let slices = crate::SequenceSlice::split(q, k, v, g, case.chunk, &devices)?;
+        let (ys, _) = crate::power_retention_context_parallel(slices, None, &opts)?;
+        let y = to_vec(Tensor::cat(ys, 1));
+        out.push((Check::ContextParallel, max_rel(&y, &oracle)));
     }
 
     if p.t >= 2 && case.index % 5 == 2 {
