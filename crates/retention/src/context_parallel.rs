@@ -207,49 +207,59 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     // and moved before slice i's pass 2 is queued there (a transfer waits for the work queued
     // before it on its device, and no longer)
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
+    let mut first = first.into_iter();
     let mut entering = initial_state;
-    let mut outputs = Vec::with_capacity(first.len());
-    let mut slices = slices.into_iter().chain([last]).zip(first).peekable();
-    let mut state = None;
-    while let Some((slice, own)) = slices.next() {
+    let mut outputs = Vec::with_capacity(slices.len() + 1);
+    let next_devices: Vec<B::Device> = slices
+        .iter()
+        .skip(1)
+        .chain([&last])
+        .map(|s| s.q.device())
+        .collect();
+    for ((slice, own), next_device) in slices.into_iter().zip(&mut first).zip(&next_devices) {
         let device = slice.q.device();
-        let kept = own.kept;
-        let next = match slices.peek() {
-            None => None,
-            Some((next, _)) => {
-                let state = match entering.clone() {
-                    None => own.state,
-                    Some(s) => {
-                        let s = s.cast(own.state.dtype());
-                        let (state, key_sum) = match own.decay {
-                            Some(a) => {
-                                let [b, h] = a.dims();
-                                (
-                                    s.state * a.clone().reshape([b, h, 1, 1]),
-                                    s.key_sum * a.reshape([b, h, 1]),
-                                )
-                            }
-                            None => (s.state, s.key_sum),
-                        };
-                        RetentionState {
-                            state: state + own.state.state,
-                            key_sum: key_sum + own.state.key_sum,
-                        }
-                    }
-                };
-                Some(state.to_device(&next.q.device()))
-            }
-        };
-        let (y, end) = second_pass(slice, entering, kept, options)?;
+        let next = handed_on(entering.clone(), own.state, own.decay).to_device(next_device);
+        let (y, _) = second_pass(slice, entering, own.kept, options)?;
         B::retention_flush(&device);
         outputs.push(y);
-        state = Some(end);
-        entering = next;
+        entering = Some(next);
     }
-    // `first` held the last slice: the loop ran
-    let state = state.ok_or_else(|| RetentionError::Config("no slices".into()))?;
+    let own = first
+        .next()
+        .ok_or_else(|| RetentionError::Config("pass 1 ran for every slice".into()))?;
+    let last_device = last.q.device();
+    let (y, state) = second_pass(last, entering, own.kept, options)?;
+    B::retention_flush(&last_device);
+    outputs.push(y);
     // a given state comes back in its own dtype, as from one pass
     Ok((outputs, in_given_dtype(state, dtype)))
+}
+
+/// The state the slice after one starts from: `e^{Γ}·entering + own` (`own` alone after the
+/// first slice with no initial state), in `own`'s dtype.
+fn handed_on<B: RetentionBackend>(
+    entering: Option<RetentionState<B>>,
+    own: RetentionState<B>,
+    decay: Option<Tensor<B, 2>>,
+) -> RetentionState<B> {
+    let Some(s) = entering else {
+        return own;
+    };
+    let s = s.cast(own.dtype());
+    let (state, key_sum) = match decay {
+        Some(a) => {
+            let [b, h] = a.dims();
+            (
+                s.state * a.clone().reshape([b, h, 1, 1]),
+                s.key_sum * a.reshape([b, h, 1]),
+            )
+        }
+        None => (s.state, s.key_sum),
+    };
+    RetentionState {
+        state: state + own.state,
+        key_sum: key_sum + own.key_sum,
+    }
 }
 
 /// What pass 1 keeps of a slice.
@@ -343,21 +353,27 @@ fn summed_gates<B: RetentionBackend>(log_g: Tensor<B, 3>) -> Tensor<B, 2> {
     const RUN: usize = 1024;
     let [b, t, h] = log_g.dims();
     let whole = t / RUN * RUN;
-    let mut sum = Tensor::<B, 2>::zeros([b, h], (&log_g.device(), log_g.dtype()));
-    if whole > 0 {
-        let runs = log_g
+    let runs = (whole > 0).then(|| {
+        log_g
             .clone()
             .narrow(1, 0, whole)
             .reshape([b, whole / RUN, RUN, h])
             .sum_dim(2)
             .sum_dim(1)
-            .reshape([b, h]);
-        sum = sum + runs;
+            .reshape([b, h])
+    });
+    let tail = (whole < t).then(|| {
+        log_g
+            .clone()
+            .narrow(1, whole, t - whole)
+            .sum_dim(1)
+            .reshape([b, h])
+    });
+    match (runs, tail) {
+        (Some(runs), Some(tail)) => runs + tail,
+        (Some(sum), None) | (None, Some(sum)) => sum,
+        (None, None) => Tensor::zeros([b, h], (&log_g.device(), log_g.dtype())),
     }
-    if whole < t {
-        sum = sum + log_g.narrow(1, whole, t - whole).sum_dim(1).reshape([b, h]);
-    }
-    sum
 }
 
 /// Pass 2 on one slice from the state it starts from: the outputs and the state after it,

@@ -225,7 +225,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         FloatTensor<Self>,
         Option<ChunkContributions<Self>>,
     ) {
-        chunked_state_keeping::<R, F, I, BT>(k, v, log_g, chunk_size, options)
+        state_pass::<R, F, I, BT>(k, v, log_g, None, chunk_size, options, true)
     }
 
     fn retention_chunked_from_contributions(
@@ -265,7 +265,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        chunked_state::<R, F, I, BT>(k, v, log_g, initial, chunk_size, options)
+        let (s, z, _) = state_pass::<R, F, I, BT>(k, v, log_g, initial, chunk_size, options, false);
+        (s, z)
     }
 
     fn retention_keeps_rows(
@@ -407,47 +408,26 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
     }
 }
 
-/// [`RetentionBackend::retention_chunked_state`]: the chunk contributions and the scan of
-/// [`chunked_forward`], no query-state product and no outputs (about a third of a forward at
-/// `d = 64`); the reference where the kernels do not take the inputs.
-fn chunked_state<R, F, I, BT>(
+/// The state after the tokens `k`, `v` from `initial` (zeros when `None`) on the kernels:
+/// each chunk's contribution, then a scan that writes only the end state (the slots keep the
+/// contributions). With `keep`, the contributions are returned too, where
+/// [`keeps_contributions`] says so. The reference where the kernels do not take the inputs.
+/// Serves [`RetentionBackend::retention_chunked_state`] and
+/// [`RetentionBackend::retention_chunked_state_keeping`].
+#[allow(clippy::type_complexity)]
+fn state_pass<R, F, I, BT>(
     k: CubeTensor<R>,
     v: CubeTensor<R>,
     log_g: Option<CubeTensor<R>>,
     initial: Option<(CubeTensor<R>, CubeTensor<R>)>,
     chunk_size: usize,
     options: &RetentionOptions,
-) -> (CubeTensor<R>, CubeTensor<R>)
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let e = dims4(&v)[3];
-    let plans = chunked_tiles(&k, e, &initial, options);
-    let Some(ChunkedTiles {
-        state: state_tiles, ..
-    }) = plans
-    else {
-        return reference_chunked_state::<Cube<R, F, I, BT>>(
-            k, v, log_g, initial, chunk_size, options,
-        );
-    };
-    let (k, v, gates, sizes) = state_inputs::<R, F, I, BT>(k, v, log_g, chunk_size);
-    let [_, _, final_state, final_sum] =
-        entering_states::<R, F, I, BT>(&k, &v, &gates, initial, None, state_tiles, sizes, None);
-    (final_state, final_sum)
-}
-
-/// A state pass's contiguous keys and values, chunk gates and sizes (`hq = h`: no queries).
-#[allow(clippy::type_complexity)]
-fn state_inputs<R, F, I, BT>(
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    log_g: Option<CubeTensor<R>>,
-    chunk_size: usize,
-) -> (CubeTensor<R>, CubeTensor<R>, Option<CubeTensor<R>>, Sizes)
+    keep: bool,
+) -> (
+    CubeTensor<R>,
+    CubeTensor<R>,
+    Option<ChunkContributions<Cube<R, F, I, BT>>>,
+)
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -456,8 +436,16 @@ where
 {
     let [b, t, h, d] = dims4(&k);
     let e = dims4(&v)[3];
+    let Some(ChunkedTiles { state: tiles, .. }) = chunked_tiles(&k, e, &initial, options) else {
+        let (s, z) =
+            reference_chunked_state::<Cube<R, F, I, BT>>(k, v, log_g, initial, chunk_size, options);
+        return (s, z, None);
+    };
+    // as `keeps_contributions`: the tiles planned, and one dtype for keys and values
+    let keep = keep && k.dtype == v.dtype;
     let c = chunk_size;
     let n = t.div_ceil(c);
+    let big_d = expanded_dim(d, 2);
     let sizes = Sizes {
         b,
         t,
@@ -467,15 +455,39 @@ where
         e,
         c,
         n,
-        big_d: expanded_dim(d, 2),
+        big_d,
     };
+    let (k, v) = (into_contiguous(k), into_contiguous(v));
     let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, c, n));
-    (into_contiguous(k), into_contiguous(v), gates, sizes)
+    let (states, sums) = chunk_contributions(&k, &v, &gates, k.dtype, tiles, c, n);
+    let final_state = empty_f32(&k, &[b, h, big_d, e]);
+    let final_sum = empty_f32(&k, &[b, h, big_d]);
+    let (s0, z0) = initial
+        .map(|(s, z)| {
+            (
+                to_f32_contiguous::<R, F, I, BT, 4>(s),
+                to_f32_contiguous::<R, F, I, BT, 3>(z),
+            )
+        })
+        .unzip();
+    scan(
+        &k.client,
+        sizes,
+        &gates,
+        [
+            (&states, s0, &final_state, big_d * e, None),
+            (&sums, z0, &final_sum, big_d, None),
+        ],
+        false,
+        ScanWrites::LastOnly,
+    );
+    let kept = keep.then_some(ChunkContributions { states, sums });
+    (final_state, final_sum, kept)
 }
 
 /// Whether the kernels keep the chunk contributions for keys and values of `dtypes` (`k, v`)
-/// and head dims `d`, `e`: where they would compute them (degree 2, one half or f32 dtype,
-/// tiles that fit).
+/// and head dims `d`, `e`: where [`state_pass`] computes them on the kernels (degree 2, a
+/// half or f32 dtype shared by keys and values, tiles that fit).
 fn keeps_contributions<R: CubeRuntime>(
     client: &retention_kernels::cubecl::prelude::ComputeClient<R>,
     dtypes: &[DType],
@@ -490,62 +502,6 @@ fn keeps_contributions<R: CubeRuntime>(
         && k == v
         && kernel_dtype(*k)
         && ChunkedTiles::plan(client, (*k).into(), strategy(options), d, e).is_some()
-}
-
-/// [`RetentionBackend::retention_chunked_state_keeping`]: the chunk contributions, kept, and
-/// a scan that writes only the final state (the slots keep the contributions); the state pass
-/// without them where [`keeps_contributions`] says no.
-#[allow(clippy::type_complexity)]
-fn chunked_state_keeping<R, F, I, BT>(
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    log_g: Option<CubeTensor<R>>,
-    chunk_size: usize,
-    options: &RetentionOptions,
-) -> (
-    CubeTensor<R>,
-    CubeTensor<R>,
-    Option<ChunkContributions<Cube<R, F, I, BT>>>,
-)
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let (d, e) = (dims4(&k)[3], dims4(&v)[3]);
-    let plans = chunked_tiles(&k, e, &None, options)
-        .filter(|_| keeps_contributions(&k.client, &[k.dtype, v.dtype], d, e, options));
-    let Some(ChunkedTiles { state: tiles, .. }) = plans else {
-        let (s, z) = chunked_state::<R, F, I, BT>(k, v, log_g, None, chunk_size, options);
-        return (s, z, None);
-    };
-    let (k, v, gates, sizes) = state_inputs::<R, F, I, BT>(k, v, log_g, chunk_size);
-    let Sizes {
-        b,
-        h,
-        e,
-        c,
-        n,
-        big_d,
-        ..
-    } = sizes;
-    let (states, sums) = chunk_contributions(&k, &v, &gates, k.dtype, tiles, c, n);
-    let final_state = empty_f32(&k, &[b, h, big_d, e]);
-    let final_sum = empty_f32(&k, &[b, h, big_d]);
-    scan(
-        &k.client,
-        sizes,
-        &gates,
-        [
-            (&states, None, &final_state, big_d * e, None),
-            (&sums, None, &final_sum, big_d, None),
-        ],
-        false,
-        ScanWrites::LastOnly,
-    );
-    let kept = ChunkContributions { states, sums };
-    (final_state, final_sum, Some(kept))
 }
 
 /// Contributions handed to a forward (`given`) if they have the shapes of its chunks, in
