@@ -21,11 +21,13 @@ use crate::{ChunkContributions, RetentionOptions};
 #[derive(Debug, Clone)]
 enum Form {
     Attention,
-    /// `keep_rows`: two more outputs, the rows kept for the backward pass.
+    /// `keep_rows`: two more outputs, the rows kept for the backward pass; `contributions`:
+    /// two more inputs (after the initial state), kept chunk contributions to read.
     Chunked {
         chunk: usize,
         initial: bool,
         keep_rows: bool,
+        contributions: bool,
     },
     /// The state after the tokens, no outputs (`k, v` first: no queries).
     ChunkedState {
@@ -36,11 +38,6 @@ enum Form {
     ChunkedStateKeeping {
         chunk: usize,
         keep: bool,
-    },
-    /// The chunked form reading kept chunk contributions (the last two inputs).
-    ChunkedFromContributions {
-        chunk: usize,
-        initial: bool,
     },
     Step,
     Window,
@@ -181,15 +178,35 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 chunk,
                 initial,
                 keep_rows: false,
+                contributions,
             } => {
                 let initial = initial.then(|| (next(), next()));
-                let (y, s, z) = B::retention_chunked(q, k, v, log_g, initial, chunk, &self.options);
+                let (y, s, z) = match contributions {
+                    true => {
+                        let kept = ChunkContributions {
+                            states: next(),
+                            sums: next(),
+                        };
+                        B::retention_chunked_from_contributions(
+                            q,
+                            k,
+                            v,
+                            log_g,
+                            initial,
+                            kept,
+                            chunk,
+                            &self.options,
+                        )
+                    }
+                    false => B::retention_chunked(q, k, v, log_g, initial, chunk, &self.options),
+                };
                 vec![y, s, z]
             }
             Form::Chunked {
                 chunk,
                 initial,
                 keep_rows: true,
+                ..
             } => {
                 let initial = initial.then(|| (next(), next()));
                 let (y, s, z, rows) = B::retention_chunked_keeping_rows(
@@ -204,24 +221,6 @@ impl<B: FusionBackend + RetentionBackend> Operation<B::FusionRuntime> for Retent
                 // registered only where the inner backend said it keeps them
                 let rows = rows.expect("the inner backend keeps the rows it said it keeps");
                 vec![y, s, z, rows.output, rows.normaliser]
-            }
-            Form::ChunkedFromContributions { chunk, initial } => {
-                let initial = initial.then(|| (next(), next()));
-                let contributions = ChunkContributions {
-                    states: next(),
-                    sums: next(),
-                };
-                let (y, s, z) = B::retention_chunked_from_contributions(
-                    q,
-                    k,
-                    v,
-                    log_g,
-                    initial,
-                    contributions,
-                    chunk,
-                    &self.options,
-                );
-                vec![y, s, z]
             }
             Form::Step => {
                 let (s, z) = (next(), next());
@@ -325,7 +324,16 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, s, z, _) = chunked::<B>(q, k, v, log_g, initial, chunk_size, options, false);
+        let (y, s, z, _) = chunked::<B>(
+            q,
+            k,
+            v,
+            log_g,
+            initial,
+            chunk_size,
+            options,
+            ChunkedExtra::Plain,
+        );
         (y, s, z)
     }
 
@@ -446,38 +454,9 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let state_dtype = match &initial {
-            Some((s, _)) if s.dtype == DType::F64 => DType::F64,
-            _ => compute_dtype(q.dtype),
-        };
-        let outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
-        let gated = log_g.is_some();
-        let form = Form::ChunkedFromContributions {
-            chunk: chunk_size,
-            initial: initial.is_some(),
-        };
-        let (s0, z0) = initial.unzip();
-        let inputs = [
-            Some(q),
-            Some(k),
-            Some(v),
-            log_g,
-            s0,
-            z0,
-            Some(contributions.states),
-            Some(contributions.sums),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        three(register::<B>(
-            "power_retention_chunked_from_contributions",
-            form,
-            inputs,
-            gated,
-            outputs,
-            options,
-        ))
+        let extra = ChunkedExtra::FromContributions(contributions);
+        let (y, s, z, _) = chunked::<B>(q, k, v, log_g, initial, chunk_size, options, extra);
+        (y, s, z)
     }
 
     fn retention_keeps_rows(
@@ -504,7 +483,16 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         FloatTensor<Self>,
         Option<ForwardRows<Self>>,
     ) {
-        chunked::<B>(q, k, v, log_g, initial, chunk_size, options, true)
+        chunked::<B>(
+            q,
+            k,
+            v,
+            log_g,
+            initial,
+            chunk_size,
+            options,
+            ChunkedExtra::KeepRows,
+        )
     }
 
     fn retention_step(
@@ -628,8 +616,9 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
     }
 }
 
-/// Registers the chunked form; with `keep`, also the rows its backward pass takes, where the
-/// inner backend keeps them.
+/// Registers the chunked form; with [`ChunkedExtra::KeepRows`], also the rows its backward
+/// pass takes, where the inner backend keeps them; with [`ChunkedExtra::FromContributions`],
+/// reading kept chunk contributions.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn chunked<B: FusionBackend + RetentionBackend>(
     q: FloatTensor<Fusion<B>>,
@@ -639,7 +628,7 @@ fn chunked<B: FusionBackend + RetentionBackend>(
     initial: Option<(FloatTensor<Fusion<B>>, FloatTensor<Fusion<B>>)>,
     chunk_size: usize,
     options: &RetentionOptions,
-    keep: bool,
+    extra: ChunkedExtra<B>,
 ) -> (
     FloatTensor<Fusion<B>>,
     FloatTensor<Fusion<B>>,
@@ -653,7 +642,8 @@ fn chunked<B: FusionBackend + RetentionBackend>(
     let mut outputs = stateful_outputs(&q, &v, options.degree, state_dtype);
     let dtypes = input_dtypes::<Fusion<B>>([&q, &k, &v], initial.as_ref());
     let (d, e) = (q.shape[3], v.shape[3]);
-    let keep_rows = keep && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
+    let keep_rows = matches!(extra, ChunkedExtra::KeepRows)
+        && B::retention_keeps_rows(q.client.device(), &dtypes, d, e, options);
     if keep_rows {
         let (b, t, hq) = (q.shape[0], q.shape[1], q.shape[2]);
         outputs.push((Shape::from(vec![b, t, hq, e]), DType::F32));
@@ -662,7 +652,12 @@ fn chunked<B: FusionBackend + RetentionBackend>(
     let gated = log_g.is_some();
     let has_initial = initial.is_some();
     let (s0, z0) = initial.unzip();
-    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0]
+    let (states, sums) = match extra {
+        ChunkedExtra::FromContributions(c) => (Some(c.states), Some(c.sums)),
+        _ => (None, None),
+    };
+    let contributions = states.is_some();
+    let inputs = [Some(q), Some(k), Some(v), log_g, s0, z0, states, sums]
         .into_iter()
         .flatten()
         .collect();
@@ -670,6 +665,7 @@ fn chunked<B: FusionBackend + RetentionBackend>(
         chunk: chunk_size,
         initial: has_initial,
         keep_rows,
+        contributions,
     };
     let mut outs = register::<B>(
         "power_retention_chunked",
@@ -687,6 +683,14 @@ fn chunked<B: FusionBackend + RetentionBackend>(
         normaliser: next(),
     });
     (y, s, z, rows)
+}
+
+/// What a chunked-form call does besides the form: nothing, keep the rows for the backward
+/// pass, or read kept chunk contributions.
+enum ChunkedExtra<B: FusionBackend> {
+    Plain,
+    KeepRows,
+    FromContributions(ChunkContributions<Fusion<B>>),
 }
 
 /// Registers a backward pass: inputs q, k, v, log-gates, initial state, then the upstream
