@@ -12,7 +12,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use retention::validation::{max_rel, to_vec};
 use retention::{
     RetentionBackend, RetentionOptions, SequenceSlice, power_retention_context_parallel,
-    power_retention_state, power_retention_with_state,
+    power_retention_state, power_retention_with_state, to_device_synced,
 };
 
 use crate::backend_choice::devices_of;
@@ -214,11 +214,15 @@ fn time_phases<B: RetentionBackend>(
     }
     // the last slice's tokens on the first device: whether a difference between the two
     // slices' forwards is the devices' or the slices'
+    let here = first.q.device();
     let moved = SequenceSlice {
-        q: last.q.clone().to_device(&first.q.device()),
-        k: last.k.clone().to_device(&first.q.device()),
-        v: last.v.clone().to_device(&first.q.device()),
-        log_g: last.log_g.clone().map(|g| g.to_device(&first.q.device())),
+        q: to_device_synced(last.q.clone(), &here)?,
+        k: to_device_synced(last.k.clone(), &here)?,
+        v: to_device_synced(last.v.clone(), &here)?,
+        log_g: match &last.log_g {
+            Some(g) => Some(to_device_synced(g.clone(), &here)?),
+            None => None,
+        },
     };
     let ms = median_ms::<B>(devices, args, || {
         drop(forward(&moved)?);
@@ -258,7 +262,7 @@ fn time_phases<B: RetentionBackend>(
     let state = power_retention_state(first.k.clone(), first.v.clone(), None, None, opts)?;
     let target = last.q.device();
     let move_ms = median_ms::<B>(devices, args, || {
-        drop(state.clone().to_device(&target));
+        drop(state.clone().to_device(&target)?);
         Ok(())
     })?;
     println!("phase,state_move,{move_ms:.3}");
@@ -317,41 +321,12 @@ pub fn context_bench<B: RetentionBackend>(
                 time_phases::<B>(&slices, &devices, &opts, args)?;
             }
             if args.check && gpus > 1 {
-                // where a difference comes from: the plain forward on another device, and
-                // the slices all on the first device
-                let other = &devices[1];
-                let on_other = power_retention_with_state(
-                    q.clone().to_device(other),
-                    k.clone().to_device(other),
-                    v.clone().to_device(other),
-                    Some(g.clone().to_device(other)),
-                    None,
-                    &opts,
-                )?;
-                let (want, _) = power_retention_with_state(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    Some(g.clone()),
-                    None,
-                    &opts,
-                )?;
-                let other_err = max_rel(&to_vec(on_other.0.to_device(dev)), &to_vec(want.clone()));
-                let local = SequenceSlice::split(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    Some(g.clone()),
-                    args.chunk,
-                    &vec![dev.clone(); gpus],
-                )?;
-                let (ys, _) = power_retention_context_parallel(local, None, &opts)?;
-                let local_err = max_rel(&to_vec(Tensor::cat(ys, 1)), &to_vec(want));
-                println!(
-                    "check,{gpus},{t},forward_on_device_1,{other_err:.3e},slices_on_device_0,{local_err:.3e}"
-                );
                 let (outputs, state) = power_retention_context_parallel(slices, None, &opts)?;
-                let got = Tensor::cat(outputs.into_iter().map(|y| y.to_device(dev)).collect(), 1);
+                let got = outputs
+                    .into_iter()
+                    .map(|y| to_device_synced(y, dev))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let got = Tensor::cat(got, 1);
                 let (want, want_state) = power_retention_with_state(
                     q.clone(),
                     k.clone(),
@@ -362,7 +337,7 @@ pub fn context_bench<B: RetentionBackend>(
                 )?;
                 let output = max_rel(&to_vec(got), &to_vec(want));
                 let state = max_rel(
-                    &to_vec(state.state.to_device(dev)),
+                    &to_vec(state.to_device(dev)?.state),
                     &to_vec(want_state.state),
                 );
                 println!("check,{gpus},{t},output,{output:.3e},state,{state:.3e}");

@@ -23,6 +23,7 @@ mod llama_model;
 mod loss_plot;
 mod mixer_transfer;
 mod pretrained;
+mod replica_transfer;
 mod retraining;
 mod text_tokenizer;
 mod token_sampler;

@@ -12,8 +12,9 @@ use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Opt
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use retention::RetentionBackend;
+use retention::{RetentionBackend, to_device_synced};
 
+use crate::replica_transfer::{grads_on, replica_on};
 use crate::token_windows::{TokenBatch, TokenWindows};
 use crate::{
     CausalLm, LanguageModel, MixerTrace, ModelError, Trainable, distillation_loss,
@@ -350,8 +351,9 @@ where
 
     /// The step's loss and gradients with `batch` split across [`Self::with_devices`]'
     /// devices: every share's forward and backward pass is queued (and its device flushed)
-    /// before any result is read, then the gradients are moved to the trainer's device and
-    /// summed there.
+    /// before any result is read, then the gradients are copied to the trainer's device and
+    /// summed there. Replicas and gradients move with their destination synced before and
+    /// after ([`crate::replica_transfer`]).
     fn data_parallel_grads(
         &self,
         batch: TokenBatch<B>,
@@ -364,13 +366,13 @@ where
             let replica = if i == 0 {
                 self.model.clone()
             } else {
-                self.model.clone().fork(device)
+                replica_on(self.model.clone(), device)?
             };
             let part = |ids: &burn::tensor::Tensor<B, 2, burn::tensor::Int>| {
-                ids.clone().narrow(0, i * share, share).to_device(device)
+                to_device_synced(ids.clone().narrow(0, i * share, share), device)
             };
             let loss = replica
-                .next_token_loss(part(&batch.inputs), part(&batch.targets))?
+                .next_token_loss(part(&batch.inputs)?, part(&batch.targets)?)?
                 .div_scalar(n as f64);
             let grads = loss.backward();
             B::retention_flush(device);
@@ -380,8 +382,11 @@ where
         let mut value = 0.0;
         for (replica, loss, grads) in queued {
             value += loss.into_scalar().elem::<f64>();
-            let grads =
-                GradientsParams::from_grads(grads, &replica).to_device(&self.device, &replica);
+            let grads = grads_on(
+                GradientsParams::from_grads(grads, &replica),
+                &self.device,
+                &replica,
+            )?;
             sum.accumulate(&self.model, grads);
         }
         Ok((value, sum.grads()))

@@ -303,3 +303,53 @@ fn data_parallel_needs_a_divisible_batch_and_no_teacher() -> Result<(), ModelErr
     assert!(matches!(err, Err(ModelError::Config(m)) if m.contains("teacher")));
     Ok(())
 }
+
+/// Data parallelism over two wgpu devices (the adapter as Burn's default device and as its CPU
+/// device: two clients with their own memory), so the replica's parameters and its gradients
+/// cross between devices: the losses of one device's steps on the same batches.
+#[cfg(feature = "wgpu")]
+#[test]
+fn data_parallel_across_two_devices_matches_one_device() -> Result<(), ModelError> {
+    use burn::backend::wgpu::{Wgpu, WgpuDevice};
+    type W = Autodiff<Wgpu>;
+    let name = "data parallel, two devices (wgpu)";
+    let (dev, cpu) = (WgpuDevice::DefaultDevice, WgpuDevice::Cpu);
+    let probe = std::panic::catch_unwind(|| {
+        for d in [&WgpuDevice::DefaultDevice, &WgpuDevice::Cpu] {
+            let _ = Tensor::<W, 1>::zeros([1], d).into_data();
+        }
+    });
+    match probe {
+        Ok(()) => {}
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("{name}: no GPU or CPU adapter, and CI is set")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED {name}: no GPU and CPU adapter found");
+            return Ok(());
+        }
+    }
+    let config = LanguageModelConfig::tiny(300)
+        .with_mixer(MixerKind::Retention)
+        .with_chunk_size(Some(8));
+    let record = config.init::<W>(&dev)?.into_record();
+    let model = config.init::<W>(&dev)?.load_record(record);
+    let training = TrainingConfig::new(6, 4, 24)
+        .with_eval_every(0)
+        .with_eval_batches(1);
+    let windows = || patterned_windows(training.seq_len);
+    let (train, valid) = windows()?;
+    let mut one = Trainer::new(training.clone(), model.clone(), train, &valid, &dev)?;
+    let (train, valid) = windows()?;
+    let mut two =
+        Trainer::new(training, model, train, &valid, &dev)?.with_devices(vec![dev, cpu])?;
+    for step in 0..4 {
+        let a = one.step()?.loss;
+        let b = two.step()?.loss;
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+            "step {step}: loss {a} on one device, {b} on two"
+        );
+    }
+    Ok(())
+}

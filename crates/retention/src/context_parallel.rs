@@ -16,7 +16,10 @@
 //! start a device's queued work only when it is read, synced or flushed: queued from one thread
 //! and synced in turn, two H200s ran one after the other), so the devices run their slices at
 //! once; slice `i`'s second pass is queued right after the state it hands on, and the call
-//! returns with the second passes still running.
+//! returns with the second passes still running. A handed-on state moves with its destination
+//! synced before and after ([`to_device_synced`]: the host waits for the receiving slice's
+//! first pass, which ran beside the sending one's): a plain move between two CUDA devices
+//! races the work queued on either and gave wrong outputs on two H200s.
 
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -25,7 +28,7 @@ use crate::op::{
 };
 use crate::{
     ChunkContributions, RetentionBackend, RetentionError, RetentionOptions, RetentionState,
-    power_retention_with_state,
+    power_retention_with_state, to_device_synced,
 };
 
 /// The tokens of one slice of a sequence, on the device that runs it.
@@ -48,7 +51,8 @@ pub struct SequenceSlice<B: Backend> {
 }
 
 impl<B: RetentionBackend> SequenceSlice<B> {
-    /// Splits one sequence into slices of consecutive tokens, one per device (moved there),
+    /// Splits one sequence into slices of consecutive tokens, one per device (moved there
+    /// with [`to_device_synced`]; a slice on the sequence's own device is a view of it),
     /// as equal as whole chunks of `chunk` tokens allow (the last slice ends with the partial
     /// chunk, if any): `devices.len()` slices, or one per chunk when the sequence has fewer
     /// chunks than devices (the first devices take them).
@@ -57,7 +61,8 @@ impl<B: RetentionBackend> SequenceSlice<B> {
     /// As [`SequenceSlice`]; every input has the whole sequence.
     ///
     /// # Errors
-    /// As [`power_retention`](crate::power_retention) for inputs whose shapes do not agree.
+    /// As [`power_retention`](crate::power_retention) for inputs whose shapes do not agree;
+    /// [`RetentionError::Device`] where a device fails while a slice moves to it.
     pub fn split(
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -76,14 +81,16 @@ impl<B: RetentionBackend> SequenceSlice<B> {
             // the first `chunks mod parts` slices take one chunk more
             let own = chunks / parts + usize::from(i < chunks % parts);
             let len = (own * chunk).min(seq - start);
-            let part4 = |x: &Tensor<B, 4>| x.clone().narrow(1, start, len).to_device(device);
+            let part4 =
+                |x: &Tensor<B, 4>| to_device_synced(x.clone().narrow(1, start, len), device);
             slices.push(Self {
-                q: part4(&q),
-                k: part4(&k),
-                v: part4(&v),
+                q: part4(&q)?,
+                k: part4(&k)?,
+                v: part4(&v)?,
                 log_g: log_g
                     .as_ref()
-                    .map(|g| g.clone().narrow(1, start, len).to_device(device)),
+                    .map(|g| to_device_synced(g.clone().narrow(1, start, len), device))
+                    .transpose()?,
             });
             start += len;
         }
@@ -163,7 +170,7 @@ pub fn power_retention_state<B: RetentionBackend>(
 /// # Errors
 /// As [`power_retention_with_state`] for any slice (the error names the argument), and
 /// [`RetentionError::Config`] for no slices or slices whose batch, heads or head dims
-/// differ.
+/// differ; [`RetentionError::Device`] where reading a handed-on state back fails.
 pub fn power_retention_context_parallel<B: RetentionBackend>(
     mut slices: Vec<SequenceSlice<B>>,
     initial_state: Option<RetentionState<B>>,
@@ -204,8 +211,8 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     }
     // the gated prefix scan over the slices, and pass 2 on each slice as soon as the state it
     // starts from is known: the state slice i + 1 starts from is formed on slice i's device
-    // and moved before slice i's pass 2 is queued there (a transfer waits for the work queued
-    // before it on its device, and no longer)
+    // and moved to slice i + 1's before slice i's pass 2 is queued (the move waits for the
+    // work queued before it on slice i's device, and for slice i + 1's first pass)
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let mut first = first.into_iter();
     let mut entering = initial_state;
@@ -218,7 +225,7 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
         .collect();
     for ((slice, own), next_device) in slices.into_iter().zip(&mut first).zip(&next_devices) {
         let device = slice.q.device();
-        let next = handed_on(entering.clone(), own.state, own.decay).to_device(next_device);
+        let next = handed_on(entering.clone(), own.state, own.decay).to_device(next_device)?;
         let (y, _) = second_pass(slice, entering, own.kept, options)?;
         B::retention_flush(&device);
         outputs.push(y);

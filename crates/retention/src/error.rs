@@ -143,4 +143,7 @@ pub enum RetentionError {
     /// A module configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A device failed to run or return the work asked of it.
+    #[error("device error: {0}")]
+    Device(String),
 }

@@ -68,12 +68,18 @@ impl<B: Backend> RetentionState<B> {
         }
     }
 
-    /// This state on `device` (both tensors).
-    pub fn to_device(self, device: &B::Device) -> Self {
-        Self {
-            state: self.state.to_device(device),
-            key_sum: self.key_sum.to_device(device),
-        }
+    /// This state on `device` (both tensors), the destination synced before and after the move
+    /// ([`to_device_synced`](crate::to_device_synced): a plain move between two CUDA devices
+    /// can race the work queued on either).
+    ///
+    /// # Errors
+    /// [`RetentionError::Device`](crate::RetentionError::Device) where syncing the destination
+    /// fails.
+    pub fn to_device(self, device: &B::Device) -> Result<Self, crate::RetentionError> {
+        Ok(Self {
+            state: crate::to_device_synced(self.state, device)?,
+            key_sum: crate::to_device_synced(self.key_sum, device)?,
+        })
     }
 
     /// Element type of the state.

@@ -485,6 +485,9 @@ pub enum Check {
     /// chunks (here all on the suite's device), each slice's chunk contributions kept by its
     /// state pass and read by its forward from the state the slices before it end with.
     ContextParallel,
+    /// A batch of 32 (t = 300, 2 heads of 32, chunk 128), whole and as its two halves (the
+    /// second a view at an offset into the batch): batch rows stay independent.
+    LargeBatch,
     /// The chunked form in segments of whole chunks (a `segment_elements` budget smaller
     /// than the sequence's chunk states), each starting from the previous one's state.
     Segmented,
@@ -517,6 +520,7 @@ impl Check {
             Check::StrongGatesOrthogonal => "strong gates, own key orthogonal",
             Check::LongChunk => "long chunks (steps before the rows)",
             Check::ContextParallel => "context-parallel slices (one device)",
+            Check::LargeBatch => "batch of 32, whole and halves",
             Check::Segmented => "chunked form in segments",
             Check::Step => "decode step output",
             Check::StepState => "decode step state",
@@ -630,6 +634,42 @@ pub fn check_case<B: RetentionBackend>(
             worst = worst.max(max_rel(&y, &want));
         }
         out.push((Check::LongChunk, worst));
+    }
+
+    // once in every 50 cases (case 4 of any run of five or more)
+    if case.index % 50 == 4 {
+        let (b, t) = (32, 300);
+        let big =
+            Problem::random(case.index + 700, b, t, 2, 2, 32, 32, Gates::Typical).rounded(dtype);
+        let want = big.naive(2, 1.0 / (big.d as f64).sqrt());
+        let opts = RetentionOptions::new()
+            .with_chunk_size(Some(128))
+            .with_kernels(kernels);
+        let (q, k, v, g) = big.tensors::<B>(dev, dtype);
+        let whole = to_vec(power_retention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            g.clone(),
+            &opts,
+        )?);
+        let half = |x: &Tensor<B, 4>, i: usize| x.clone().narrow(0, i * b / 2, b / 2);
+        let mut halves = Vec::new();
+        for i in 0..2 {
+            let g = g.as_ref().map(|g| g.clone().narrow(0, i * b / 2, b / 2));
+            halves.push(power_retention(
+                half(&q, i),
+                half(&k, i),
+                half(&v, i),
+                g,
+                &opts,
+            )?);
+        }
+        let halves = to_vec(Tensor::cat(halves, 0));
+        out.push((
+            Check::LargeBatch,
+            max_rel(&whole, &want).max(max_rel(&halves, &want)),
+        ));
     }
 
     let state_error = |s: RetentionState<B>, want: &Problem| {

@@ -1,5 +1,5 @@
-//! Context parallelism: a sequence split into slices (here on one device, as the algorithm
-//! does not depend on where the slices run) gives the outputs and final state of one pass over
+//! Context parallelism: a sequence split into slices (on one device, and on wgpu on two:
+//! the adapter as Burn's default and as its CPU device) gives the outputs and final state of one pass over
 //! the whole sequence, and the state-only pass gives the chunked form's final state, both
 //! against the f64 reference on ndarray. Run on ndarray and, with `--features wgpu`, on the
 //! CubeCL kernels (lavapipe in CI).
@@ -12,6 +12,7 @@ use common::{Gates, Problem, max_rel, tensor, to_vec};
 use retention::{
     RetentionBackend, RetentionError, RetentionOptions, RetentionState, SequenceSlice,
     power_retention_context_parallel, power_retention_state, power_retention_with_state,
+    to_device_synced,
 };
 
 /// The state and key-sum of `s` as one vector.
@@ -59,7 +60,9 @@ fn prefix_state<B: RetentionBackend>(
     (s, on_b)
 }
 
-fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
+/// The slices on `devs` in turn (the inputs on the first).
+fn splits_match_one_pass<B: RetentionBackend>(devs: &[B::Device], tol: f64) {
+    let dev = &devs[0];
     let shapes = [
         // (seed, b, t, hq, h, d, e, chunk, gates)
         (1, 2, 77, 4, 2, 8, 8, 16, Gates::Typical),
@@ -80,7 +83,7 @@ fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
             let (y, state) = oracle(&p, reference, &opts);
             for parts in [1, 2, 3, 5] {
                 let (q, k, v, g) = p.tensors::<B>(dev, DType::F32);
-                let devices = vec![dev.clone(); parts];
+                let devices: Vec<B::Device> = devs.iter().cycle().take(parts).cloned().collect();
                 let slices =
                     SequenceSlice::split(q, k, v, g, chunk, &devices).expect("valid inputs");
                 assert_eq!(slices.len(), parts.min(t.div_ceil(chunk)));
@@ -88,8 +91,12 @@ fn splits_match_one_pass<B: RetentionBackend>(dev: &B::Device, tol: f64) {
                 assert_eq!(lens.iter().sum::<usize>(), t, "slices {lens:?}");
                 let (ys, s) = power_retention_context_parallel(slices, initial.clone(), &opts)
                     .expect("valid slices");
-                let ys: Vec<Tensor<B, 4>> = ys;
+                let ys: Vec<Tensor<B, 4>> = ys
+                    .into_iter()
+                    .map(|y| to_device_synced(y, dev).expect("readable output"))
+                    .collect();
                 let got = to_vec(Tensor::cat(ys, 1));
+                let s = s.to_device(dev).expect("readable state");
                 let what = format!(
                     "seed {seed} [{b}, {t}, {hq}/{h}, {d}, {e}] chunk {chunk} {gates:?} \
                      initial {with_initial} parts {parts} {lens:?}"
@@ -258,7 +265,7 @@ mod ndarray {
 
     #[test]
     fn splits_match_one_pass() {
-        super::splits_match_one_pass::<B>(&Default::default(), 1e-5);
+        super::splits_match_one_pass::<B>(&[Default::default()], 1e-5);
     }
 
     #[test]
@@ -281,12 +288,42 @@ mod ndarray {
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::common::adapter;
+    use super::{DType, to_device_synced, to_vec};
     type B = burn::backend::Wgpu;
 
     #[test]
     fn splits_match_one_pass() {
         if let Some(dev) = adapter::<B>("context parallel (wgpu)") {
-            super::splits_match_one_pass::<B>(&dev, 1e-4);
+            super::splits_match_one_pass::<B>(&[dev], 1e-4);
+        }
+    }
+
+    /// Slices on two devices in turn: the adapter as the default device and as the CPU
+    /// device are two devices to Burn (each its own client and memory), so the slices and the
+    /// states they hand on cross between them.
+    #[test]
+    fn splits_across_two_devices_match_one_pass() {
+        let name = "context parallel, two devices (wgpu)";
+        let Some(dev) = adapter::<B>(name) else {
+            return;
+        };
+        let cpu = burn::backend::wgpu::WgpuDevice::Cpu;
+        let probe = std::panic::catch_unwind(|| {
+            let _ = burn::tensor::Tensor::<B, 1>::zeros([1], &cpu).into_data();
+        });
+        match probe {
+            Ok(()) => {
+                // a half-precision tensor keeps its dtype on the other device
+                let x = burn::tensor::Tensor::<B, 2>::ones([3, 5], &dev).cast(DType::F16);
+                let moved = to_device_synced(x, &cpu).expect("readable tensor");
+                assert_eq!(moved.dtype(), DType::F16);
+                assert_eq!(to_vec(moved), vec![1.0; 15]);
+                super::splits_match_one_pass::<B>(&[dev, cpu], 1e-4)
+            }
+            Err(_) if std::env::var_os("CI").is_some() => {
+                panic!("{name}: no CPU adapter (lavapipe), and CI is set")
+            }
+            Err(_) => eprintln!("SKIPPED {name}: no CPU adapter (lavapipe) found"),
         }
     }
 
