@@ -40,6 +40,10 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
         B::retention_flush(device);
     }
 
+    fn retention_max_allocation(device: &Self::Device) -> Option<usize> {
+        B::retention_max_allocation(device)
+    }
+
     fn retention_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

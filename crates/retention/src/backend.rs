@@ -117,6 +117,15 @@ pub trait RetentionBackend: Backend {
         Self::retention_chunked(q, k, v, log_g, initial, chunk_size, options)
     }
 
+    /// The largest buffer, in bytes, one allocation on `device` may take (`None`: no limit
+    /// known). The chunked form's chunk states (`[batch, kv_heads, chunks, D, value_dim]`, f32)
+    /// are bounded by it as by [`RetentionOptions::segment_elements`]: the sequence runs in
+    /// segments whose states fit. The default knows none.
+    fn retention_max_allocation(device: &Self::Device) -> Option<usize> {
+        let _ = device;
+        None
+    }
+
     /// Starts the work queued for `device` without waiting for it. Backends that queue device
     /// work (`Fusion`, the CubeCL runtimes) may start it only when the device is read, synced
     /// or flushed: context parallelism flushes each device once its slice is queued, so the

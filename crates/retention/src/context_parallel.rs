@@ -121,7 +121,7 @@ pub fn power_retention_state<B: RetentionBackend>(
     if dims.batch == 0 || dims.seq == 0 {
         return Ok(initial_or_zeros(initial_state, &dims, options, &k));
     }
-    let (chunk, segment) = chunk_for(&dims, options)?;
+    let (chunk, segment) = chunk_for::<B>(&dims, options, &k.device())?;
     let segment = segment.unwrap_or(dims.seq).max(1);
     let mut state = initial_state;
     for start in (0..dims.seq).step_by(segment) {
@@ -313,7 +313,7 @@ fn first_pass<B: RetentionBackend>(
             kept: None,
         });
     }
-    let (chunk, segment) = chunk_for(&dims, options)?;
+    let (chunk, segment) = chunk_for::<B>(&dims, options, &k.device())?;
     let len = segment.unwrap_or(dims.seq).min(dims.seq);
     let chunk = segment_chunk(chunk, len);
     let part = |x: &Tensor<B, 4>| x.clone().narrow(1, 0, len).into_primitive().tensor();

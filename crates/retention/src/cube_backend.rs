@@ -252,6 +252,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         (y, s, z)
     }
 
+    fn retention_max_allocation(device: &Self::Device) -> Option<usize> {
+        // the runtime's page limit (wgpu: the storage-binding limit, 128 MiB on lavapipe); an
+        // allocation above it fails inside the runtime, not as an error here
+        let bytes = R::client(device).properties().memory.max_page_size;
+        usize::try_from(bytes).ok()
+    }
+
     fn retention_flush(device: &Self::Device) {
         // a failed flush surfaces at the device's next read or sync
         let _ = R::client(device).flush();

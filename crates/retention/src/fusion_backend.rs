@@ -337,6 +337,10 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         (y, s, z)
     }
 
+    fn retention_max_allocation(device: &Self::Device) -> Option<usize> {
+        B::retention_max_allocation(device)
+    }
+
     fn retention_flush(device: &Self::Device) {
         // runs this stream's queued operations (their kernels queued on the inner backend),
         // then flushes the inner backend, without waiting for the device

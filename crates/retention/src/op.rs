@@ -127,7 +127,7 @@ pub fn power_retention<B: RetentionBackend>(
         return Ok(empty_output(&dims, &q));
     }
     if let Some(c) = options.chunk_size.filter(|&c| dims.seq > c) {
-        let segment = dims.segment_tokens(c, options)?;
+        let segment = dims.segment_tokens(c, options, state_budget::<B>(options, &q.device()))?;
         return Ok(chunked::<B>(q, k, v, log_g, None, c, segment, options).0);
     }
     let g = log_g.map(|g| g.into_primitive().tensor());
@@ -223,7 +223,7 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         let state = initial_or_zeros(initial_state, &dims, options, &q);
         return Ok((empty_output(&dims, &q), state));
     }
-    let (chunk, segment) = chunk_for(&dims, options)?;
+    let (chunk, segment) = chunk_for::<B>(&dims, options, &q.device())?;
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
     Ok((y, in_given_dtype(state, dtype)))
@@ -280,10 +280,19 @@ pub(crate) fn initial_or_zeros<B: RetentionBackend>(
     })
 }
 
-/// The chunk length and segment length (`None`: one segment) of a stateful call on `dims`.
-pub(crate) fn chunk_for(
+/// The chunk-state elements one call may hold on `device`: the options' budget, and no more
+/// f32 elements than one allocation there takes.
+fn state_budget<B: RetentionBackend>(options: &RetentionOptions, device: &B::Device) -> usize {
+    let fits = B::retention_max_allocation(device).map_or(usize::MAX, |bytes| bytes / 4);
+    options.segment_elements.min(fits)
+}
+
+/// The chunk length and segment length (`None`: one segment) of a stateful call on `dims` on
+/// `device`.
+pub(crate) fn chunk_for<B: RetentionBackend>(
     dims: &RetentionDims,
     options: &RetentionOptions,
+    device: &B::Device,
 ) -> Result<(usize, Option<usize>), RetentionError> {
     // a sequence shorter than a chunk is one chunk of its own length (rounded up to 16, a
     // tile's height), not one padded to the configured size: a short prompt after a state
@@ -293,7 +302,7 @@ pub(crate) fn chunk_for(
         .unwrap_or(dims.seq)
         .min(dims.seq.next_multiple_of(16));
     let segment = match options.chunk_size {
-        Some(_) => dims.segment_tokens(chunk, options)?,
+        Some(_) => dims.segment_tokens(chunk, options, state_budget::<B>(options, device))?,
         // the attention form (one chunk of the whole sequence) is what the caller asked for
         None => None,
     };

@@ -27,7 +27,10 @@ pub struct RetentionOptions {
     /// Largest number of chunk-state elements (`batch · kv_heads · chunks · D · value_dim`) one
     /// call of the chunked form holds at once. A longer sequence runs as segments of whole
     /// chunks, each starting from the state the previous one ended with: the same result, with
-    /// the memory of the chunk states bounded and every kernel index within 32 bits.
+    /// the memory of the chunk states bounded and every kernel index within 32 bits. The
+    /// device's largest allocation bounds it too
+    /// ([`RetentionBackend::retention_max_allocation`](crate::RetentionBackend::retention_max_allocation):
+    /// 128 MiB on wgpu/lavapipe).
     #[config(default = "DEFAULT_SEGMENT_ELEMENTS")]
     pub segment_elements: usize,
     /// Which kernels a CubeCL backend runs (the same result whichever; for comparing and

@@ -37,8 +37,9 @@ impl RetentionDims {
     }
 
     /// Tokens per segment when the chunked form at `chunk` would hold more chunk-state
-    /// elements than `options.segment_elements` (a whole number of chunks), or `None` when the
-    /// sequence runs in one call.
+    /// elements than `limit` (a whole number of chunks), or `None` when the sequence runs in
+    /// one call. `limit`: the smaller of [`RetentionOptions::segment_elements`] and the f32
+    /// elements one allocation of the device holds.
     ///
     /// # Errors
     /// [`RetentionError::TooLarge`] when one chunk's state alone exceeds the budget or the
@@ -47,11 +48,11 @@ impl RetentionDims {
         &self,
         chunk: usize,
         options: &RetentionOptions,
+        limit: usize,
     ) -> Result<Option<usize>, RetentionError> {
         let shape = self.state_shape(options.degree);
         check_elements("state", &shape)?;
         let per_chunk: usize = shape.iter().product();
-        let limit = options.segment_elements;
         if per_chunk > limit {
             return Err(RetentionError::TooLarge {
                 arg: "chunk state",

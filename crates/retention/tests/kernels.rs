@@ -218,6 +218,36 @@ mod wgpu {
         let (y, _) = power_retention_with_state(q, k, v, g, None, &opts).expect("valid");
         assert!(max_rel(&to_vec(y), &oracle) <= 1e-4);
     }
+
+    /// Chunk states beyond one allocation of the device (128 MiB on lavapipe; here
+    /// `[8, 8, 4, 2080, 64]` in f32, 136 MB) run in segments that fit: an allocation above the
+    /// limit fails inside the runtime and left the output unwritten.
+    #[test]
+    fn chunk_states_beyond_one_allocation_run_in_segments() {
+        use retention::validation::{Gates, Problem, max_rel, to_vec};
+        use retention::{RetentionOptions, expanded_dim, power_retention};
+        type B = burn::backend::Wgpu;
+        let name = "wgpu (chunk states beyond one allocation)";
+        let Some(dev) = adapter::<B>(name) else {
+            return;
+        };
+        let (b, t, h, d, chunk) = (8, 512, 8, 64, 128);
+        let bytes = b * h * (t / chunk) * expanded_dim(d, 2) * d * 4;
+        let limit = B::retention_max_allocation(&dev).expect("wgpu reports its page limit");
+        if bytes <= limit {
+            eprintln!("SKIPPED {name}: one allocation takes {limit} bytes, the states {bytes}");
+            return;
+        }
+        let p = Problem::random(11, b, t, h, h, d, d, Gates::Typical);
+        let opts = RetentionOptions::new().with_chunk_size(Some(chunk));
+        let (q, k, v, g) = p.tensors::<B>(&dev, DType::F32);
+        let y = to_vec(power_retention(q, k, v, g, &opts).expect("valid"));
+        type R = burn::backend::NdArray;
+        let (q, k, v, g) = p.tensors::<R>(&Default::default(), DType::F32);
+        let want = to_vec(power_retention(q, k, v, g, &opts).expect("valid"));
+        let err = max_rel(&y, &want);
+        assert!(err <= 1e-4, "{name}: {err:e} against the reference");
+    }
 }
 
 #[cfg(feature = "cuda")]
