@@ -325,9 +325,11 @@ fn long_sequence<B: RetentionBackend>(
     for (i, &(start, len)) in parts.iter().enumerate() {
         let seg = Segment::<B>::random(dev, shape, gates, args.seed, start, len, dtypes.len() > 1);
         let mut y32 = None;
+        let entering32 = states[0].clone();
         for (j, &dtype) in dtypes.iter().enumerate() {
             let x = seg.cast(dtype);
             let entering = states[j].take();
+            let entering_half = (j > 0).then(|| entering.clone()).flatten();
             let before = (j == 0 && i == last && i > 0)
                 .then(|| entering.clone())
                 .flatten();
@@ -356,7 +358,14 @@ fn long_sequence<B: RetentionBackend>(
                     let gap = (y.cast(DType::F32) - y32.clone()).abs();
                     let worst = max_abs(gap.clone());
                     if worst > diff[j] && worst > HALF_TOLERANCE * scale {
-                        report_worst(gap, y32.clone(), start, args.chunk, dtype);
+                        let context = Worst {
+                            seg: &seg,
+                            entering32: entering32.clone(),
+                            entering_half,
+                            shape,
+                            opts: &opts,
+                        };
+                        report_worst(gap, y32.clone(), start, dtype, context);
                     }
                     diff[j] = diff[j].max(worst);
                 }
@@ -417,15 +426,32 @@ fn long_sequence<B: RetentionBackend>(
     Ok(rows)
 }
 
+/// What [`report_worst`] needs to compute the f64 reference of the worst row: the segment,
+/// the state the f32 run entered it with, the head shape and the options.
+struct Worst<'a, B: Backend> {
+    seg: &'a Segment<B>,
+    entering32: Option<RetentionState<B>>,
+    entering_half: Option<RetentionState<B>>,
+    shape: BenchShape,
+    opts: &'a RetentionOptions,
+}
+
+/// Tokens into a segment up to which [`report_worst`] computes the f64 reference of the worst
+/// row on the host (beyond: not computed; run with a shorter `--segment`).
+const WORST_REFERENCE_TOKENS: usize = 16_384;
+
 /// Prints where the largest gap between a half-precision run and the f32 run lies: position
-/// (absolute and within its chunk), head, column, and the f32 value there.
-fn report_worst<B: Backend>(
+/// (absolute and within its chunk), head, column, the f32 value there, and the f64 reference
+/// of that element (from the state the f32 run entered the segment with) where the position
+/// lies within [`WORST_REFERENCE_TOKENS`] of the segment's start.
+fn report_worst<B: RetentionBackend>(
     gap: Tensor<B, 4>,
     y32: Tensor<B, 4>,
     start: usize,
-    chunk: usize,
     dtype: DType,
+    context: Worst<'_, B>,
 ) {
+    let chunk = context.opts.chunk_size.unwrap_or(usize::MAX);
     let [_, len, heads, e] = gap.dims();
     let n = len * heads * e;
     let at: i64 = gap.clone().reshape([n]).argmax(0).into_scalar().elem();
@@ -438,13 +464,129 @@ fn report_worst<B: Backend>(
             .elem();
         v as f64
     };
+    if pos < WORST_REFERENCE_TOKENS {
+        worst_states(&context, dtype, pos, head, col);
+    }
+    let reference = (pos < WORST_REFERENCE_TOKENS)
+        .then(|| worst_reference(&context, pos, head, col))
+        .flatten();
     eprintln!(
-        "    {dtype:?} worst gap {:.3e} at position {} ({} in its chunk), head {head}, column {col}; f32 value {:.3e}",
+        "    {dtype:?} worst gap {:.3e} at position {} ({} in its chunk), head {head}, column {col}; f32 value {:.3e}; f64 reference {}",
         pick(gap),
         start + pos,
         (start + pos) % chunk.max(1),
-        pick(y32)
+        pick(y32),
+        reference.map_or("not computed".into(), |r| format!("{r:.3e}")),
     );
+}
+
+/// Where the worst row of a half-precision run goes wrong: the state entering its chunk from
+/// the half and the f32 kernels (`S` and `z` apart), and the f64 reference of the row from the
+/// half kernels' state (wrong state, or wrong output from a right one).
+fn worst_states<B: RetentionBackend>(
+    at: &Worst<'_, B>,
+    dtype: DType,
+    pos: usize,
+    head: usize,
+    col: usize,
+) {
+    let chunk = at.opts.chunk_size.unwrap_or(usize::MAX);
+    let start = pos - pos % chunk;
+    let prefix = |dtype: DType, entering: Option<RetentionState<B>>| {
+        let x = at.seg.cast(dtype);
+        let part = |t: Tensor<B, 4>| t.narrow(1, 0, start);
+        power_retention_with_state(
+            part(x.q),
+            part(x.k),
+            part(x.v),
+            Some(x.g.narrow(1, 0, start)),
+            entering,
+            at.opts,
+        )
+        .ok()
+        .map(|(_, s)| s)
+    };
+    let (half, full) = if start == 0 {
+        (at.entering_half.clone(), at.entering32.clone())
+    } else {
+        (
+            prefix(dtype, at.entering_half.clone()),
+            prefix(DType::F32, at.entering32.clone()),
+        )
+    };
+    let (Some(half), Some(full)) = (half, full) else {
+        eprintln!("      (no entering state to compare)");
+        return;
+    };
+    let (hq, h, _) = at.shape.heads();
+    let kv = head / (hq / h);
+    let s_err = {
+        let a = half.state.clone().narrow(1, kv, 1).cast(DType::F32);
+        let b = full.state.clone().narrow(1, kv, 1).cast(DType::F32);
+        max_abs(a - b.clone()) / max_abs(b).max(f64::MIN_POSITIVE)
+    };
+    let z_err = {
+        let a = half.key_sum.clone().narrow(1, kv, 1).cast(DType::F32);
+        let b = full.key_sum.clone().narrow(1, kv, 1).cast(DType::F32);
+        max_abs(a - b.clone()) / max_abs(b).max(f64::MIN_POSITIVE)
+    };
+    let shifted = |t: Tensor<B, 4>| t.narrow(1, start, pos + 1 - start);
+    let tail = Segment {
+        q: shifted(at.seg.q.clone()),
+        k: shifted(at.seg.k.clone()),
+        v: shifted(at.seg.v.clone()),
+        g: at.seg.g.clone().narrow(1, start, pos + 1 - start),
+    };
+    let from_half = Worst {
+        seg: &tail,
+        entering32: Some(half),
+        entering_half: None,
+        shape: at.shape,
+        opts: at.opts,
+    };
+    let reference = worst_reference(&from_half, pos - start, head, col);
+    eprintln!(
+        "      {dtype:?} state entering chunk at {start} of the segment: S max-rel {s_err:.3e}, z max-rel {z_err:.3e} against the f32 kernels'; f64 reference of the row from it {}",
+        reference.map_or("not computed".into(), |r| format!("{r:.3e}")),
+    );
+}
+
+/// The f64 reference of output element `(pos, head, col)` of `at.seg`, from the state the f32
+/// run entered the segment with, on the host (the key/value head of `head` alone).
+fn worst_reference<B: RetentionBackend>(
+    at: &Worst<'_, B>,
+    pos: usize,
+    head: usize,
+    col: usize,
+) -> Option<f64> {
+    type H = NdArray<f64>;
+    let host = Default::default();
+    let (hq, h, _) = at.shape.heads();
+    let (r, kv) = (hq / h, head / (hq / h));
+    let len = pos + 1;
+    let to_host4 = |x: Tensor<B, 4>| {
+        let dims = x.dims();
+        tensor::<H, 4>(&to_vec(x), dims, &host, DType::F64)
+    };
+    let q = to_host4(at.seg.q.clone().narrow(1, 0, len).narrow(2, kv * r, r));
+    let k = to_host4(at.seg.k.clone().narrow(1, 0, len).narrow(2, kv, 1));
+    let v = to_host4(at.seg.v.clone().narrow(1, 0, len).narrow(2, kv, 1));
+    let g = at.seg.g.clone().narrow(1, 0, len).narrow(2, kv, 1);
+    let g = tensor::<H, 3>(&to_vec(g.clone()), g.dims(), &host, DType::F64);
+    let init = at.entering32.as_ref().map(|s| {
+        let state = s.state.clone().narrow(1, kv, 1);
+        let key_sum = s.key_sum.clone().narrow(1, kv, 1);
+        RetentionState::<H> {
+            state: tensor::<H, 4>(&to_vec(state.clone()), state.dims(), &host, DType::F64),
+            key_sum: tensor::<H, 3>(&to_vec(key_sum.clone()), key_sum.dims(), &host, DType::F64),
+        }
+    });
+    let (y, _) = power_retention_with_state(q, k, v, Some(g), init, at.opts).ok()?;
+    let v: f64 = y
+        .slice([0..1, pos..pos + 1, head % r..head % r + 1, col..col + 1])
+        .into_scalar()
+        .elem();
+    Some(v)
 }
 
 /// `max-rel` of the f32 kernels' output `y` of `seg` (from `entering`) against the f64

@@ -297,6 +297,12 @@ where
                 GradientsParams::from_grads(loss.backward(), &self.model),
             )
         };
+        // a backward pass cannot return an error: a failure of the retention kernels on a
+        // device's runtime thread (their gradients unwritten) is reported here, before the
+        // update would apply it
+        for device in std::iter::once(&self.device).chain(&self.replicas) {
+            retention::check_device::<B>(device)?;
+        }
         let lr = self.config.learning_rate_at(self.step);
         self.model = self.optim.step(lr, self.model.clone(), grads);
         self.step += 1;

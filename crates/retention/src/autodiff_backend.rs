@@ -40,6 +40,14 @@ impl<B: RetentionBackend, C: CheckpointStrategy> RetentionBackend for Autodiff<B
         B::retention_flush(device);
     }
 
+    fn retention_direct_moves(device: &Self::Device) -> bool {
+        B::retention_direct_moves(device)
+    }
+
+    fn retention_device_failure(device: &Self::Device) -> Option<String> {
+        B::retention_device_failure(device)
+    }
+
     fn retention_max_allocation(device: &Self::Device) -> Option<usize> {
         B::retention_max_allocation(device)
     }

@@ -134,6 +134,26 @@ pub trait RetentionBackend: Backend {
         let _ = device;
     }
 
+    /// Whether tensors move onto `device` by the backend's own transfer between its devices,
+    /// safe once the destination is synced before and after (see
+    /// [`to_device_synced`](crate::to_device_synced)): CUDA. The default, and wgpu and HIP
+    /// (whose move between devices panics inside cubecl 0.10), copy through host memory.
+    fn retention_direct_moves(device: &Self::Device) -> bool {
+        let _ = device;
+        false
+    }
+
+    /// Takes the failure of this backend's kernels on `device` not yet reported (what failed,
+    /// in words): a launch or an allocation that failed on the device's runtime thread, which
+    /// left outputs unwritten. The ops call it after the backend returns and answer
+    /// [`RetentionError::Device`](crate::RetentionError::Device); see
+    /// [`check_device`](crate::check_device). It must not block. The default has none (backends
+    /// whose failures reach the caller).
+    fn retention_device_failure(device: &Self::Device) -> Option<String> {
+        let _ = device;
+        None
+    }
+
     /// Whether [`Self::retention_chunked_keeping_rows`] keeps the rows ([`ForwardRows`]) for
     /// inputs of these dtypes (`q, k, v`, then the initial state and key-sum if given) and
     /// head dims `d`, `e` on `device`. The default keeps none. `Fusion<B>` asks before it

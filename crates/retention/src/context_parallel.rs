@@ -23,6 +23,7 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
+use crate::device_failure::checked;
 use crate::op::{
     check_stateful, chunk_for, dims_of, float, in_given_dtype, initial_or_zeros, segment_chunk,
 };
@@ -149,7 +150,7 @@ pub fn power_retention_state<B: RetentionBackend>(
     }
     // dims.seq > 0: the loop ran
     let state = initial_or_zeros(state, &dims, options, &k);
-    Ok(in_given_dtype(state, dtype))
+    checked::<B, _>(&k.device(), in_given_dtype(state, dtype))
 }
 
 /// Power retention over one sequence whose tokens are split across devices: `slices[i]` holds
@@ -214,6 +215,7 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     // and moved to slice i + 1's before slice i's pass 2 is queued (the move waits for the
     // work queued before it on slice i's device, and for slice i + 1's first pass)
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
+    let first_device = slices[0].q.device();
     let mut first = first.into_iter();
     let mut entering = initial_state;
     let mut outputs = Vec::with_capacity(slices.len() + 1);
@@ -238,6 +240,9 @@ pub fn power_retention_context_parallel<B: RetentionBackend>(
     let (y, state) = second_pass(last, entering, own.kept, options)?;
     B::retention_flush(&last_device);
     outputs.push(y);
+    for device in [first_device].iter().chain(&next_devices) {
+        checked::<B, _>(device, ())?;
+    }
     // a given state comes back in its own dtype, as from one pass
     Ok((outputs, in_given_dtype(state, dtype)))
 }

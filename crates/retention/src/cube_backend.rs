@@ -32,6 +32,7 @@ use crate::backward::{
 use crate::cube_backward::{
     Sizes, attention_backward, chunked_backward, keeps_rows, output_dims, scan,
 };
+use crate::device_failure::{self, guarded, guarded_until_built};
 use crate::feature_map::expanded_dim;
 use crate::reference::ToDtype;
 use crate::{KernelChoice, RetentionOptions};
@@ -142,50 +143,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         log_g: Option<FloatTensor<Self>>,
         options: &RetentionOptions,
     ) -> FloatTensor<Self> {
-        let [b, t, hq, d] = dims4(&q);
-        let [_, _, h, e] = dims4(&v);
-        let dtype = q.dtype;
-        let client = q.client.clone();
-        let tiles = kernel_dtype(dtype)
-            .then(|| {
-                OutputTiles::plan(
-                    &client,
-                    dtype.into(),
-                    strategy(options),
-                    d,
-                    e,
-                    options.degree,
-                )
-            })
-            .flatten();
-        let Some(tiles) = tiles else {
-            return reference_attention::<Self>(q, k, v, log_g, options);
-        };
-        let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
-        let out = empty(&q, &[b, t, hq, e], dtype);
-        let dims = OutputDims {
-            batch: b,
-            seq: t,
-            q_heads: hq,
-            kv_heads: h,
-            chunk: t,
-            n_chunks: 1,
-            expanded_dim: 0,
-            scale: options.scale_for(d) as f32,
-        };
-        let args = OutputArgs {
-            q: arg(into_contiguous(q)),
-            k: arg(into_contiguous(k)),
-            v: arg(into_contiguous(v)),
-            gates: gates.map(arg),
-            states: None,
-            out: arg(out.clone()),
-            out_dtype: dtype.into(),
-            stats: None,
-        };
-        // SAFETY: buffers are contiguous with the documented shapes and dtype.
-        unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
-        out
+        let device = q.device.clone();
+        guarded::<R, _, _>(
+            &device,
+            "the attention form",
+            (q, k, v, log_g),
+            |(q, k, v, log_g)| attention_form::<R, F, I, BT>(q, k, v, log_g, options),
+        )
     }
 
     fn retention_chunked(
@@ -197,8 +161,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
-            q, k, v, log_g, initial, None, chunk_size, options, false,
+        let device = q.device.clone();
+        let (y, s, z, _) = guarded::<R, _, _>(
+            &device,
+            "the chunked form",
+            (q, k, v, log_g, initial),
+            |(q, k, v, log_g, initial)| {
+                chunked_forward::<R, F, I, BT>(
+                    q, k, v, log_g, initial, None, chunk_size, options, false,
+                )
+            },
         );
         (y, s, z)
     }
@@ -225,7 +197,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         FloatTensor<Self>,
         Option<ChunkContributions<Self>>,
     ) {
-        state_pass::<R, F, I, BT>(k, v, log_g, None, chunk_size, options, true)
+        let device = k.device.clone();
+        guarded::<R, _, _>(&device, "the state pass", (k, v, log_g), |(k, v, log_g)| {
+            state_pass::<R, F, I, BT>(k, v, log_g, None, chunk_size, options, true)
+        })
     }
 
     fn retention_chunked_from_contributions(
@@ -238,16 +213,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (y, s, z, _) = chunked_forward::<R, F, I, BT>(
-            q,
-            k,
-            v,
-            log_g,
-            initial,
-            Some(contributions),
-            chunk_size,
-            options,
-            false,
+        let device = q.device.clone();
+        let (y, s, z, _) = guarded::<R, _, _>(
+            &device,
+            "the chunked form",
+            (q, k, v, log_g, initial, contributions),
+            |(q, k, v, log_g, initial, contributions)| {
+                chunked_forward::<R, F, I, BT>(
+                    q,
+                    k,
+                    v,
+                    log_g,
+                    initial,
+                    Some(contributions),
+                    chunk_size,
+                    options,
+                    false,
+                )
+            },
         );
         (y, s, z)
     }
@@ -257,6 +240,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         // allocation above it fails inside the runtime, not as an error here
         let bytes = R::client(device).properties().memory.max_page_size;
         usize::try_from(bytes).ok()
+    }
+
+    fn retention_direct_moves(device: &Self::Device) -> bool {
+        // cubecl-cuda moves buffers between devices over NCCL; wgpu and HIP panic there
+        R::name(&R::client(device)) == "cuda"
+    }
+
+    fn retention_device_failure(device: &Self::Device) -> Option<String> {
+        device_failure::take(&device_failure::device_key::<R>(device))
     }
 
     fn retention_flush(device: &Self::Device) {
@@ -272,7 +264,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         chunk_size: usize,
         options: &RetentionOptions,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (s, z, _) = state_pass::<R, F, I, BT>(k, v, log_g, initial, chunk_size, options, false);
+        let device = k.device.clone();
+        let (s, z, _) = guarded::<R, _, _>(
+            &device,
+            "the state pass",
+            (k, v, log_g, initial),
+            |(k, v, log_g, initial)| {
+                state_pass::<R, F, I, BT>(k, v, log_g, initial, chunk_size, options, false)
+            },
+        );
         (s, z)
     }
 
@@ -301,7 +301,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         FloatTensor<Self>,
         Option<ForwardRows<Self>>,
     ) {
-        chunked_forward::<R, F, I, BT>(q, k, v, log_g, initial, None, chunk_size, options, true)
+        let device = q.device.clone();
+        guarded::<R, _, _>(
+            &device,
+            "the chunked form",
+            (q, k, v, log_g, initial),
+            |(q, k, v, log_g, initial)| {
+                chunked_forward::<R, F, I, BT>(
+                    q, k, v, log_g, initial, None, chunk_size, options, true,
+                )
+            },
+        )
     }
 
     fn retention_step(
@@ -322,7 +332,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             values: v,
             log_g,
         };
-        match decode::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
+        match decode_guarded::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
             (Some(y), Some((s, z))) => (y, s, z),
             _ => unreachable!("a step returns an output and a state"),
         }
@@ -353,7 +363,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             values,
             log_g,
         };
-        match decode::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
+        match decode_guarded::<R, F, I, BT>(tiles, Some(q), window, state, key_sum, options) {
             (Some(y), _) => y,
             _ => unreachable!("a window read returns an output"),
         }
@@ -383,7 +393,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
             values,
             log_g,
         };
-        match decode::<R, F, I, BT>(tiles, None, window, state, key_sum, options) {
+        match decode_guarded::<R, F, I, BT>(tiles, None, window, state, key_sum, options) {
             (_, Some(state)) => state,
             _ => unreachable!("an absorption returns a state"),
         }
@@ -394,11 +404,19 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         d_output: FloatTensor<Self>,
         options: &RetentionOptions,
     ) -> RetentionGrads<Self> {
-        // the kernels apply unless the dtype or the head dims rule them out
-        match attention_backward::<R, F, I, BT>(inputs.clone(), d_output.clone(), options) {
-            Some(grads) => grads,
-            None => reference_attention_backward::<Self>(inputs, d_output, options),
-        }
+        let device = inputs.q.device.clone();
+        guarded::<R, _, _>(
+            &device,
+            "the attention form's backward pass",
+            (inputs, d_output),
+            |(inputs, d_output)| {
+                // the kernels apply unless the dtype or the head dims rule them out
+                match attention_backward::<R, F, I, BT>(inputs.clone(), d_output.clone(), options) {
+                    Some(grads) => grads,
+                    None => reference_attention_backward::<Self>(inputs, d_output, options),
+                }
+            },
+        )
     }
 
     fn retention_chunked_backward(
@@ -407,12 +425,82 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
         upstream: ChunkedUpstream<Self>,
         options: &RetentionOptions,
     ) -> RetentionGrads<Self> {
-        match chunked_backward::<R, F, I, BT>(inputs.clone(), chunk_size, upstream.clone(), options)
-        {
-            Some(grads) => grads,
-            None => reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options),
-        }
+        let device = inputs.q.device.clone();
+        guarded::<R, _, _>(
+            &device,
+            "the chunked form's backward pass",
+            (inputs, upstream),
+            |(inputs, upstream)| match chunked_backward::<R, F, I, BT>(
+                inputs.clone(),
+                chunk_size,
+                upstream.clone(),
+                options,
+            ) {
+                Some(grads) => grads,
+                None => reference_chunked_backward::<Self>(inputs, chunk_size, upstream, options),
+            },
+        )
     }
+}
+
+/// The attention form on the kernels, or the reference where they do not take the inputs.
+fn attention_form<R, F, I, BT>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    log_g: Option<CubeTensor<R>>,
+    options: &RetentionOptions,
+) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [b, t, hq, d] = dims4(&q);
+    let [_, _, h, e] = dims4(&v);
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let tiles = kernel_dtype(dtype)
+        .then(|| {
+            OutputTiles::plan(
+                &client,
+                dtype.into(),
+                strategy(options),
+                d,
+                e,
+                options.degree,
+            )
+        })
+        .flatten();
+    let Some(tiles) = tiles else {
+        return reference_attention::<Cube<R, F, I, BT>>(q, k, v, log_g, options);
+    };
+    let gates = log_g.map(|g| chunk_gates::<R, F, I, BT>(g, t, 1));
+    let out = empty(&q, &[b, t, hq, e], dtype);
+    let dims = OutputDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: h,
+        chunk: t,
+        n_chunks: 1,
+        expanded_dim: 0,
+        scale: options.scale_for(d) as f32,
+    };
+    let args = OutputArgs {
+        q: arg(into_contiguous(q)),
+        k: arg(into_contiguous(k)),
+        v: arg(into_contiguous(v)),
+        gates: gates.map(arg),
+        states: None,
+        out: arg(out.clone()),
+        out_dtype: dtype.into(),
+        stats: None,
+    };
+    // SAFETY: buffers are contiguous with the documented shapes and dtype.
+    unsafe { launch_output(&client, dtype.into(), dims, tiles, args) };
+    out
 }
 
 /// The state after the tokens `k`, `v` from `initial` (zeros when `None`) on the kernels:
@@ -653,10 +741,50 @@ pub(crate) fn chunk_contributions<R: CubeRuntime>(
 }
 
 /// The tokens a decode launch absorbs or reads beside the state: `[b, n, h, ·]`.
+#[derive(Clone)]
 struct Window<R: CubeRuntime> {
     keys: CubeTensor<R>,
     values: CubeTensor<R>,
     log_g: Option<CubeTensor<R>>,
+}
+
+/// [`decode`] as one exclusive task on the device's runtime thread ([`guarded`]).
+fn decode_guarded<R, F, I, BT>(
+    tiles: DecodeTiles,
+    q: Option<CubeTensor<R>>,
+    window: Window<R>,
+    state: CubeTensor<R>,
+    key_sum: CubeTensor<R>,
+    options: &RetentionOptions,
+) -> Decoded<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let device = state.device.clone();
+    // the kernels' variant: their tiles, the shapes and dtypes they were built for
+    let variant = format!(
+        "{tiles:?} {:?} {:?} {:?} {:?} {:?}/{:?}/{:?} gated {}",
+        q.as_ref().map(|q| q.meta.shape().to_vec()),
+        window.keys.meta.shape().to_vec(),
+        window.values.meta.shape().to_vec(),
+        state.meta.shape().to_vec(),
+        q.as_ref().map(|q| q.dtype),
+        window.keys.dtype,
+        state.dtype,
+        window.log_g.is_some(),
+    );
+    guarded_until_built::<R, _, _>(
+        &device,
+        "the decode step",
+        variant,
+        (q, window, state, key_sum),
+        |(q, window, state, key_sum)| {
+            decode::<R, F, I, BT>(tiles, q, window, state, key_sum, options)
+        },
+    )
 }
 
 /// What [`decode`] returns: the output (modes that read) and the new state (modes that

@@ -2,6 +2,7 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
+use crate::device_failure::checked;
 use crate::op::{check_step, float};
 use crate::{RetentionBackend, RetentionError, RetentionOptions, RetentionState};
 
@@ -109,10 +110,12 @@ impl<B: RetentionBackend> DecodeState<B> {
         options: &RetentionOptions,
     ) -> Result<RetentionState<B>, RetentionError> {
         options.validate()?;
-        Ok(match self.window {
+        let device = self.base.state.device();
+        let state = match self.window {
             None => self.base,
             Some(w) => absorb(w, self.base, options),
-        })
+        };
+        checked::<B, _>(&device, state)
     }
 }
 
@@ -175,6 +178,7 @@ pub fn power_retention_decode<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<(Tensor<B, 4>, DecodeState<B>), RetentionError> {
     check_step(&q, &k, &v, log_g.as_ref(), &state.base, options)?;
+    let device = q.device();
     let DecodeState {
         base,
         window,
@@ -232,5 +236,5 @@ pub fn power_retention_decode<B: RetentionBackend>(
             fold_every,
         }
     };
-    Ok((y, next))
+    checked::<B, _>(&device, (y, next))
 }

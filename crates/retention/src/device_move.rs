@@ -16,17 +16,19 @@
 //! which may be dropped): the copy still runs over the devices' own link, and the host waits
 //! for the destination's queued work. Other backends (wgpu and HIP have no move between
 //! devices in cubecl 0.10: it panics inside the runtime) copy through host memory, read back on
-//! the source's queue and written on the destination's. Context parallelism moves its slices and the states the
+//! the source's queue and written on the destination's; which way a backend takes is its
+//! [`RetentionBackend::retention_direct_moves`]. [`DeviceTransfer`] moves many tensors between
+//! one sync before and one after (a model's parameters, their gradients). Context parallelism moves its slices and the states the
 //! slices hand on this way, the data-parallel trainer its replicas and gradients, and
 //! [`RetentionState::to_device`](crate::RetentionState::to_device) both tensors of a state.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{BasicOps, Tensor, TensorKind};
 
-use crate::RetentionError;
+use crate::{RetentionBackend, RetentionError};
 
-/// `x` on `device` in its own dtype (unchanged when it is already there): on CUDA moved
-/// between the destination's syncs, elsewhere copied through host memory.
+/// `x` on `device` in its own dtype (unchanged when it is already there): where the backend
+/// moves tensors between its devices itself ([`RetentionBackend::retention_direct_moves`]:
+/// CUDA), moved between two syncs of the destination; elsewhere copied through host memory.
 ///
 /// # Errors
 /// [`RetentionError::Device`] where syncing the destination fails (an error of the work
@@ -36,26 +38,86 @@ pub fn to_device_synced<B, const D: usize, K>(
     device: &B::Device,
 ) -> Result<Tensor<B, D, K>, RetentionError>
 where
-    B: Backend,
-    K: TensorKind<B> + BasicOps<B>,
+    B: RetentionBackend,
+    K: TensorKind<B> + BasicOps<B> + 'static,
 {
     if &x.device() == device {
         return Ok(x);
     }
-    // the backend's name carries its runtime's (`cubecl<cuda>`, `fusion<cubecl<cuda>>`)
-    if !B::name(device).contains("cuda") {
-        let data = x
-            .try_into_data()
-            .map_err(|e| RetentionError::Device(format!("reading a tensor to move it: {e:?}")))?;
-        let dtype = data.dtype;
-        return Ok(Tensor::from_data(data, (device, dtype)));
-    }
-    let sync = |when: &str| {
-        B::sync(device)
-            .map_err(|e| RetentionError::Device(format!("syncing {device:?} {when}: {e:?}")))
-    };
-    sync("before a move to it")?;
-    let moved = x.to_device(device);
-    sync("after a move to it")?;
+    let mut transfer = DeviceTransfer::<B>::begin(device)?;
+    let moved = transfer.move_tensor(x)?;
+    transfer.finish()?;
     Ok(moved)
+}
+
+/// Tensors moved to one device between one sync of it before the first move and one after the
+/// last, their sources kept alive until then: the moves of [`to_device_synced`] at the cost of
+/// two syncs for all of them. Queue no work on the destination or the sources between
+/// [`begin`](Self::begin) and [`finish`](Self::finish) (a kernel queued there could take a
+/// block the transfers still use). Where the backend copies through host memory each move
+/// reads its tensor back at once and the syncs are skipped.
+pub struct DeviceTransfer<B: RetentionBackend> {
+    device: B::Device,
+    direct: bool,
+    /// The moved tensors' sources, dropped once the destination is synced after the moves.
+    sources: Vec<Box<dyn Send>>,
+}
+
+impl<B: RetentionBackend> DeviceTransfer<B> {
+    /// Starts moving tensors to `device`: syncs it where the moves are the backend's own.
+    ///
+    /// # Errors
+    /// [`RetentionError::Device`] where syncing `device` fails.
+    pub fn begin(device: &B::Device) -> Result<Self, RetentionError> {
+        let direct = B::retention_direct_moves(device);
+        if direct {
+            sync::<B>(device, "before moves to it")?;
+        }
+        Ok(Self {
+            device: device.clone(),
+            direct,
+            sources: Vec::new(),
+        })
+    }
+
+    /// `x` on the transfer's device in its own dtype (unchanged when it is already there).
+    ///
+    /// # Errors
+    /// [`RetentionError::Device`] where reading `x` back from its device fails (host copies).
+    pub fn move_tensor<const D: usize, K>(
+        &mut self,
+        x: Tensor<B, D, K>,
+    ) -> Result<Tensor<B, D, K>, RetentionError>
+    where
+        K: TensorKind<B> + BasicOps<B> + 'static,
+    {
+        if x.device() == self.device {
+            return Ok(x);
+        }
+        if !self.direct {
+            let data = x.try_into_data().map_err(|e| {
+                RetentionError::Device(format!("reading a tensor to move it: {e:?}"))
+            })?;
+            let dtype = data.dtype;
+            return Ok(Tensor::from_data(data, (&self.device, dtype)));
+        }
+        self.sources.push(Box::new(x.clone()));
+        Ok(x.to_device(&self.device))
+    }
+
+    /// Waits for the moves (a sync of the destination), then lets their sources go.
+    ///
+    /// # Errors
+    /// [`RetentionError::Device`] where syncing the destination fails.
+    pub fn finish(self) -> Result<(), RetentionError> {
+        if self.direct && !self.sources.is_empty() {
+            sync::<B>(&self.device, "after moves to it")?;
+        }
+        drop(self.sources);
+        Ok(())
+    }
+}
+
+fn sync<B: RetentionBackend>(device: &B::Device, when: &str) -> Result<(), RetentionError> {
+    B::sync(device).map_err(|e| RetentionError::Device(format!("syncing {device:?} {when}: {e:?}")))
 }

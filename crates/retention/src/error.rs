@@ -86,8 +86,9 @@ pub enum RetentionError {
     /// Chunk size zero.
     #[error("`chunk_size` must be at least 1, got 0")]
     ChunkSize,
-    /// A tensor with more elements than the kernels index (32-bit positions), or a chunk whose
-    /// state alone is larger than `segment_elements`.
+    /// A tensor with more elements than the kernels index (32-bit positions) or than one
+    /// allocation on its device holds as f32 (the runtime's page limit: 128 MiB on wgpu's
+    /// lavapipe), or a chunk whose state alone is larger than `segment_elements`.
     #[error(
         "`{arg}` has {elements} elements (shape {shape:?}); at most {limit} are supported: split the sequence and pass the state on (`power_retention_with_state`), or use a smaller batch"
     )]
@@ -143,7 +144,9 @@ pub enum RetentionError {
     /// A module configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// A device failed to run or return the work asked of it.
+    /// A device failed to run or return the work asked of it: a kernel that did not build, an
+    /// allocation it refused, a transfer or a read that failed (see
+    /// [`check_device`](crate::check_device)).
     #[error("device error: {0}")]
     Device(String),
 }

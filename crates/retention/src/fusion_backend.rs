@@ -341,6 +341,16 @@ impl<B: FusionBackend + RetentionBackend> RetentionBackend for Fusion<B> {
         B::retention_max_allocation(device)
     }
 
+    fn retention_direct_moves(device: &Self::Device) -> bool {
+        B::retention_direct_moves(device)
+    }
+
+    fn retention_device_failure(device: &Self::Device) -> Option<String> {
+        // what the inner backend recorded for the operations run so far; those still queued
+        // report at a later call (`check_device` flushes first)
+        B::retention_device_failure(device)
+    }
+
     fn retention_flush(device: &Self::Device) {
         // runs this stream's queued operations (their kernels queued on the inner backend),
         // then flushes the inner backend, without waiting for the device

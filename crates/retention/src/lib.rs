@@ -29,6 +29,7 @@ mod cube_backend;
 #[cfg(feature = "cube")]
 mod cube_backward;
 mod decode_state;
+mod device_failure;
 mod device_move;
 mod error;
 mod feature_map;
@@ -55,7 +56,8 @@ pub use context_parallel::{
     SequenceSlice, power_retention_context_parallel, power_retention_state,
 };
 pub use decode_state::{DecodeState, MAX_FOLD_EVERY, power_retention_decode};
-pub use device_move::to_device_synced;
+pub use device_failure::check_device;
+pub use device_move::{DeviceTransfer, to_device_synced};
 pub use error::RetentionError;
 pub use feature_map::{SympowLayout, checked_expanded_dim, expanded_dim, pair_block};
 pub use kernel_choice::KernelChoice;

@@ -2,6 +2,8 @@
 
 use burn::tensor::{Tensor, TensorPrimitive, ops::FloatTensor};
 
+use crate::device_failure::checked;
+use crate::shapes::check_allocations;
 use crate::{
     RetentionBackend, RetentionDims, RetentionError, RetentionOptions, RetentionState, check_shapes,
 };
@@ -14,13 +16,15 @@ pub(crate) fn dims_of<B: RetentionBackend>(
     options: &RetentionOptions,
 ) -> Result<RetentionDims, RetentionError> {
     let g = log_g.map(|g| g.dims());
-    check_shapes(
+    let dims = check_shapes(
         &q.dims(),
         &k.dims(),
         &v.dims(),
         g.as_ref().map(|g| g.as_slice()),
         options,
-    )
+    )?;
+    check_allocations(&dims, B::retention_max_allocation(&q.device()))?;
+    Ok(dims)
 }
 
 /// Checks the inputs of one recurrent step: the shapes as the op's, one token, and a state that
@@ -92,7 +96,11 @@ fn empty_output<B: RetentionBackend>(dims: &RetentionDims, q: &Tensor<B, 4>) -> 
 /// # Errors
 /// A [`RetentionError`] naming the argument for wrong ranks, mismatched batch/seq/heads, a head
 /// count that is not a multiple, mismatched head dims, an odd degree, a zero chunk size, a bad
-/// scale or a gate of the wrong shape.
+/// scale or a gate of the wrong shape; [`RetentionError::TooLarge`] for a tensor beyond the
+/// kernels' 32-bit positions or beyond one allocation on the device (as f32);
+/// [`RetentionError::Device`] where the kernels failed on the device's runtime thread (a
+/// kernel that did not build, an allocation refused), which would otherwise leave the output
+/// unwritten: see [`check_device`](crate::check_device) for failures reported later.
 ///
 /// # Precision
 /// Gradients take the inputs' dtype. Under gates near `e^{−20}`, a row whose own weight
@@ -126,18 +134,21 @@ pub fn power_retention<B: RetentionBackend>(
     if dims.batch == 0 || dims.seq == 0 {
         return Ok(empty_output(&dims, &q));
     }
-    if let Some(c) = options.chunk_size.filter(|&c| dims.seq > c) {
-        let segment = dims.segment_tokens(c, options, state_budget::<B>(options, &q.device()))?;
-        return Ok(chunked::<B>(q, k, v, log_g, None, c, segment, options).0);
-    }
-    let g = log_g.map(|g| g.into_primitive().tensor());
-    Ok(float(B::retention_attention(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-        g,
-        options,
-    )))
+    let device = q.device();
+    let y = if let Some(c) = options.chunk_size.filter(|&c| dims.seq > c) {
+        let segment = dims.segment_tokens(c, options, state_budget::<B>(options, &device))?;
+        chunked::<B>(q, k, v, log_g, None, c, segment, options).0
+    } else {
+        let g = log_g.map(|g| g.into_primitive().tensor());
+        float(B::retention_attention(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            g,
+            options,
+        ))
+    };
+    checked::<B, _>(&device, y)
 }
 
 /// The chunked form, in segments of `segment` tokens (each from the state the previous one
@@ -223,10 +234,11 @@ pub fn power_retention_with_state<B: RetentionBackend>(
         let state = initial_or_zeros(initial_state, &dims, options, &q);
         return Ok((empty_output(&dims, &q), state));
     }
-    let (chunk, segment) = chunk_for::<B>(&dims, options, &q.device())?;
+    let device = q.device();
+    let (chunk, segment) = chunk_for::<B>(&dims, options, &device)?;
     let dtype = initial_state.as_ref().map(RetentionState::dtype);
     let (y, state) = chunked::<B>(q, k, v, log_g, initial_state, chunk, segment, options);
-    Ok((y, in_given_dtype(state, dtype)))
+    checked::<B, _>(&device, (y, in_given_dtype(state, dtype)))
 }
 
 /// `state` in `dtype` where a state was given in it: a given state comes back in its own
@@ -331,6 +343,7 @@ pub fn power_retention_step<B: RetentionBackend>(
 ) -> Result<(Tensor<B, 4>, RetentionState<B>), RetentionError> {
     check_step(&q, &k, &v, log_g.as_ref(), &state, options)?;
     let dtype = state.dtype();
+    let device = q.device();
     let g = log_g.map(|g| g.into_primitive().tensor());
     let (y, next) = from_parts(B::retention_step(
         q.into_primitive().tensor(),
@@ -342,5 +355,5 @@ pub fn power_retention_step<B: RetentionBackend>(
         options,
     ));
     // the state comes back in the dtype it came in (the kernels advance it in f32)
-    Ok((y, next.cast(dtype)))
+    checked::<B, _>(&device, (y, next.cast(dtype)))
 }

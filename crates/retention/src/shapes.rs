@@ -219,6 +219,53 @@ pub(crate) fn check_elements(arg: &'static str, shape: &[usize]) -> Result<(), R
     Ok(())
 }
 
+/// Checks that each `[batch, seq, heads, dim]` tensor of a call (`q`, `k`, `v`, the output)
+/// fits one allocation of `max_bytes` (`None`: no limit known) as f32, the dtype of the
+/// kernels' working copies of half inputs and of the rows kept for the backward pass. Above
+/// it the device's runtime refuses the buffer on its own thread and the op would return an
+/// unwritten output.
+///
+/// # Errors
+/// [`RetentionError::TooLarge`] naming the first tensor that does not fit, with the limit in
+/// f32 elements.
+pub(crate) fn check_allocations(
+    dims: &RetentionDims,
+    max_bytes: Option<usize>,
+) -> Result<(), RetentionError> {
+    let Some(max_bytes) = max_bytes else {
+        return Ok(());
+    };
+    let limit = max_bytes / 4;
+    let RetentionDims {
+        batch: b,
+        seq: t,
+        q_heads: hq,
+        kv_heads: h,
+        head_dim: d,
+        value_dim: e,
+    } = *dims;
+    for (arg, shape) in [
+        ("q", [b, t, hq, d]),
+        ("k", [b, t, h, d]),
+        ("v", [b, t, h, e]),
+        ("output", [b, t, hq, e]),
+    ] {
+        let elements = shape
+            .iter()
+            .try_fold(1usize, |n, &x| n.checked_mul(x))
+            .unwrap_or(usize::MAX);
+        if elements > limit {
+            return Err(RetentionError::TooLarge {
+                arg,
+                shape: shape.to_vec(),
+                elements,
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks a `(state, key_sum)` pair against the problem sizes.
 ///
 /// # Errors

@@ -68,20 +68,6 @@ impl<B: Backend> RetentionState<B> {
         }
     }
 
-    /// This state on `device` (both tensors), the destination synced before and after the move
-    /// ([`to_device_synced`](crate::to_device_synced): a plain move between two CUDA devices
-    /// can race the work queued on either).
-    ///
-    /// # Errors
-    /// [`RetentionError::Device`](crate::RetentionError::Device) where syncing the destination
-    /// fails.
-    pub fn to_device(self, device: &B::Device) -> Result<Self, crate::RetentionError> {
-        Ok(Self {
-            state: crate::to_device_synced(self.state, device)?,
-            key_sum: crate::to_device_synced(self.key_sum, device)?,
-        })
-    }
-
     /// Element type of the state.
     pub fn dtype(&self) -> DType {
         self.state.dtype()
@@ -96,5 +82,24 @@ impl<B: Backend> RetentionState<B> {
     pub fn size_bytes(&self) -> usize {
         self.state.shape().num_elements() * self.state.dtype().size()
             + self.key_sum.shape().num_elements() * self.key_sum.dtype().size()
+    }
+}
+
+impl<B: crate::RetentionBackend> RetentionState<B> {
+    /// This state on `device` (both tensors, one [`DeviceTransfer`](crate::DeviceTransfer):
+    /// the destination synced before and after the moves, since a plain move between two CUDA
+    /// devices can race the work queued on either).
+    ///
+    /// # Errors
+    /// [`RetentionError::Device`](crate::RetentionError::Device) where syncing the destination
+    /// fails.
+    pub fn to_device(self, device: &B::Device) -> Result<Self, crate::RetentionError> {
+        let mut transfer = crate::DeviceTransfer::<B>::begin(device)?;
+        let moved = Self {
+            state: transfer.move_tensor(self.state)?,
+            key_sum: transfer.move_tensor(self.key_sum)?,
+        };
+        transfer.finish()?;
+        Ok(moved)
     }
 }

@@ -248,6 +248,76 @@ mod wgpu {
         let err = max_rel(&y, &want);
         assert!(err <= 1e-4, "{name}: {err:e} against the reference");
     }
+
+    /// Tokens of an output one allocation does not hold: four query heads of 64 value columns
+    /// per token over one key/value head, so the inputs fit and the output does not.
+    fn beyond_one_allocation<B: RetentionBackend>(
+        dev: &B::Device,
+        limit: usize,
+    ) -> [Tensor<B, 4>; 3] {
+        let t = (limit / (4 * 64 * 4) + 1).next_multiple_of(64);
+        let zeros = |heads, dim| Tensor::<B, 4>::zeros([1, t, heads, dim], (dev, DType::F32));
+        [zeros(4, 8), zeros(1, 8), zeros(1, 64)]
+    }
+
+    /// An output beyond one allocation of the device is refused before anything is launched,
+    /// naming it: its allocation would fail on the runtime's thread.
+    #[test]
+    fn outputs_beyond_one_allocation_are_refused() {
+        use retention::{RetentionError, RetentionOptions, power_retention};
+        type B = burn::backend::Wgpu;
+        let name = "wgpu (output beyond one allocation)";
+        let Some(dev) = adapter::<B>(name) else {
+            return;
+        };
+        let limit = B::retention_max_allocation(&dev).expect("wgpu reports its page limit");
+        let [q, k, v] = beyond_one_allocation::<B>(&dev, limit);
+        let opts = RetentionOptions::new().with_chunk_size(Some(64));
+        match power_retention(q, k, v, None, &opts) {
+            Err(RetentionError::TooLarge { arg: "output", .. }) => {}
+            other => panic!(
+                "{name}: expected `output` too large, got {:?}",
+                other.map(|y| y.dims())
+            ),
+        }
+    }
+
+    /// A launch whose allocation the device refuses on its runtime thread (the backend called
+    /// past the op's checks) is recorded, not lost: the runtime only logs it, and its output
+    /// would be an unwritten buffer. Fusion may run the launch after the call returns:
+    /// `check_device` runs it, reports the failure once, and clears it.
+    #[test]
+    fn failures_on_the_runtime_thread_are_reported() {
+        use burn::tensor::TensorPrimitive;
+        use retention::{RetentionError, RetentionOptions, check_device};
+        type B = burn::backend::Wgpu;
+        let name = "wgpu (failure on the runtime thread)";
+        let Some(dev) = adapter::<B>(name) else {
+            return;
+        };
+        let limit = B::retention_max_allocation(&dev).expect("wgpu reports its page limit");
+        check_device::<B>(&dev).expect("no failure before");
+        let [q, k, v] = beyond_one_allocation::<B>(&dev, limit);
+        let opts = RetentionOptions::new();
+        let y = B::retention_chunked(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            None,
+            None,
+            64,
+            &opts,
+        )
+        .0;
+        drop(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y)));
+        match check_device::<B>(&dev) {
+            Err(RetentionError::Device(what)) => {
+                assert!(what.contains("chunked form"), "{name}: {what}")
+            }
+            other => panic!("{name}: expected a device failure, got {other:?}"),
+        }
+        check_device::<B>(&dev).expect("reported once");
+    }
 }
 
 #[cfg(feature = "cuda")]
