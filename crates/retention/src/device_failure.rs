@@ -57,7 +57,8 @@ pub(crate) fn checked<B: RetentionBackend, T>(
 /// a backward pass, or in an op whose launches a `Fusion` backend ran after it returned.
 /// Starts the work queued for `device` first (without waiting for the device), so every
 /// retention op called before is covered. Call it after `backward()` where a silent failure
-/// would cost more than the check (a few microseconds; a training step, for instance).
+/// would cost more than the check (a round trip to the runtime's threads, no wait for the
+/// device): once per training step, for instance.
 ///
 /// # Errors
 /// [`RetentionError::Device`] naming what failed; the failure is then cleared.
