@@ -520,16 +520,19 @@ fn worst_states<B: RetentionBackend>(
     };
     let (hq, h, _) = at.shape.heads();
     let kv = head / (hq / h);
-    let s_err = {
-        let a = half.state.clone().narrow(1, kv, 1).cast(DType::F32);
-        let b = full.state.clone().narrow(1, kv, 1).cast(DType::F32);
-        max_abs(a - b.clone()) / max_abs(b).max(f64::MIN_POSITIVE)
+    // relative to the largest element of the f32 kernels' state (the head's part)
+    let rel = |a: Tensor<B, 1>, b: Tensor<B, 1>| {
+        let b = b.cast(DType::F32);
+        max_abs(a.cast(DType::F32) - b.clone()) / max_abs(b).max(f64::MIN_POSITIVE)
     };
-    let z_err = {
-        let a = half.key_sum.clone().narrow(1, kv, 1).cast(DType::F32);
-        let b = full.key_sum.clone().narrow(1, kv, 1).cast(DType::F32);
-        max_abs(a - b.clone()) / max_abs(b).max(f64::MIN_POSITIVE)
-    };
+    let s_err = rel(
+        half.state.clone().narrow(1, kv, 1).flatten(0, 3),
+        full.state.clone().narrow(1, kv, 1).flatten(0, 3),
+    );
+    let z_err = rel(
+        half.key_sum.clone().narrow(1, kv, 1).flatten(0, 2),
+        full.key_sum.clone().narrow(1, kv, 1).flatten(0, 2),
+    );
     let shifted = |t: Tensor<B, 4>| t.narrow(1, start, pos + 1 - start);
     let tail = Segment {
         q: shifted(at.seg.q.clone()),
@@ -559,34 +562,50 @@ fn worst_reference<B: RetentionBackend>(
     head: usize,
     col: usize,
 ) -> Option<f64> {
-    type H = NdArray<f64>;
-    let host = Default::default();
     let (hq, h, _) = at.shape.heads();
-    let (r, kv) = (hq / h, head / (hq / h));
-    let len = pos + 1;
-    let to_host4 = |x: Tensor<B, 4>| {
-        let dims = x.dims();
-        tensor::<H, 4>(&to_vec(x), dims, &host, DType::F64)
-    };
-    let q = to_host4(at.seg.q.clone().narrow(1, 0, len).narrow(2, kv * r, r));
-    let k = to_host4(at.seg.k.clone().narrow(1, 0, len).narrow(2, kv, 1));
-    let v = to_host4(at.seg.v.clone().narrow(1, 0, len).narrow(2, kv, 1));
-    let g = at.seg.g.clone().narrow(1, 0, len).narrow(2, kv, 1);
-    let g = tensor::<H, 3>(&to_vec(g.clone()), g.dims(), &host, DType::F64);
-    let init = at.entering32.as_ref().map(|s| {
-        let state = s.state.clone().narrow(1, kv, 1);
-        let key_sum = s.key_sum.clone().narrow(1, kv, 1);
-        RetentionState::<H> {
-            state: tensor::<H, 4>(&to_vec(state.clone()), state.dims(), &host, DType::F64),
-            key_sum: tensor::<H, 3>(&to_vec(key_sum.clone()), key_sum.dims(), &host, DType::F64),
-        }
-    });
+    let r = hq / h;
+    let ([q, k, v], g, init) = host_head(at.seg, at.entering32.as_ref(), head / r, r, pos + 1);
     let (y, _) = power_retention_with_state(q, k, v, Some(g), init, at.opts).ok()?;
     let v: f64 = y
         .slice([0..1, pos..pos + 1, head % r..head % r + 1, col..col + 1])
         .into_scalar()
         .elem();
     Some(v)
+}
+
+/// Key/value head `kv`'s part of the first `len` tokens of `seg` on the host in f64 (its
+/// `r` query heads), and of `entering`: the inputs of the f64 reference for that head.
+#[allow(clippy::type_complexity)]
+fn host_head<B: RetentionBackend>(
+    seg: &Segment<B>,
+    entering: Option<&RetentionState<B>>,
+    kv: usize,
+    r: usize,
+    len: usize,
+) -> (
+    [Tensor<NdArray<f64>, 4>; 3],
+    Tensor<NdArray<f64>, 3>,
+    Option<RetentionState<NdArray<f64>>>,
+) {
+    type H = NdArray<f64>;
+    let host = Default::default();
+    let to_host4 = |x: Tensor<B, 4>| {
+        let dims = x.dims();
+        tensor::<H, 4>(&to_vec(x), dims, &host, DType::F64)
+    };
+    let to_host3 = |x: Tensor<B, 3>| {
+        let dims = x.dims();
+        tensor::<H, 3>(&to_vec(x), dims, &host, DType::F64)
+    };
+    let q = to_host4(seg.q.clone().narrow(1, 0, len).narrow(2, kv * r, r));
+    let k = to_host4(seg.k.clone().narrow(1, 0, len).narrow(2, kv, 1));
+    let v = to_host4(seg.v.clone().narrow(1, 0, len).narrow(2, kv, 1));
+    let g = to_host3(seg.g.clone().narrow(1, 0, len).narrow(2, kv, 1));
+    let init = entering.map(|s| RetentionState::<H> {
+        state: to_host4(s.state.clone().narrow(1, kv, 1)),
+        key_sum: to_host3(s.key_sum.clone().narrow(1, kv, 1)),
+    });
+    ([q, k, v], g, init)
 }
 
 /// `max-rel` of the f32 kernels' output `y` of `seg` (from `entering`) against the f64
@@ -598,8 +617,6 @@ fn reference_error<B: RetentionBackend>(
     shape: BenchShape,
     opts: &RetentionOptions,
 ) -> f64 {
-    type H = NdArray<f64>;
-    let host = Default::default();
     let (hq, h, d) = shape.heads();
     let r = hq / h;
     let [_, len, _, _] = seg.q.dims();
@@ -607,28 +624,7 @@ fn reference_error<B: RetentionBackend>(
     heads.dedup();
     let (mut err, mut ref_max) = (0.0f64, 0.0f64);
     for kv in heads {
-        let to_host4 = |x: Tensor<B, 4>| {
-            let dims = x.dims();
-            tensor::<H, 4>(&to_vec(x), dims, &host, DType::F64)
-        };
-        let q = to_host4(seg.q.clone().narrow(2, kv * r, r));
-        let k = to_host4(seg.k.clone().narrow(2, kv, 1));
-        let v = to_host4(seg.v.clone().narrow(2, kv, 1));
-        let g = seg.g.clone().narrow(2, kv, 1);
-        let g = tensor::<H, 3>(&to_vec(g.clone()), g.dims(), &host, DType::F64);
-        let init = entering.as_ref().map(|s| {
-            let state = s.state.clone().narrow(1, kv, 1);
-            let key_sum = s.key_sum.clone().narrow(1, kv, 1);
-            RetentionState::<H> {
-                state: tensor::<H, 4>(&to_vec(state.clone()), state.dims(), &host, DType::F64),
-                key_sum: tensor::<H, 3>(
-                    &to_vec(key_sum.clone()),
-                    key_sum.dims(),
-                    &host,
-                    DType::F64,
-                ),
-            }
-        });
+        let ([q, k, v], g, init) = host_head(seg, entering.as_ref(), kv, r, len);
         let want = match power_retention_with_state(q, k, v, Some(g), init, opts) {
             Ok((y, _)) => to_vec(y),
             Err(_) => return f64::INFINITY,

@@ -20,6 +20,8 @@ use retention_kernels::{
     query_state::{QueryStateArgs, launch_query_state},
 };
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+
 use crate::ChunkContributions;
 use crate::backend::{
     RetentionBackend, float, input_dtypes, prim, reference_absorb, reference_attention,
@@ -248,7 +250,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> RetentionB
     }
 
     fn retention_device_failure(device: &Self::Device) -> Option<String> {
-        device_failure::take(&device_failure::device_key::<R>(device))
+        device_failure::take(device_failure::device_key::<R>(device))
     }
 
     fn retention_flush(device: &Self::Device) {
@@ -765,17 +767,14 @@ where
 {
     let device = state.device.clone();
     // the kernels' variant: their tiles, the shapes and dtypes they were built for
-    let variant = format!(
-        "{tiles:?} {:?} {:?} {:?} {:?} {:?}/{:?}/{:?} gated {}",
-        q.as_ref().map(|q| q.meta.shape().to_vec()),
-        window.keys.meta.shape().to_vec(),
-        window.values.meta.shape().to_vec(),
-        state.meta.shape().to_vec(),
-        q.as_ref().map(|q| q.dtype),
-        window.keys.dtype,
-        state.dtype,
-        window.log_g.is_some(),
-    );
+    let variant = {
+        let mut h = DefaultHasher::new();
+        tiles.hash(&mut h);
+        q.as_ref().map(|q| (dims4(q), q.dtype)).hash(&mut h);
+        (dims4(&window.keys), dims4(&window.values), dims4(&state)).hash(&mut h);
+        (window.keys.dtype, state.dtype, window.log_g.is_some()).hash(&mut h);
+        h.finish()
+    };
     guarded_until_built::<R, _, _>(
         &device,
         "the decode step",

@@ -14,31 +14,47 @@
 //! op on that device reports them.
 
 #[cfg(feature = "cube")]
+use std::any::TypeId;
+#[cfg(feature = "cube")]
 use std::collections::HashSet;
 #[cfg(feature = "cube")]
 use std::sync::{Mutex, PoisonError};
 
+#[cfg(feature = "cube")]
+use burn::tensor::backend::Device as _;
+
 use crate::{RetentionBackend, RetentionError};
 
-/// Failures not yet reported: (device key, what failed), at most one per device.
+/// A device of a CubeCL runtime: the runtime's type and the device's id (no allocation: the
+/// ops look their device up on every call, decode steps included).
 #[cfg(feature = "cube")]
-static FAILURES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+pub(crate) type DeviceKey = (TypeId, burn::tensor::backend::DeviceId);
 
+/// The key failures of `R`'s `device` are recorded under.
 #[cfg(feature = "cube")]
-/// Records that `what` failed on the device keyed `device`. The first failure not yet
-/// reported is kept (later ones usually follow from it).
-pub(crate) fn record(device: String, what: String) {
+pub(crate) fn device_key<R: burn_cubecl::CubeRuntime>(device: &R::Device) -> DeviceKey {
+    (TypeId::of::<R>(), device.to_id())
+}
+
+/// Failures not yet reported, at most one per device.
+#[cfg(feature = "cube")]
+static FAILURES: Mutex<Vec<(DeviceKey, String)>> = Mutex::new(Vec::new());
+
+/// Records that `what` failed on `device`. The first failure not yet reported is kept (later
+/// ones usually follow from it).
+#[cfg(feature = "cube")]
+fn record(device: DeviceKey, what: String) {
     let mut failures = FAILURES.lock().unwrap_or_else(PoisonError::into_inner);
     if !failures.iter().any(|(d, _)| *d == device) {
         failures.push((device, what));
     }
 }
 
+/// Takes the failure recorded for `device`, if any.
 #[cfg(feature = "cube")]
-/// Takes the failure recorded for the device keyed `device`, if any.
-pub(crate) fn take(device: &str) -> Option<String> {
+pub(crate) fn take(device: DeviceKey) -> Option<String> {
     let mut failures = FAILURES.lock().unwrap_or_else(PoisonError::into_inner);
-    let at = failures.iter().position(|(d, _)| d == device)?;
+    let at = failures.iter().position(|(d, _)| *d == device)?;
     Some(failures.swap_remove(at).1)
 }
 
@@ -75,16 +91,25 @@ pub fn check_device<B: RetentionBackend>(device: &B::Device) -> Result<(), Reten
     checked::<B, ()>(device, ())
 }
 
-/// The key failures of `R`'s `device` are recorded under.
+/// Runs `body(args)` (one form's launches) as one exclusive task on `device`'s runtime thread
+/// and returns its outputs, and whether a launch or an allocation failed there: then the
+/// outputs come from `body` run again the usual way (queued, the failure logged again by the
+/// runtime): tensors of the right shapes that nobody reads.
 #[cfg(feature = "cube")]
-pub(crate) fn device_key<R: burn_cubecl::CubeRuntime>(device: &R::Device) -> String {
-    format!("{}/{device:?}", std::any::type_name::<R>())
+fn attempt<R, A, T>(device: &R::Device, args: A, body: impl Fn(A) -> T + Sync) -> (T, bool)
+where
+    R: burn_cubecl::CubeRuntime,
+    A: Clone + Send,
+    T: Send + 'static,
+{
+    let first = args.clone();
+    match R::client(device).exclusive(|| body(first)) {
+        Ok(out) => (out, false),
+        Err(_) => (body(args), true),
+    }
 }
 
-/// Runs `body(args)` (one form's launches) as one exclusive task on `device`'s runtime thread
-/// and returns its outputs. If a launch or an allocation fails there, the failure is recorded
-/// for the op to report, and the outputs come from `body` run again the usual way (queued,
-/// the failure logged again by the runtime): tensors of the right shapes that nobody reads.
+/// [`attempt`], a failure recorded for the op to report.
 #[cfg(feature = "cube")]
 pub(crate) fn guarded<R, A, T>(
     device: &R::Device,
@@ -97,38 +122,43 @@ where
     A: Clone + Send,
     T: Send + 'static,
 {
-    let client = R::client(device);
-    let attempt = args.clone();
-    match client.exclusive(|| body(attempt)) {
-        Ok(out) => out,
-        Err(_) => {
-            record(
-                device_key::<R>(device),
-                format!(
-                    "the retention kernels of `{form}` failed on {device:?}'s runtime thread (a kernel that did not build, or an allocation the device refused; the runtime logged which); their outputs were not written"
-                ),
-            );
-            body(args)
-        }
+    let (out, failed) = attempt::<R, A, T>(device, args, body);
+    if failed {
+        record_failure::<R>(device, form);
     }
+    out
 }
 
-/// Kernel variants (device, form and what selects the kernels) that ran once under
-/// [`guarded`] without failing: their kernels are built.
 #[cfg(feature = "cube")]
-static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+fn record_failure<R: burn_cubecl::CubeRuntime>(device: &R::Device, form: &str) {
+    record(
+        device_key::<R>(device),
+        format!(
+            "the retention kernels of `{form}` failed on {device:?}'s runtime thread (a kernel that did not build, or an allocation the device refused; the runtime logged which); their outputs were not written"
+        ),
+    );
+}
 
-/// [`guarded`] until `variant` (what selects the kernels and their compile-time
-/// configuration, in words) has run once on `device` without failing; after that `body` runs
-/// the usual way, queued without waiting for the runtime's thread. For the decode forms,
-/// whose calls are short enough that the wait for that thread (≈ 20–60 µs per step on an H200
-/// at batch 1) would cost a third of a step: their kernels can no longer fail to build, and
-/// what they allocate per step is a token's output and one state.
+/// Kernel variants (device, form, and a hash of what selects the kernels) that ran once under
+/// [`guarded_until_built`] without failing: their kernels are built.
+#[cfg(feature = "cube")]
+static BUILT: Mutex<Option<HashSet<BuiltVariant>>> = Mutex::new(None);
+
+/// A device, a form and a hash of its kernels' variant.
+#[cfg(feature = "cube")]
+type BuiltVariant = (DeviceKey, &'static str, u64);
+
+/// [`guarded`] until `variant` (a hash of what selects the kernels and their compile-time
+/// configuration) has run once on `device` without failing; after that `body` runs the usual
+/// way, queued without waiting for the runtime's thread. For the decode forms, whose calls are
+/// short enough that the wait for that thread (≈ 20–60 µs per step on an H200 at batch 1)
+/// would cost a third of a step: their kernels can no longer fail to build, and what they
+/// allocate per step is a token's output and one state.
 #[cfg(feature = "cube")]
 pub(crate) fn guarded_until_built<R, A, T>(
     device: &R::Device,
-    form: &str,
-    variant: String,
+    form: &'static str,
+    variant: u64,
     args: A,
     body: impl Fn(A) -> T + Sync,
 ) -> T
@@ -137,26 +167,21 @@ where
     A: Clone + Send,
     T: Send + 'static,
 {
-    let key = format!("{}/{form}/{variant}", device_key::<R>(device));
-    let built = |set: &Option<HashSet<String>>| set.as_ref().is_some_and(|s| s.contains(&key));
+    let key = (device_key::<R>(device), form, variant);
+    let built = |set: &Option<HashSet<_>>| set.as_ref().is_some_and(|s| s.contains(&key));
     if built(&BUILT.lock().unwrap_or_else(PoisonError::into_inner)) {
         return body(args);
     }
-    let before = take(&device_key::<R>(device));
-    let out = guarded::<R, A, T>(device, form, args, body);
-    match take(&device_key::<R>(device)) {
-        // this call failed: keep its failure for the op, and guard the next call too
-        Some(failure) => record(device_key::<R>(device), before.unwrap_or(failure)),
-        None => {
-            if let Some(earlier) = before {
-                record(device_key::<R>(device), earlier);
-            }
-            BUILT
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert_with(HashSet::new)
-                .insert(key);
-        }
+    let (out, failed) = attempt::<R, A, T>(device, args, body);
+    if failed {
+        // guard the next call too
+        record_failure::<R>(device, form);
+    } else {
+        BUILT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(HashSet::new)
+            .insert(key);
     }
     out
 }

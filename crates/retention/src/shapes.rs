@@ -204,16 +204,25 @@ pub fn check_shapes(
 /// # Errors
 /// [`RetentionError::TooLarge`] naming `arg`.
 pub(crate) fn check_elements(arg: &'static str, shape: &[usize]) -> Result<(), RetentionError> {
+    check_elements_within(arg, shape, MAX_TENSOR_ELEMENTS)
+}
+
+/// Checks that a tensor of `shape` has at most `limit` elements.
+fn check_elements_within(
+    arg: &'static str,
+    shape: &[usize],
+    limit: usize,
+) -> Result<(), RetentionError> {
     let elements = shape
         .iter()
         .try_fold(1usize, |n, &x| n.checked_mul(x))
         .unwrap_or(usize::MAX);
-    if elements > MAX_TENSOR_ELEMENTS {
+    if elements > limit {
         return Err(RetentionError::TooLarge {
             arg,
             shape: shape.to_vec(),
             elements,
-            limit: MAX_TENSOR_ELEMENTS,
+            limit,
         });
     }
     Ok(())
@@ -250,18 +259,7 @@ pub(crate) fn check_allocations(
         ("v", [b, t, h, e]),
         ("output", [b, t, hq, e]),
     ] {
-        let elements = shape
-            .iter()
-            .try_fold(1usize, |n, &x| n.checked_mul(x))
-            .unwrap_or(usize::MAX);
-        if elements > limit {
-            return Err(RetentionError::TooLarge {
-                arg,
-                shape: shape.to_vec(),
-                elements,
-                limit,
-            });
-        }
+        check_elements_within(arg, &shape, limit)?;
     }
     Ok(())
 }
