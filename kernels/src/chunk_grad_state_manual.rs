@@ -36,9 +36,9 @@ const FEATS: usize = 32;
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_grad_state_manual_kernel(
-    x: &Array<f32>,
-    w: &Array<f32>,
+pub(crate) fn chunk_grad_state_manual_kernel<X: Float, W: Float>(
+    x: &Array<X>,
+    w: &Array<W>,
     omega: &Array<f32>,
     gates: &Array<f32>,
     states: &Array<Vector<f16, Const<8>>>,
@@ -55,6 +55,7 @@ pub(crate) fn chunk_grad_state_manual_kernel(
     x_scale: f32,
     out_scale: f32,
     #[comptime] cfg: StateGradTiles,
+    #[define(X, W)] _dtypes: [StorageType; 2],
 ) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
@@ -109,7 +110,7 @@ pub(crate) fn chunk_grad_state_manual_kernel(
     if at != SKIP_ROW {
         for c in 0..e / 2 {
             let col = half_sel * (e / 2) + c;
-            wmax = f32::max(wmax, f32::abs(w[at as usize * e + col]));
+            wmax = f32::max(wmax, f32::abs(f32::cast_from(w[at as usize * e + col])));
         }
     }
     part[UNIT_POS as usize] = wmax;
@@ -121,7 +122,7 @@ pub(crate) fn chunk_grad_state_manual_kernel(
         let col = half_sel * (e / 2) + c;
         let mut val = 0.0f32;
         if at != SKIP_ROW {
-            val = w[at as usize * e + col] * inv_alpha;
+            val = f32::cast_from(w[at as usize * e + col]) * inv_alpha;
         }
         sw[lrow * ws + col] = f16::cast_from(val);
     }
@@ -129,7 +130,7 @@ pub(crate) fn chunk_grad_state_manual_kernel(
         let col = half_sel * (d / 2) + c;
         let mut val = 0.0f32;
         if at != SKIP_ROW {
-            val = x[at as usize * d + col] * x_scale;
+            val = f32::cast_from(x[at as usize * d + col]) * x_scale;
         }
         sx[lrow * xs + col] = f16::cast_from(val);
     }

@@ -42,9 +42,9 @@ const STAGE_STRIDE: usize = FEATS;
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_grad_state_mma_kernel(
-    x: &Array<f32>,
-    w: &Array<f32>,
+pub(crate) fn chunk_grad_state_mma_kernel<X: Float, W: Float>(
+    x: &Array<X>,
+    w: &Array<W>,
     omega: &Array<f32>,
     gates: &Array<f32>,
     states: &Array<Vector<f16, Const<8>>>,
@@ -61,6 +61,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
     x_scale: f32,
     out_scale: f32,
     #[comptime] cfg: StateGradTiles,
+    #[define(X, W)] _dtypes: [StorageType; 2],
 ) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
@@ -118,7 +119,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
     if at != SKIP_ROW {
         for c in 0..e / 2 {
             let col = half_sel * (e / 2) + c;
-            wmax = f32::max(wmax, f32::abs(w[at as usize * e + col]));
+            wmax = f32::max(wmax, f32::abs(f32::cast_from(w[at as usize * e + col])));
         }
     }
     part[UNIT_POS as usize] = wmax;
@@ -130,7 +131,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
         let col = half_sel * (e / 2) + c;
         let mut val = 0.0f32;
         if at != SKIP_ROW {
-            val = w[at as usize * e + col] * inv_alpha;
+            val = f32::cast_from(w[at as usize * e + col]) * inv_alpha;
         }
         sw[lrow * ws + col] = f16::cast_from(val);
     }
@@ -138,7 +139,7 @@ pub(crate) fn chunk_grad_state_mma_kernel(
         let col = half_sel * (d / 2) + c;
         let mut val = 0.0f32;
         if at != SKIP_ROW {
-            val = x[at as usize * d + col] * x_scale;
+            val = f32::cast_from(x[at as usize * d + col]) * x_scale;
         }
         sx[lrow * xs + col] = f16::cast_from(val);
     }
@@ -436,10 +437,14 @@ pub(crate) fn chunk_grad_state_mma_kernel(
 /// Buffers of [`launch_state_grad_rows`] (flat, contiguous, row-major; `rows` stands for
 /// `[b, t, heads]` with `heads = hq` for queries and `h` for keys).
 pub struct StateGradRowArgs {
-    /// The rows' coordinates before scaling (`q` or `k`), `f32 [rows, d]`.
+    /// The rows' coordinates before scaling (`q` or `k`), `[rows, d]` of `x_dtype`.
     pub x: Buffer,
-    /// `dN` or `v`, `f32 [rows, e]`.
+    /// Element type of `x` (f32, f16 or bf16).
+    pub x_dtype: StorageType,
+    /// `dN` or `v`, `[rows, e]` of `w_dtype`.
     pub w: Buffer,
+    /// Element type of `w` (f32, f16 or bf16).
+    pub w_dtype: StorageType,
     /// `dL`, `f32 [rows]` (queries only).
     pub omega: Option<Buffer>,
     /// Cumulative log-gates inside each chunk, `f32 [b, h, n·c]`; `None`: no gating.
@@ -515,6 +520,7 @@ pub unsafe fn launch_state_grad_rows<R: Runtime>(
                 x_scale,
                 out_scale,
                 tiles,
+                [args.x_dtype, args.w_dtype],
             )
         };
     }

@@ -42,9 +42,9 @@ pub(crate) const STAGES: usize = 4;
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_grad_state_outer_kernel(
-    x: &Array<f32>,
-    w: &Array<f32>,
+pub(crate) fn chunk_grad_state_outer_kernel<X: Float, W: Float>(
+    x: &Array<X>,
+    w: &Array<W>,
     omega: &Array<f32>,
     gates: &Array<f32>,
     states: &Array<Vector<f16, Const<8>>>,
@@ -61,6 +61,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     x_scale: f32,
     out_scale: f32,
     #[comptime] cfg: StateGradTiles,
+    #[define(X, W)] _dtypes: [StorageType; 2],
 ) {
     let d = comptime!(cfg.head_dim as usize);
     let e = comptime!(cfg.value_dim as usize);
@@ -140,7 +141,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
         let at = row_index[r];
         let mut val = 0.0f32;
         if at != SKIP_ROW {
-            val = x[at as usize * d + c] * x_scale;
+            val = f32::cast_from(x[at as usize * d + c]) * x_scale;
         }
         sx[r * xs + c] = f16::cast_from(val);
         idx += units;
@@ -152,7 +153,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
     if at_l != SKIP_ROW {
         for c in 0..e / per_row {
             let col = sub * (e / per_row) + c;
-            wmax = f32::max(wmax, f32::abs(w[at_l as usize * e + col]));
+            wmax = f32::max(wmax, f32::abs(f32::cast_from(w[at_l as usize * e + col])));
         }
     }
     part[UNIT_POS as usize] = wmax;
@@ -285,7 +286,7 @@ pub(crate) fn chunk_grad_state_outer_kernel(
                 let at = row_index[rr];
                 let mut val = 0.0f32;
                 if grads_x && at != SKIP_ROW {
-                    val = w[at as usize * e + cb * 16 + c as usize] / alpha[rr];
+                    val = f32::cast_from(w[at as usize * e + cb * 16 + c as usize]) / alpha[rr];
                 }
                 v[k] = f16::cast_from(val);
             }

@@ -50,7 +50,7 @@ pub(crate) fn chunk_state_outer_kernel<F: Float>(
     k: &Array<Vector<F, Const<8>>>,
     v: &Array<Vector<F, Const<8>>>,
     gates: &Array<f32>,
-    states: &mut Array<f32>,
+    states: &mut Array<Vector<f32, Const<2>>>,
     sums: &mut Array<f32>,
     seq: u32,
     kv_heads: u32,
@@ -78,7 +78,7 @@ pub(crate) fn query_state_grad_outer_kernel<F: Float>(
     gates: &Array<f32>,
     dl: &Array<f32>,
     scales: &Array<f32>,
-    states: &mut Array<f32>,
+    states: &mut Array<Vector<f32, Const<2>>>,
     sums: &mut Array<f32>,
     seq: u32,
     q_heads: u32,
@@ -119,7 +119,7 @@ fn state_outer_body<F: Float>(
     gates: &Array<f32>,
     dl: &Array<f32>,
     scales: &Array<f32>,
-    states: &mut Array<f32>,
+    states: &mut Array<Vector<f32, Const<2>>>,
     sums: &mut Array<f32>,
     seq: u32,
     row_heads: u32,
@@ -199,7 +199,6 @@ fn state_outer_body<F: Float>(
     let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
     let c_len_raw = def.elems_per_lane(MatrixIdent::Accumulator);
     let c_vec_raw = def.vector_size(MatrixIdent::Accumulator);
-    let c_len = comptime!(c_len_raw);
     let c_vec = comptime!(c_vec_raw);
     let c_regs = comptime!(c_len_raw / c_vec_raw);
 
@@ -383,14 +382,20 @@ fn state_outer_body<F: Float>(
         sync_cube();
     }
 
-    // write the groups' rows: f32 states (× weight, × β for queries) and the sums
-    let mut acc_row = Array::<u32>::new(c_len);
-    let mut acc_col = Array::<u32>::new(c_len);
+    // write the groups' rows: f32 states (× weight, × β for queries) and the sums; an
+    // accumulator register holds two adjacent columns of one row (`c_vec == 2` on CUDA), written
+    // as one 8-byte store
+    let mut acc_row = Array::<u32>::new(c_regs);
+    let mut acc_col = Array::<u32>::new(c_regs);
     #[unroll]
-    for jj in 0..c_len {
-        let (r, c) = def.position_of_nth(lane as u32, jj as u32, MatrixIdent::Accumulator);
-        acc_row[jj] = r;
-        acc_col[jj] = c;
+    for i in 0..c_regs {
+        let (r, c) = def.position_of_nth(
+            lane as u32,
+            comptime!((i * c_vec) as u32),
+            MatrixIdent::Accumulator,
+        );
+        acc_row[i] = r;
+        acc_col[i] = c;
     }
     #[unroll]
     for gi in 0..gpp {
@@ -401,13 +406,15 @@ fn state_outer_body<F: Float>(
             for nt in 0..n_tiles {
                 let t = acc.index(comptime!(gi * n_tiles + nt));
                 #[unroll]
-                for jj in 0..c_len {
-                    let f = (g * 16 + acc_row[jj]) as usize;
-                    let val = mult * t[comptime!(jj / c_vec)][comptime!(jj % c_vec)];
+                for i in 0..c_regs {
+                    let f = (g * 16 + acc_row[i]) as usize;
                     if comptime!(nt < n_tiles - 1) {
-                        states[(block + f) * e + nt * 8 + acc_col[jj] as usize] = val;
-                    } else if acc_col[jj] == 0 {
-                        sums[block + f] = val;
+                        let mut pair = Vector::<f32, Const<2>>::empty();
+                        pair[0] = mult * t[i][0];
+                        pair[1] = mult * t[i][comptime!(c_vec - 1)];
+                        states[((block + f) * e + nt * 8 + acc_col[i] as usize) / 2] = pair;
+                    } else if acc_col[i] == 0 {
+                        sums[block + f] = mult * t[i][0];
                     }
                 }
             }

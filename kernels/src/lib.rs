@@ -58,6 +58,7 @@ pub mod discumsum;
 pub mod feature_pairs;
 pub mod gate_grads;
 mod mma_fragments;
+pub mod query_rows_half;
 pub mod query_state;
 mod query_state_outer;
 pub mod row_grads;

@@ -36,8 +36,19 @@ pub(crate) fn shared_bytes(planes: u32, head_dim: usize, value_dim: usize) -> us
     4 * rows
         + 4 * 2 * rows
         + 2 * rows * (head_dim + 8)
+        + 2 * head_dim * rows
         + 2 * 2 * FEATS * (value_dim + 24)
         + 4 * feature_groups(head_dim)
+}
+
+/// Where row `ρ` of the cube sits in a coordinate row of the transposed copy of `q′`: the four
+/// rows whose `q′_x` a lane multiplies into its A registers (`j, j + 8` of both row tiles of
+/// its plane, `j = lane / 4`) lie next to each other, in register order: one 8-byte load per
+/// group instead of four 2-byte loads and their addresses.
+#[cube]
+fn lane_rows(rho: usize) -> usize {
+    let w = rho % 32;
+    (rho / 32) * 32 + (w % 8) * 4 + w / 8
 }
 
 #[cube(launch_unchecked)]
@@ -85,6 +96,9 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
     let mut row_index = SharedMemory::<u32>::new(rows);
     let mut npart = SharedMemory::<f32>::new(2 * rows);
     let mut sq = SharedMemory::<f16>::new(rows * ds);
+    // q′ again, coordinate-major in lane order (see `lane_rows`)
+    let mut sqt =
+        SharedMemory::<f16>::new(comptime!(cfg.head_dim as usize * 16 * cfg.planes as usize));
     let mut pairs = SharedMemory::<u32>::new(n_groups);
     let mut sst = SharedMemory::<Vector<f16, Const<8>>>::new(2 * s_buf);
 
@@ -127,12 +141,15 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
     let norm2 = npart[2 * row] + npart[2 * row + 1];
     let fac = select(norm2 > 0.0, gamma / norm2, 0.0f32);
     let root = f32::sqrt(fac);
+    let row_t = lane_rows(row);
     #[unroll]
     for j in 0..dvecs / 2 {
         #[unroll]
         for i in 0..8usize {
-            sq[row * ds + (half * (dvecs / 2) + j) * 8 + i] =
-                f16::cast_from(f32::cast_from(qv[j][i]) * root);
+            let col = (half * (dvecs / 2) + j) * 8 + i;
+            let h = f16::cast_from(f32::cast_from(qv[j][i]) * root);
+            sq[row * ds + col] = h;
+            sqt[col * rows + row_t] = h;
         }
     }
     sync_cube();
@@ -168,8 +185,21 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
 
     let groups = big_d / 16;
     let steps = (big_d + FEATS as u32 - 1) / FEATS as u32;
+    // this lane's offsets, fixed for the walk: its A rows in `sq`, its q′_x quadruple in `sqt`,
+    // its B rows in a stage
+    let a_row = lane % 8 + 8 * ((lane / 8) % 2);
+    let mut a_at = Array::<usize>::new(2usize);
+    #[unroll]
+    for mt in 0..2usize {
+        a_at[mt] = (r0 + mt * 16 + a_row) * ds + 8 * (lane / 16);
+    }
+    let scale_at = r0 + (lane / 4) * 4;
+    let b_at = a_row * sv + c0 / 8 + lane / 16;
     let loads = comptime!((FEATS * cfg.value_dim as usize / 8).div_ceil(units));
     let mut regs = Array::<Vector<f16, Const<8>>>::new(loads);
+    // the key sums of the features whose first 8 columns a unit stages, loaded with the state
+    // rows (a load consumed at once stalled the walk)
+    let mut zregs_f = Array::<f32>::new(loads);
     for step in 0..steps + 1 {
         let producing = step < steps;
         let first = step * FEATS as u32;
@@ -179,10 +209,15 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
             for i in 0..loads {
                 let li = UNIT_POS as usize + i * units;
                 let mut val = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
+                let mut z = 0.0f32;
                 if li < FEATS * ev && ((li / ev) as u32) < present {
                     val = states[(state_base + first as usize + li / ev) * ev + li % ev];
+                    if li % ev == 0 {
+                        z = sums[state_base + first as usize + li / ev];
+                    }
                 }
                 regs[i] = val;
+                zregs_f[i] = z;
             }
         }
         if step > 0 {
@@ -195,21 +230,26 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
                     let pair = pairs[g as usize];
                     let x = (pair >> 16) as usize;
                     let m = ((pair & 0xffff) / 16) as usize;
+                    // this lane's rows' q′_x: j and j + 8 of each row tile
+                    let at_x = x * rows + scale_at;
+                    let quad = sqt
+                        .slice(at_x, at_x + 4)
+                        .into_vectorized()
+                        .with_vector_size::<Const<4>>();
+                    let qx = quad[0];
                     // A per row tile: block m of the rows' q′ times each row's q′_x
                     let mut a_frags = Sequence::<Array<Vector<f16, NA>>>::new();
                     #[unroll]
                     for mt in 0..2usize {
-                        let rt = r0 + mt * 16;
-                        let ar = rt + lane % 8 + 8 * ((lane / 8) % 2);
-                        let at = ar * ds + 16 * m + 8 * (lane / 16);
+                        let at = a_at[mt] + 16 * m;
                         let raw = def.load_matrix::<f16, NA>(
                             &sq.slice(at, at + 8),
                             MatrixIdent::A,
                             4usize,
                             false,
                         );
-                        let s_lo = Vector::<f16, NA>::new(sq[(rt + lane / 4) * ds + x]);
-                        let s_hi = Vector::<f16, NA>::new(sq[(rt + lane / 4 + 8) * ds + x]);
+                        let s_lo = Vector::<f16, NA>::new(qx[comptime!(2 * mt)]);
+                        let s_hi = Vector::<f16, NA>::new(qx[comptime!(2 * mt + 1)]);
                         let mut af = Array::<Vector<f16, NA>>::new(4usize);
                         af[0] = raw[0] * s_lo;
                         af[1] = raw[1] * s_hi;
@@ -220,8 +260,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
                     // B: the group's 16 state rows, two 8-column tiles per load
                     #[unroll]
                     for np in 0..v_tiles / 2 {
-                        let f = gi * 16 + lane % 8 + 8 * ((lane / 8) % 2);
-                        let at = base + f * sv + c0 / 8 + 2 * np + lane / 16;
+                        let at = base + b_at + gi * 16 * sv + 2 * np;
                         let (lo, hi) = b_fragment_pair::<NB>(def, &sst, at, true);
                         #[unroll]
                         for mt in 0..2usize {
@@ -238,8 +277,7 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
                         }
                     }
                     if with_den {
-                        let f = gi * 16 + lane % 8 + 8 * ((lane / 8) % 2);
-                        let at = base + f * sv + ev;
+                        let at = base + (gi * 16 + a_row) * sv + ev;
                         let zregs = def.load_matrix::<Vector<f16, Const<8>>, NB>(
                             &sst.slice(at, at + 1),
                             MatrixIdent::B,
@@ -267,12 +305,8 @@ pub(crate) fn query_state_outer_kernel<F: Float>(
                     let f = li / ev;
                     sst[base + f * sv + li % ev] = regs[i];
                     if li % ev == 0 {
-                        let mut z = 0.0f32;
-                        if first + (f as u32) < big_d {
-                            z = sums[state_base + first as usize + f] * inv_gamma;
-                        }
                         let mut zv = Vector::<f16, Const<8>>::new(f16::cast_from(0.0f32));
-                        zv[0] = f16::cast_from(z);
+                        zv[0] = f16::cast_from(zregs_f[i] * inv_gamma);
                         sst[base + f * sv + ev] = zv;
                     }
                 }

@@ -9,6 +9,9 @@ use cubecl::prelude::*;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 use retention_kernels::Buffer;
 use retention_kernels::gate_grads::{GateGradArgs, launch_gate_grads};
+use retention_kernels::query_rows_half::{
+    QueryRowsHalfArgs, QueryRowsHalfDims, launch_query_rows_half,
+};
 use retention_kernels::row_grads::{RowGradArgs, RowGradDims, launch_row_grads};
 
 fn client() -> Option<ComputeClient<WgpuRuntime>> {
@@ -174,5 +177,68 @@ fn gate_grads_match_a_host_suffix_sum() {
             .map(|(&g, &w)| (f64::from(g) - w).abs() / peak)
             .fold(0.0f64, f64::max);
         assert!(err < 1e-5, "b={b} t={t} hq={hq} h={h} last={last}: {err:e}");
+    }
+}
+
+#[test]
+fn query_rows_half_match_a_host_loop() {
+    let Some(client) = client() else { return };
+    let f32_type = f32::as_type_native_unchecked().storage_type();
+    // GQA groups, widths apart, a (b, h) whose largest |dN| is zero (β taken as 1)
+    for (b, t, hq, h, d, e) in [
+        (1, 5, 1, 1, 8, 8),
+        (2, 37, 6, 2, 16, 40),
+        (3, 300, 4, 4, 64, 24),
+    ] {
+        let rows = b * t * hq;
+        let q = values(rows * d, 6);
+        let d_num = values(rows * e, 7);
+        let beta: Vec<f32> = (0..b * h)
+            .map(|i| if i == 1 { 0.0 } else { 0.25 + i as f32 })
+            .collect();
+        let f16_zeros = |len: usize| Buffer {
+            handle: client.create_from_slice(half::f16::as_bytes(&vec![half::f16::NAN; len])),
+            len,
+        };
+        let args = QueryRowsHalfArgs {
+            q: upload(&client, &q),
+            d_num: upload(&client, &d_num),
+            beta: upload(&client, &beta),
+            q_half: f16_zeros(rows * d),
+            d_num_half: f16_zeros(rows * e),
+        };
+        let (q_half, d_num_half) = (args.q_half.clone(), args.d_num_half.clone());
+        let dims = QueryRowsHalfDims {
+            batch: b,
+            seq: t,
+            q_heads: hq,
+            kv_heads: h,
+            head_dim: d,
+            value_dim: e,
+        };
+        let scale = 0.125f32;
+        // SAFETY: the buffers have the documented sizes; q is f32.
+        unsafe { launch_query_rows_half(&client, f32_type, dims, scale, args) };
+
+        let read_half = |buffer: &Buffer| -> Vec<half::f16> {
+            half::f16::from_bytes(&client.read_one(buffer.handle.clone()).expect("readback"))
+                .to_vec()
+        };
+        let shape = format!("b={b} t={t} hq={hq} h={h} d={d} e={e}");
+        let got = read_half(&q_half);
+        for (i, (&g, &x)) in got.iter().zip(&q).enumerate() {
+            let want = half::f16::from_f32(x * scale);
+            assert_eq!(g, want, "σq at {i}, {shape}");
+        }
+        let got = read_half(&d_num_half);
+        let r = hq / h;
+        for (i, (&g, &x)) in got.iter().zip(&d_num).enumerate() {
+            let row = i / e;
+            let (head, bi) = (row % hq, row / hq / t);
+            let beta = beta[bi * h + head / r];
+            let beta = if beta > 0.0 { beta } else { 1.0 };
+            let want = half::f16::from_f32(x / beta);
+            assert_eq!(g, want, "dN/β at {i}, {shape}");
+        }
     }
 }

@@ -17,6 +17,8 @@
 //! Nothing but the inputs and those rows (`O(t)`) is kept between the passes; the chunk
 //! states exist only during the backward call (`O(t/c · D · e)`, as in the forward call).
 
+use std::cell::OnceCell;
+
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
@@ -38,6 +40,7 @@ use retention_kernels::{
     cubecl::prelude::ComputeClient,
     discumsum::{ScanArgs, ScanDims, ScanWrites, launch_discumsum},
     gate_grads::{GateGradArgs, launch_gate_grads},
+    query_rows_half::{QueryRowsHalfArgs, QueryRowsHalfDims, launch_query_rows_half},
     query_state::{QueryStateArgs, launch_query_state, state_scale},
     row_grads::{RowGradArgs, RowGradDims, launch_row_grads},
 };
@@ -267,30 +270,51 @@ where
         n,
         big_d,
     };
+    let (q_in, k_in, v_in) = (
+        into_contiguous(inputs.q),
+        into_contiguous(inputs.k),
+        into_contiguous(inputs.v),
+    );
     let half_forward = half_tiles.map(|(tiles, query)| HalfForward {
         tiles,
         query,
-        q: into_contiguous(inputs.q.clone()),
-        k: into_contiguous(inputs.k.clone()),
-        v: into_contiguous(inputs.v.clone()),
+        q: q_in.clone(),
+        k: k_in.clone(),
+        v: v_in.clone(),
     });
-    let (q, k, v) = (
-        to_f32::<R, F, I, BT, 4>(inputs.q),
-        to_f32::<R, F, I, BT, 4>(inputs.k),
-        to_f32::<R, F, I, BT, 4>(inputs.v),
-    );
+    // f32 copies of the rows, made where a part runs on the FMA kernels (the tensor-core
+    // kernels read the rows as given)
+    let rows_f32 = OnceCell::new();
+    let f32_rows = || {
+        rows_f32
+            .get_or_init(|| {
+                (
+                    to_f32::<R, F, I, BT, 4>(q_in.clone()),
+                    to_f32::<R, F, I, BT, 4>(k_in.clone()),
+                    to_f32::<R, F, I, BT, 4>(v_in.clone()),
+                )
+            })
+            .clone()
+    };
+    // the device and client every new buffer takes
+    let q = &q_in;
     let gates = inputs
         .log_g
         .map(|g| chunk_gates::<R, F, I, BT>(g, chunk, n));
-    let half = |shape: &[usize]| state_mma.map(|_| empty(&q, shape, DType::F16));
+    let half = |shape: &[usize]| state_mma.map(|_| empty(q, shape, DType::F16));
+    // the queries as given (half precision), for the tensor-core `dS`
+    let q_half_input = half_forward.as_ref().map(|hf| (hf.q.clone(), types.q));
 
     // 1. the forward pass again: states entering each chunk (in place), final state, rows
     let (states, sums) = match &half_forward {
         Some(hf) => chunk_contributions(&hf.k, &hf.v, &gates, types.k, hf.tiles.state, chunk, n),
-        None => chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n),
+        None => {
+            let (_, k, v) = f32_rows();
+            chunk_contributions(&k, &v, &gates, dtype, tiles.state, chunk, n)
+        }
     };
-    let final_state = empty_f32(&q, &[b, h, big_d, e]);
-    let final_sum = empty_f32(&q, &[b, h, big_d]);
+    let final_state = empty_f32(q, &[b, h, big_d, e]);
+    let final_sum = empty_f32(q, &[b, h, big_d]);
     let initial = inputs
         .initial
         .map(|(s, z)| (to_f32::<R, F, I, BT, 4>(s), to_f32::<R, F, I, BT, 3>(z)));
@@ -317,8 +341,8 @@ where
             ((hf.q, hf.k, hf.v, types.q), hf.tiles.output, None)
         }
         (Some(hf), Some(half_states)) => {
-            let num = empty_f32(&q, &[b, t, hq, e]);
-            let den = empty_f32(&q, &[b, t, hq]);
+            let num = empty_f32(q, &[b, t, hq, e]);
+            let den = empty_f32(q, &[b, t, hq]);
             let args = QueryStateArgs {
                 q: arg(hf.q.clone()),
                 states: arg(half_states.clone()),
@@ -336,7 +360,10 @@ where
         }
         // the FMA output kernel reads the f32 entering states
         _ => (
-            (q.clone(), k.clone(), v.clone(), dtype),
+            {
+                let (q, k, v) = f32_rows();
+                (q, k, v, dtype)
+            },
             tiles.output,
             Some((arg(states.clone()), arg(sums.clone()))),
         ),
@@ -349,8 +376,8 @@ where
     let (out, stats) = match (kept, state_part) {
         (Some(rows), _) => (rows.output, rows.normaliser),
         (None, state_part) => {
-            let out = empty_f32(&q, &[b, t, hq, e]);
-            let stats = empty_f32(&q, &[b, t, hq]);
+            let out = empty_f32(q, &[b, t, hq, e]);
+            let stats = empty_f32(q, &[b, t, hq]);
             let args = OutputArgs {
                 q: arg(rq),
                 k: arg(rk),
@@ -381,8 +408,8 @@ where
 
     // 2. what the queries send to the entering states, scanned backwards from the final
     //    state's gradient: slot u then holds the gradient of ΔS_u, the end that of S_0
-    let lambda = empty_f32(&q, &[b, h, n, big_d, e]);
-    let lambda_z = empty_f32(&q, &[b, h, n, big_d]);
+    let lambda = empty_f32(q, &[b, h, n, big_d, e]);
+    let lambda_z = empty_f32(q, &[b, h, n, big_d]);
     let grad_dims = StateGradDims {
         batch: b,
         seq: t,
@@ -393,9 +420,11 @@ where
         expanded_dim: big_d,
         scale: options.scale_for(d) as f32,
     };
-    if let (Some(mma_tiles), Some(row_max)) = (f16_state_tiles, rows.row_max) {
+    if let (Some(mma_tiles), Some(row_max), Some(q_input)) =
+        (f16_state_tiles, rows.row_max, q_half_input)
+    {
         let (q16, dn16, scales) =
-            half_query_rows::<R, F, I, BT>(&q, &d_num, row_max, sizes, options.scale_for(d));
+            half_query_rows::<R, F, I, BT>(q_input, &d_num, row_max, sizes, options.scale_for(d));
         let grad_args = StateGradMmaArgs {
             q: arg(q16),
             d_num: arg(dn16),
@@ -409,7 +438,7 @@ where
         unsafe { launch_chunk_state_grad_mma(&client, grad_dims, mma_tiles, grad_args) };
     } else {
         let grad_args = StateGradArgs {
-            q: arg(q.clone()),
+            q: arg(f32_rows().0),
             d_num: arg(d_num.clone()),
             d_den: arg(d_den.clone()),
             gates: gates.clone().map(arg),
@@ -425,8 +454,8 @@ where
     let d_final_z = upstream.key_sum.map(to_f32::<R, F, I, BT, 3>);
     let final_term =
         final_gate_term::<R, F, I, BT>((&d_final_s, &d_final_z), (&final_state, &final_sum), sizes);
-    let d_s0 = empty_f32(&q, &[b, h, big_d, e]);
-    let d_z0 = empty_f32(&q, &[b, h, big_d]);
+    let d_s0 = empty_f32(q, &[b, h, big_d, e]);
+    let d_z0 = empty_f32(q, &[b, h, big_d]);
     let half_lambda = half(&[b, h, n, big_d, e]);
     scan(
         &client,
@@ -461,7 +490,7 @@ where
             sizes,
             options,
             grad_tiles,
-            (q.clone(), k.clone(), v.clone()),
+            f32_rows(),
             gates.clone(),
             (d_num.clone(), d_den.clone()),
             fma_state.then(|| (states, sums.clone())),
@@ -474,8 +503,10 @@ where
         let dims = grad_dims_of(sizes, options);
         let sigma = options.scale_for(d) as f32;
         let queries = StateGradRowArgs {
-            x: buffer(q),
+            x: buffer(q_in.clone()),
+            x_dtype: types.q.into(),
             w: buffer(d_num),
+            w_dtype: DType::F32.into(),
             omega: Some(buffer(d_den)),
             gates: gates.clone().map(buffer),
             states: buffer(half_states),
@@ -485,8 +516,10 @@ where
             dv: None,
         };
         let keys = StateGradRowArgs {
-            x: buffer(k),
-            w: buffer(v),
+            x: buffer(k_in.clone()),
+            x_dtype: types.k.into(),
+            w: buffer(v_in.clone()),
+            w_dtype: types.v.into(),
             omega: None,
             gates: gates.map(buffer),
             states: buffer(half_lambda),
@@ -737,7 +770,7 @@ where
 /// largest `|dN|` of each `(b, h)` (from the rows' maxima, so the f16 rows stay in range
 /// whatever the gradients' scale; 1 where all are zero), and `β` (`f32 [b, h]`).
 fn half_query_rows<R, F, I, BT>(
-    q: &CubeTensor<R>,
+    (q, q_dtype): (CubeTensor<R>, DType),
     d_num: &CubeTensor<R>,
     row_max: CubeTensor<R>,
     s: Sizes,
@@ -749,25 +782,34 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let r = s.hq / s.h;
-    let q16 = (float::<Cube<R, F, I, BT>, 4>(q.clone()) * scale).to_dtype(DType::F16);
-    let dn = float::<Cube<R, F, I, BT>, 4>(d_num.clone()).reshape([s.b, s.t, s.h, r * s.e]);
     let beta = last_axis_max(float::<Cube<R, F, I, BT>, 3>(row_max));
-    let beta = beta.clone().mask_fill(beta.equal_elem(0.0), 1.0);
-    let dn16 = (dn / beta.clone().reshape([s.b, 1, s.h, 1]))
-        .reshape([s.b, s.t, s.hq, s.e])
-        .to_dtype(DType::F16);
-    (
-        into_contiguous(prim(q16)),
-        into_contiguous(prim(dn16)),
-        into_contiguous(prim(beta.reshape([s.b, s.h]))),
-    )
+    let beta = into_contiguous(prim(
+        beta.clone()
+            .mask_fill(beta.equal_elem(0.0), 1.0)
+            .reshape([s.b, s.h]),
+    ));
+    let q16 = empty(&q, &[s.b, s.t, s.hq, s.d], DType::F16);
+    let dn16 = empty(&q, &[s.b, s.t, s.hq, s.e], DType::F16);
+    let dims = QueryRowsHalfDims {
+        batch: s.b,
+        seq: s.t,
+        q_heads: s.hq,
+        kv_heads: s.h,
+        head_dim: s.d,
+        value_dim: s.e,
+    };
+    let args = QueryRowsHalfArgs {
+        q: buffer(q.clone()),
+        d_num: buffer(d_num.clone()),
+        beta: buffer(beta.clone()),
+        q_half: buffer(q16.clone()),
+        d_num_half: buffer(dn16.clone()),
+    };
+    // SAFETY: contiguous buffers with the documented shapes; `q` of `q_dtype`.
+    unsafe { launch_query_rows_half(&q.client, q_dtype.into(), dims, scale as f32, args) };
+    (q16, dn16, beta)
 }
 
-/// The largest element along the last axis of `x [a, b, n]`, as `[a, b, 1]`: two reductions
-/// over `[a, b, p, n / p]` (`p` the largest divisor of `n` up to 256). One reduction over all
-/// `n` elements had only `a·b` outputs to spread over the GPU: 0.7 ms for the rows' maxima of
-/// mha64 at t = 16k (`a·b = 32`, `n = 16,384`).
 fn last_axis_max<B: burn::tensor::backend::Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [a, b, n] = x.dims();
     let parts = (1..=256.min(n.max(1)))
