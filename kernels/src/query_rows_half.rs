@@ -1,7 +1,7 @@
 //! The query side's operands of the tensor-core `dS` product (backward pass) in one pass over
-//! the rows: `σq` and `dN/β` rounded to f16, `β` the largest `|dN|` of each `(b, h)` (where
-//! that is zero, 1). A scale, a division and two casts as tensor ops wrote the same values in
-//! four passes.
+//! the rows: `σq` and `dN/β` rounded to f16, `β` a positive scale per `(b, h)` (the caller's:
+//! the largest `|dN|` of each, 1 where that is zero). A scale, a division and two casts as
+//! tensor ops wrote the same values in four passes.
 
 use cubecl::prelude::*;
 use half::f16;
@@ -51,10 +51,7 @@ fn query_rows_half_kernel<Q: Float>(
         let row = (j / (value_dim / 8)) as u32;
         let head = row % q_heads;
         let bi = row / q_heads / seq;
-        let mut b = beta[(bi * kv_heads + head / ratio) as usize];
-        if b <= 0.0 {
-            b = 1.0;
-        }
+        let b = beta[(bi * kv_heads + head / ratio) as usize];
         let x = d_num[j];
         let mut out = Vector::<f16, Const<8>>::empty();
         #[unroll]
@@ -72,7 +69,7 @@ pub struct QueryRowsHalfArgs {
     pub q: Buffer,
     /// `dN`, `f32 [rows, e]`.
     pub d_num: Buffer,
-    /// `β` per `(b, h)`, `f32 [b, h]`.
+    /// `β` per `(b, h)`, `f32 [b, h]`, every element positive.
     pub beta: Buffer,
     /// Output `σq`, `f16 [rows, d]`.
     pub q_half: Buffer,
@@ -101,7 +98,7 @@ pub struct QueryRowsHalfDims {
 ///
 /// # Safety
 /// The buffers must have the sizes documented on [`QueryRowsHalfArgs`] for `dims`, and `d`
-/// and `e` must be multiples of 8.
+/// and `e` must be multiples of 8 (a non-positive `β` divides by it all the same).
 pub unsafe fn launch_query_rows_half<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: StorageType,

@@ -302,8 +302,6 @@ where
         .log_g
         .map(|g| chunk_gates::<R, F, I, BT>(g, chunk, n));
     let half = |shape: &[usize]| state_mma.map(|_| empty(q, shape, DType::F16));
-    // the queries as given (half precision), for the tensor-core `dS`
-    let q_half_input = half_forward.as_ref().map(|hf| (hf.q.clone(), types.q));
 
     // 1. the forward pass again: states entering each chunk (in place), final state, rows
     let (states, sums) = match &half_forward {
@@ -420,11 +418,14 @@ where
         expanded_dim: big_d,
         scale: options.scale_for(d) as f32,
     };
-    if let (Some(mma_tiles), Some(row_max), Some(q_input)) =
-        (f16_state_tiles, rows.row_max, q_half_input)
-    {
-        let (q16, dn16, scales) =
-            half_query_rows::<R, F, I, BT>(q_input, &d_num, row_max, sizes, options.scale_for(d));
+    if let (Some(mma_tiles), Some(row_max)) = (f16_state_tiles, rows.row_max) {
+        let (q16, dn16, scales) = half_query_rows::<R, F, I, BT>(
+            (q_in.clone(), types.q),
+            &d_num,
+            row_max,
+            sizes,
+            options.scale_for(d),
+        );
         let grad_args = StateGradMmaArgs {
             q: arg(q16),
             d_num: arg(dn16),
@@ -810,6 +811,10 @@ where
     (q16, dn16, beta)
 }
 
+/// The largest element along the last axis of `x [a, b, n]`, as `[a, b, 1]`: two reductions
+/// over `[a, b, p, n / p]` (`p` the largest divisor of `n` up to 256). One reduction over all
+/// `n` elements had only `a·b` outputs to spread over the GPU: 0.7 ms for the rows' maxima of
+/// mha64 at t = 16k (`a·b = 32`, `n = 16,384`).
 fn last_axis_max<B: burn::tensor::backend::Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [a, b, n] = x.dims();
     let parts = (1..=256.min(n.max(1)))
