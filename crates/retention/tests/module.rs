@@ -115,8 +115,14 @@ fn compute_dtype_casts_around_the_op() {
         (y.inner(), dq, dg)
     };
     let (y, dq, dg) = run(&layer);
-    // cloned after a forward pass: a clone of a parameter not drawn yet draws its own
-    let wide = layer.clone().with_compute_dtype(ComputeDtype::F64);
+    // cloned after a forward pass: a clone of a parameter not drawn yet draws its own. The
+    // clone is forked (same values, fresh leaves): burn 0.21 can drop the gradient of a leaf
+    // reused after a backward while another thread's backward sweeps the graphs
+    // (tracel-ai/burn#5573), and the tests of this file run in parallel.
+    let wide = layer
+        .clone()
+        .fork(&dev)
+        .with_compute_dtype(ComputeDtype::F64);
     let (y64, dq64, dg64) = run(&wide);
     let rel = |a: Tensor<B, 2>, b: Tensor<B, 2>| {
         let scale = b.clone().abs().max().into_scalar();
